@@ -1,0 +1,124 @@
+"""Checkpoints as plain data: one `state.pt` plus a `manifest.json` written last.
+
+The manifest holds the size and sha256 of every file, so a checkpoint torn by a
+kill mid-write, or edited afterwards, is detected and skipped in favour of the
+previous good one. Loading uses `torch.load(weights_only=True)`: a checkpoint
+that would need code to load (a pickled object) is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .storage import Store
+
+STATE = "state.pt"
+MANIFEST = "manifest.json"
+CKPT_RE = re.compile(r"^epoch_(\d{4,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is torn, tampered with, or not plain data."""
+
+
+def dir_name(epoch: int) -> str:
+    return f"epoch_{epoch:04d}"
+
+
+def save(directory: str | Path, state: dict[str, Any]) -> None:
+    """Write state.pt, then the manifest that vouches for it."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    (d / STATE).write_bytes(data)
+    manifest = {"files": {STATE: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}},
+                "epoch": int(state["epoch"])}
+    tmp = d / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest))
+    os.replace(tmp, d / MANIFEST)
+
+
+def load_bytes(files: dict[str, bytes]) -> dict[str, Any]:
+    """Verify a checkpoint's files against its manifest and load its state as data only."""
+    if MANIFEST not in files:
+        raise CheckpointError("manifest.json is missing (torn write?)")
+    try:
+        manifest = json.loads(files[MANIFEST])
+    except ValueError as e:
+        raise CheckpointError(f"manifest.json is unreadable ({e})") from None
+    for name, meta in manifest["files"].items():
+        data = files.get(name)
+        if data is None:
+            raise CheckpointError(f"{name} is missing")
+        if len(data) != meta["size"]:
+            raise CheckpointError(f"{name} has {len(data)} bytes, manifest says {meta['size']} (truncated?)")
+        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise CheckpointError(f"{name} does not match its sha256 (corrupt or modified)")
+    return loads(files[STATE])
+
+
+def loads(data: bytes) -> dict[str, Any]:
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"refusing a checkpoint that is not plain data (it would run code to load): "
+                              f"{str(e).splitlines()[0]}") from None
+
+
+def read(store: Store) -> dict[str, Any]:
+    """Load and verify the checkpoint directory `store`."""
+    files = {}
+    for name in (MANIFEST, STATE):
+        if store.is_file(name):
+            files[name] = store.read_bytes(name)
+    return load_bytes(files)
+
+
+def candidates(run: Store, latest: str | None) -> list[str]:
+    """Checkpoint directory names to try, newest first: `latest`, then older epoch dirs."""
+    names = sorted((n for n in run.listdir() if CKPT_RE.match(n)), reverse=True)
+    if latest is not None:
+        names = [latest] + [n for n in names if n < latest]
+    return names
+
+
+def find_resume_state(run: Store, latest: str | None, warn) -> tuple[dict[str, Any] | None, str | None]:
+    """The newest checkpoint state that verifies; torn ones are skipped with a warning naming them."""
+    for name in candidates(run, latest):
+        try:
+            return read(run.sub(name)), name
+        except (CheckpointError, OSError, RuntimeError) as e:
+            warn(f"warning: skipping checkpoint {run.child_uri(name)}: {e}")
+    return None, None
+
+
+# ---- RNG state as plain data ---------------------------------------------------
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    n = s["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = s["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))

@@ -1,0 +1,304 @@
+"""The on-disk walk corpus: Parquet shards + graph + manifest, built once per config.
+
+Layout under `<root>/corpora/<corpus_id>/`:
+  manifest.json      written last; lists every file with its size and sha256
+  graph.parquet      one row per directed edge (int32 src, dst)
+  train/*.parquet    one row per walk: walk (list<int32>, length L) + its jumper events
+  eval/*.parquet     the held-out split, generated from another seed
+
+A directory without a valid manifest (a killed build, a truncated or edited
+file) is never reused: it is moved aside with a warning and rebuilt.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .compliance import Compliance, RuleTable, check_sequences
+from .config import Config
+from .graph import Graph, Jumpers, build_graph, place_jumpers
+from .storage import Store
+from .walks import jumper_events, sample_walks
+
+FORMAT_VERSION = 1
+SPLITS = {"train": 0, "eval": 1}   # split -> seed stream, so eval never shares draws with train
+
+
+class CorpusError(RuntimeError):
+    """A corpus that is missing, incomplete, corrupt or inconsistent."""
+
+
+def eval_size(cfg: Config) -> int:
+    return max(1, cfg.corpus.corpus_size // 9)
+
+
+# ---- one shard (pure: same arguments => same bytes) --------------------------
+
+@dataclass(frozen=True)
+class ShardSpec:
+    split: str
+    index: int
+    first_walk: int
+    n_walks: int
+
+
+def make_shard(graph: Graph, jumpers: Jumpers, table: RuleTable, spec: ShardSpec, seed: int,
+               walk_length: int) -> tuple[bytes, dict]:
+    """Generate one shard's walks and return (parquet bytes, stats)."""
+    rng = np.random.default_rng([seed, SPLITS[spec.split], spec.index])
+    batch = sample_walks(graph, jumpers, spec.n_walks, walk_length, rng, first_index=spec.first_walk)
+    walks = batch.walks
+    comp = check_sequences(walks, table)
+    ev = jumper_events(walks, jumpers)
+    cols = {
+        "walk_index": pa.array(np.arange(spec.first_walk, spec.first_walk + spec.n_walks, dtype=np.int64)),
+        "walk": pa.ListArray.from_arrays(
+            pa.array(np.arange(0, walks.size + 1, walk_length, dtype=np.int32)),
+            pa.array(walks.reshape(-1).astype(np.int32))),
+    }
+    for name, (values, offsets) in ev.items():
+        cols[name] = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
+                                              pa.array(values.astype(np.int32)))
+    buf = io.BytesIO()
+    pq.write_table(pa.table(cols), buf, compression="zstd")
+    stats = {
+        "walks": spec.n_walks,
+        "start_at_jumper": int(np.isin(walks[:, 0], jumpers.vertex).sum()),
+        "regenerated": batch.n_regenerated,
+        "compliance": [comp.edge_ok, comp.edge_total, comp.rule_ok, comp.rule_total],
+        "paths": _path_samples(walks, jumpers, limit=16),
+    }
+    return buf.getvalue(), stats
+
+
+def _path_samples(walks: np.ndarray, jumpers: Jumpers, limit: int) -> dict[int, list[str]]:
+    """Up to `limit` distinct (visit -> arrival) vertex paths per jumper, as hex digests."""
+    out: dict[int, list[str]] = {}
+    L = walks.shape[1]
+    for v, r in zip(jumpers.vertex.tolist(), jumpers.r.tolist()):
+        rows, cols = np.nonzero(walks[:, : max(0, L - r)] == v)
+        seen: set[str] = set()
+        for i, t in zip(rows[: limit * 8].tolist(), cols[: limit * 8].tolist()):
+            seen.add(hashlib.blake2b(walks[i, t: t + r + 1].tobytes(), digest_size=8).hexdigest())
+            if len(seen) >= limit:
+                break
+        out[v] = sorted(seen)
+    return out
+
+
+def plan_shards(cfg: Config) -> list[ShardSpec]:
+    specs = []
+    for split, total in (("train", cfg.corpus.corpus_size), ("eval", eval_size(cfg))):
+        for i, start in enumerate(range(0, total, cfg.corpus.shard_size)):
+            specs.append(ShardSpec(split, i, start, min(cfg.corpus.shard_size, total - start)))
+    return specs
+
+
+# ---- a finished corpus --------------------------------------------------------
+
+@dataclass(frozen=True)
+class Corpus:
+    store: Store          # the corpus directory
+    manifest: dict
+
+    @property
+    def uri(self) -> str:
+        return self.store.uri
+
+    def files(self, split: str) -> list[str]:
+        """Filesystem paths (for pyarrow / Ray Data with `self.store.fs`)."""
+        return [self.store.path(f) for f in self.manifest["splits"][split]["files"]]
+
+    def graph(self) -> Graph:
+        t = pq.read_table(io.BytesIO(self.store.read_bytes("graph.parquet")))
+        m = self.manifest
+        return Graph.from_edges(m["n"], m["K"], t["src"].to_numpy(), t["dst"].to_numpy(), m["seeds"]["graph"])
+
+    def jumpers(self) -> Jumpers:
+        return Jumpers.from_records(self.manifest["jumpers"])
+
+    def rule_table(self) -> RuleTable:
+        return RuleTable.build(self.graph(), self.jumpers())
+
+    def walks(self, split: str, limit: int | None = None) -> np.ndarray:
+        L = self.manifest["walk_length"]
+        parts, have = [], 0
+        for rel in self.manifest["splits"][split]["files"]:
+            t = pq.read_table(io.BytesIO(self.store.read_bytes(rel)), columns=["walk"])
+            parts.append(t["walk"].combine_chunks().flatten().to_numpy().reshape(-1, L))
+            have += len(parts[-1])
+            if limit is not None and have >= limit:
+                break
+        out = np.concatenate(parts).astype(np.int64)
+        return out if limit is None else out[:limit]
+
+    def gate_starts(self, k: int) -> np.ndarray:
+        """First tokens of the first k held-out walks, cycling when the split is smaller."""
+        first = self.walks("eval", limit=k)[:, 0]
+        return np.resize(first, k)
+
+
+def _verify(store: Store, cfg: Config) -> dict:
+    """The manifest if the corpus is complete and matches cfg, else CorpusError with the reason."""
+    if not store.is_file("manifest.json"):
+        raise CorpusError("manifest.json is missing (an interrupted build?)")
+    try:
+        m = store.read_json("manifest.json")
+    except ValueError as e:
+        raise CorpusError(f"manifest.json is not valid JSON ({e})") from None
+    if m.get("format_version") != FORMAT_VERSION:
+        raise CorpusError(f"format_version {m.get('format_version')} != {FORMAT_VERSION}")
+    if m.get("config_hash") != cfg.corpus_id():
+        raise CorpusError(f"config_hash {m.get('config_hash')} does not match {cfg.corpus_id()}")
+    for rel, meta in m["checksums"].items():
+        if not store.is_file(rel):
+            raise CorpusError(f"{rel} is missing")
+        if store.size(rel) != meta["size"]:
+            raise CorpusError(f"{rel} has {store.size(rel)} bytes, manifest says {meta['size']}")
+        if hashlib.sha256(store.read_bytes(rel)).hexdigest() != meta["sha256"]:
+            raise CorpusError(f"{rel} does not match its sha256 in the manifest")
+    return m
+
+
+def open_corpus(root: Store, cfg: Config) -> Corpus:
+    """The finished corpus for cfg under root, or CorpusError."""
+    store = root.sub("corpora", cfg.corpus_id())
+    return Corpus(store, _verify(store, cfg))
+
+
+# ---- building -------------------------------------------------------------------
+
+Mapper = Callable[[Callable, list], Iterable]   # (fn, list of arg tuples) -> results in any order, each (i, result)
+
+
+def _serial_map(fn: Callable, args: list) -> Iterable:
+    for i, a in enumerate(args):
+        yield i, fn(*a)
+
+
+def build_corpus(cfg: Config, root: Store, *, mapper: Mapper | None = None, progress: bool = True,
+                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> tuple[Corpus, dict]:
+    """Build the corpus for cfg (or reuse a verified one). Returns (corpus, summary)."""
+    t0 = time.perf_counter()
+    store = root.sub("corpora", cfg.corpus_id())
+    if store.exists():
+        try:
+            c = Corpus(store, _verify(store, cfg))
+            return c, {**c.manifest["summary"], "reused": True, "seconds": time.perf_counter() - t0}
+        except CorpusError as e:
+            aside = f"corpora/{cfg.corpus_id()}.invalid-{time.strftime('%Y%m%d-%H%M%S')}"
+            log(f"warning: corpus {store.uri} is not usable ({e}); moved to {root.child_uri(aside)} and rebuilding")
+            root.move(f"corpora/{cfg.corpus_id()}", aside)
+
+    graph = build_graph(cfg.graph.n, cfg.graph.K, cfg.graph.p_in, cfg.graph.p_out, cfg.seed)
+    jumpers = place_jumpers(graph, cfg.graph.n_jumpers_per_block, cfg.graph.r_scales, cfg.w, cfg.seed)
+    table = RuleTable.build(graph, jumpers)
+    specs = plan_shards(cfg)
+    work = root.sub("corpora", f".building-{cfg.corpus_id()}") if root.local else store
+    work.delete_dir("")
+    checksums: dict[str, dict] = {}
+
+    def put(rel: str, data: bytes) -> None:
+        work.write_bytes(rel, data)
+        checksums[rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    src, dst = graph.edges()
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"src": pa.array(src.astype(np.int32)), "dst": pa.array(dst.astype(np.int32))}), buf)
+    put("graph.parquet", buf.getvalue())
+
+    args = [(graph, jumpers, table, s, cfg.seed, cfg.corpus.walk_length) for s in specs]
+    files: dict[str, list[str]] = {s: [] for s in SPLITS}
+    stats: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    from tqdm import tqdm
+
+    bar = tqdm(total=sum(s.n_walks for s in specs), unit="walk", desc="corpus", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    results: dict[int, tuple[bytes, dict]] = {}
+    for i, res in (mapper or _serial_map)(make_shard, args):
+        results[i] = res
+        bar.update(specs[i].n_walks)
+    bar.close()
+    for i, spec in enumerate(specs):
+        data, st = results.pop(i)
+        rel = f"{spec.split}/part-{spec.index:05d}.parquet"
+        put(rel, data)
+        files[spec.split].append(rel)
+        stats[spec.split].append(st)
+
+    summary = _summarise(cfg, stats, jumpers)
+    if summary["train"]["rule_compliance"] != 1.0 or summary["eval"]["rule_compliance"] != 1.0:
+        raise CorpusError(f"corpus rule compliance below 100%: {summary}")  # by construction, never
+    short = [v for v, k in summary["distinct_paths_per_jumper"].items() if k < 3]
+    if short:
+        raise CorpusError(f"jumpers {short} have fewer than 3 distinct compliant paths in the train split; "
+                          f"raise corpus.corpus_size or lower graph.n_jumpers_per_block")
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "config_hash": cfg.corpus_id(),
+        "config": cfg.corpus_key(),
+        "n": cfg.graph.n, "K": cfg.graph.K, "w": cfg.w, "walk_length": cfg.corpus.walk_length,
+        "n_edges": int(len(src)),
+        "seeds": {"graph": graph.seed, "jumpers": cfg.seed,
+                  "train": [cfg.seed, SPLITS["train"]], "eval": [cfg.seed, SPLITS["eval"]]},
+        "jumpers": jumpers.to_records(),
+        "splits": {s: {"walks": sum(x["walks"] for x in stats[s]), "files": files[s]} for s in SPLITS},
+        "summary": summary,
+        "checksums": checksums,
+    }
+    work.write_json("manifest.json", manifest)   # last: its presence marks a finished corpus
+    if work is not store:
+        root.makedirs("corpora")
+        root.move(f"corpora/.building-{cfg.corpus_id()}", f"corpora/{cfg.corpus_id()}")
+    return Corpus(store, manifest), {**summary, "reused": False}
+
+
+def _summarise(cfg: Config, stats: dict[str, list[dict]], jumpers: Jumpers) -> dict:
+    out: dict = {}
+    for split, rows in stats.items():
+        c = Compliance(*np.sum([r["compliance"] for r in rows], axis=0).tolist())
+        walks = sum(r["walks"] for r in rows)
+        out[split] = {
+            "walks": walks,
+            "start_at_jumper_share": round(sum(r["start_at_jumper"] for r in rows) / walks, 6),
+            "regenerated": sum(r["regenerated"] for r in rows),
+            "edge_compliance": c.edge,
+            "rule_compliance": c.rule,
+            "jumper_visits_checked": c.rule_total,
+        }
+    paths: dict[str, int] = {}
+    for v in jumpers.vertex.tolist():
+        paths[str(v)] = len(set().union(*(set(r["paths"][v]) for r in stats["train"])))
+    out["distinct_paths_per_jumper"] = paths
+    return out
+
+
+def ray_mapper(max_in_flight: int | None = None) -> Mapper:
+    """Run shards as Ray tasks (ray must be initialised); results stream back as they finish."""
+    import ray
+
+    def run(fn: Callable, args: list) -> Iterable:
+        remote = ray.remote(num_cpus=1)(fn)
+        shared = {id(a[k]): ray.put(a[k]) for a in args[:1] for k in range(3)}   # graph, jumpers, table once
+        limit = max_in_flight or max(1, int(ray.available_resources().get("CPU", 1)))
+        pending: dict = {}
+        for i, a in enumerate(args):
+            while len(pending) >= limit:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                yield pending.pop(done[0]), ray.get(done[0])
+            ref = remote.remote(*(shared.get(id(x), x) for x in a))
+            pending[ref] = i
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            yield pending.pop(done[0]), ray.get(done[0])
+
+    return run

@@ -1,0 +1,87 @@
+"""Joining or starting Ray, and keeping its console quiet unless asked (--verbose).
+
+The quiet settings are environment variables Ray reads at import time, so
+`quiet_defaults()` runs before anything imports ray.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from .config import Config
+
+_QUIET = {
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",       # no duplicated worker prints
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",     # Ray Data's own bars
+    "RAY_DISABLE_WORKER_LOG_PREFIX": "1",      # our epoch lines read as ours, not "(RayTrainWorker pid=...)"
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_COLOR_PREFIX": "0",
+}
+
+
+def quiet_defaults(verbose: bool = False) -> None:
+    if verbose:
+        return
+    for k, v in _QUIET.items():
+        os.environ.setdefault(k, v)
+
+
+def worker_env(verbose: bool) -> dict[str, str]:
+    """Environment for every Ray process of the job (workers, Ray Data coordinators, controller)."""
+    if verbose:
+        return {}
+    return {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+            "RAY_DATA_LOG_LEVEL": "ERROR"}   # else it warns that its (disabled) bars are disabled
+
+
+def _plain_worker_bars() -> None:
+    """Draw the rank-0 epoch bar without Ray's "(pid=...)" prefix: there is only one bar to tell apart."""
+    from ray.experimental import tqdm_ray
+
+    mgr = tqdm_ray.instance()
+    if getattr(mgr, "_raywalk_plain", False):
+        return
+    update = mgr.process_state_update
+
+    def plain(state):
+        state["ip"], state["pid"] = mgr.ip, mgr.pid
+        update(state)
+
+    mgr.process_state_update = plain
+    mgr._raywalk_plain = True
+
+
+def quiet_train_logging():
+    import ray.train
+
+    return ray.train.LoggingConfig(log_level="WARNING")
+
+
+def ensure_ray(cfg: Config, verbose: bool = False) -> None:
+    """Join the cluster given by RAY_ADDRESS (or the `ray job submit` job), else start a local Ray."""
+    quiet_defaults(verbose)
+    import ray
+
+    if ray.is_initialized():
+        return
+    level = logging.INFO if verbose else logging.WARNING
+    if not verbose:
+        # ray.init's notice that local token auth is on: expected here, nothing to act on.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    env = worker_env(verbose)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level=level, log_to_driver=True,
+                 runtime_env={"env_vars": env} if env else None)
+    else:
+        # Training workers must not take every CPU, or Ray Data gets none and the pipeline stalls.
+        need = cfg.run.workers * cfg.run.cpus_per_worker + 1
+        if not verbose:
+            env = {**env, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}   # no spot preemption on a laptop
+        ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), logging_level=level,
+                 log_to_driver=True, runtime_env={"env_vars": env} if env else None)
+    if not verbose:
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray").setLevel(logging.WARNING)
+        _plain_worker_bars()

@@ -1,0 +1,100 @@
+"""`ROOT/{experiment_id}/result.json`: raywalk's own record of a run (Ray Train V2 keeps none).
+
+Rank 0 rewrites it atomically after every epoch; the driver finalises it. It
+holds the config, the gate outcome, the curves (loss per optimizer step,
+compliance per epoch), where the checkpoints are, and environment facts.
+"""
+from __future__ import annotations
+
+import platform
+import uuid
+from typing import Any
+
+from . import __version__
+from .checkpoint import CKPT_RE
+from .compliance import Compliance
+from .config import Config
+from .storage import Store
+
+RESULT = "result.json"
+
+
+def environment(workers: int, device: str) -> dict[str, Any]:
+    import ray
+    import torch
+
+    return {"raywalk": __version__, "ray": ray.__version__, "torch": torch.__version__,
+            "python": platform.python_version(), "workers": workers, "device": device}
+
+
+def record_worker_start(exp: Store, driver_token: str) -> int:
+    """Note a worker-group start; return the worker-group restarts of this experiment so far."""
+    exp.write_bytes(f"attempts/{driver_token}/{uuid.uuid4().hex}", b"")
+    return count_restarts(exp)
+
+
+def count_restarts(exp: Store) -> int:
+    # Each driver run starts its worker group once; every further start is a restart.
+    return sum(max(0, len(exp.listdir(f"attempts/{t}")) - 1) for t in exp.listdir("attempts"))
+
+
+def checkpoint_info(exp: Store, gate_epoch: int | None) -> dict[str, Any]:
+    run = exp.sub("checkpoints")
+    names = sorted(n for n in run.listdir() if CKPT_RE.match(n) and run.is_file(f"{n}/manifest.json"))
+    gate_name = f"epoch_{gate_epoch:04d}" if gate_epoch else None
+    return {"directory": run.uri, "kept": [run.child_uri(n) for n in names],
+            "latest": run.child_uri(names[-1]) if names else None,
+            "gate": run.child_uri(gate_name) if gate_name and gate_name in names else None}
+
+
+def compose(cfg: Config, experiment_id: str, curves: Any, last: Compliance | None, gate_epoch: int | None,
+            epochs_trained: int, n_distinct: int | None, steps_per_epoch: int, exp: Store,
+            env: dict[str, Any], restarts: int, finished: bool) -> dict[str, Any]:
+    passed = gate_epoch is not None
+    status = "passed" if passed else ("failed" if finished else "running")
+    final = {"final_edge_compliance": last.edge if last else None,
+             "final_rule_compliance": last.rule if last else None,
+             "n_rule_checks": last.rule_total if last else None,
+             "n_distinct_sequences": n_distinct}
+    failure = None
+    if status == "failed":
+        failure = {"reason": (f"gate not passed after {epochs_trained} epochs (max_epochs "
+                              f"{cfg.train.max_epochs}): needs edge > {cfg.gate.edge} and rule > {cfg.gate.rule}"
+                              + ("; no rule checks in the generated sequences" if last and last.rule_total == 0
+                                 else "")),
+                   **final}
+    return {
+        "experiment_id": experiment_id,
+        "status": status,
+        "svd_eligible": passed,
+        "failure": failure,
+        "gate": {"passed": passed, "epoch": gate_epoch, "edge_threshold": cfg.gate.edge,
+                 "rule_threshold": cfg.gate.rule, "sequences": cfg.gate.sequences, **final},
+        "epochs_trained": epochs_trained,
+        "steps_per_epoch": steps_per_epoch,
+        "curves": {"train_loss": list(curves.train_loss), "edge_compliance": list(curves.edge_compliance),
+                   "rule_compliance": list(curves.rule_compliance)},
+        "gate_history": {"n_rule_checks": list(curves.n_rule_checks),
+                         "n_distinct_sequences": list(curves.n_distinct_sequences)},
+        "checkpoints": checkpoint_info(exp, gate_epoch),
+        "restarts": restarts,
+        "environment": env,
+        "config": cfg.to_dict(),
+    }
+
+
+class ResultWriter:
+    """Rank 0's view: rewrites result.json after every epoch."""
+
+    def __init__(self, root: Store, experiment_id: str, cfg: Config, lc: dict[str, Any]):
+        self.exp = root.sub(experiment_id)
+        self.experiment_id, self.cfg = experiment_id, cfg
+        self.env = environment(cfg.run.workers, lc.get("device", "cpu"))
+        self.restarts = record_worker_start(self.exp, lc["driver_token"])
+
+    def epoch_done(self, curves: Any, last: Compliance, gate_epoch: int | None, epoch: int, n_distinct: int,
+                   steps_per_epoch: int) -> None:
+        finished = gate_epoch is not None or epoch >= self.cfg.train.max_epochs
+        self.exp.write_json(RESULT, compose(self.cfg, self.experiment_id, curves, last, gate_epoch, epoch,
+                                            n_distinct, steps_per_epoch, self.exp, self.env, self.restarts,
+                                            finished))

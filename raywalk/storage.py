@@ -1,0 +1,110 @@
+"""One storage root, local path or remote URI (s3://...), through pyarrow.fs.
+
+Every durable write goes through `write_bytes`, which is atomic: locally a temp
+name then rename; on object stores a single PUT is already all-or-nothing.
+Credentials for remote stores come only from the environment (pyarrow's S3
+resolution: AWS_* variables, profiles, instance roles).
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+@dataclass(frozen=True)
+class Store:
+    fs: pafs.FileSystem
+    root: str   # filesystem path of the root (no scheme)
+    uri: str    # the root as the user gave it (scheme kept), for Ray's storage_path
+
+    @classmethod
+    def open(cls, uri: str) -> "Store":
+        if is_remote(uri):
+            fs, path = pafs.FileSystem.from_uri(uri)
+            return cls(fs, path.rstrip("/"), uri.rstrip("/"))
+        path = os.path.abspath(uri.removeprefix("file://"))
+        return cls(pafs.LocalFileSystem(), path, path)
+
+    @property
+    def local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *[p.strip("/") for p in parts if p]])
+
+    def child_uri(self, *parts: str) -> str:
+        return "/".join([self.uri, *[p.strip("/") for p in parts if p]])
+
+    def sub(self, *parts: str) -> "Store":
+        return Store(self.fs, self.path(*parts), self.child_uri(*parts))
+
+    # ---- reads ---------------------------------------------------------------
+
+    def exists(self, rel: str = "") -> bool:
+        return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+
+    def is_file(self, rel: str) -> bool:
+        return self.fs.get_file_info(self.path(rel)).type == pafs.FileType.File
+
+    def size(self, rel: str) -> int:
+        return self.fs.get_file_info(self.path(rel)).size
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self.path(rel)) as f:
+            return f.read()
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def listdir(self, rel: str = "") -> list[str]:
+        """Names directly under rel (empty when it does not exist)."""
+        sel = pafs.FileSelector(self.path(rel), allow_not_found=True, recursive=False)
+        return sorted(i.base_name for i in self.fs.get_file_info(sel))
+
+    # ---- writes --------------------------------------------------------------
+
+    def makedirs(self, rel: str = "") -> None:
+        self.fs.create_dir(self.path(rel), recursive=True)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        dest = self.path(rel)
+        parent = dest.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        if not self.local:
+            with self.fs.open_output_stream(dest) as f:
+                f.write(data)
+            return
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{dest.rsplit('/', 1)[1]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+    def delete_dir(self, rel: str) -> None:
+        if self.exists(rel):
+            self.fs.delete_dir(self.path(rel))
+
+    def move(self, src: str, dst: str) -> None:
+        """Rename a directory (local) or copy-then-delete (object stores)."""
+        if self.local:
+            os.replace(self.path(src), self.path(dst))
+            return
+        sel = pafs.FileSelector(self.path(src), recursive=True)
+        for info in self.fs.get_file_info(sel):
+            if info.type == pafs.FileType.File:
+                rel = info.path[len(self.path(src)):].lstrip("/")
+                self.fs.copy_file(info.path, self.path(dst, rel))
+        self.fs.delete_dir(self.path(src))
