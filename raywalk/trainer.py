@@ -50,8 +50,12 @@ def finished_result(root: Store, experiment_id: str) -> dict[str, Any] | None:
 
 
 def train(cfg: Config, *, fresh: bool = False, verbose: bool = False, progress: bool = True,
-          fault: dict | None = None, log: Log = _stderr) -> dict[str, Any]:
-    """Run (or resume, or report) the experiment for cfg; returns its result.json content."""
+          fault: dict | None = None, callbacks: list | None = None, log: Log = _stderr) -> dict[str, Any]:
+    """Run (or resume, or report) the experiment for cfg; returns its result.json content.
+
+    `fault` injects a SIGKILL of one worker for tests; `callbacks` are Ray Train
+    UserCallbacks (a Tune trial passes TuneReportCallback).
+    """
     root = Store.open(cfg.run.storage)
     cfg = cfg.replace(**{"run.storage": root.uri})   # absolute: workers run in other directories
     exp_id = cfg.experiment_id()
@@ -112,6 +116,7 @@ def train(cfg: Config, *, fresh: bool = False, verbose: bool = False, progress: 
             storage_path=exp.path(),
             storage_filesystem=root.fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),
             worker_runtime_env={"env_vars": ray_env.worker_env(verbose)},
             logging_config=None if verbose else ray_env.quiet_train_logging(),
