@@ -258,6 +258,11 @@ def _coerce(name: str, typ: Any, value: Any) -> Any:
         _check(isinstance(value, int) and not isinstance(value, bool), name, value, "must be an integer")
         return value
     if typ is float:
+        if isinstance(value, str):   # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), name, value, "must be a number")
         return float(value)
     if typ is str:

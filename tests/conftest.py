@@ -1,0 +1,83 @@
+"""Shared test helpers: tiny configs and cleanup of the processes a test starts."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from raywalk.config import Config
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+
+# Small enough for seconds per epoch on 2 cores, big enough to have rule checks.
+TINY = {
+    "seed": 3, "w": 4,
+    "graph": {"n": 16, "K": 2, "p_in": 0.9, "p_out": 0.3, "n_jumpers_per_block": 1, "r_scales": [0.5, 1.0]},
+    "corpus": {"walk_length": 15, "corpus_size": 1600, "shard_size": 512},
+    "model": {"d_model": 16, "n_layers": 1, "n_heads": 1, "dropout": 0.0},
+    "train": {"batch_size": 64, "lr": 3.0e-3, "max_epochs": 3, "shuffle_buffer": 256},
+    "gate": {"sequences": 64, "edge": 0.95, "rule": 0.80},
+    "run": {"workers": 1, "storage": "results", "max_failures": 2, "cpus_per_worker": 1.0},
+}
+
+
+def tiny_config(storage: str | Path, **dotted) -> Config:
+    cfg = Config.from_dict({**TINY, "run": {**TINY["run"], "storage": str(storage)}})
+    return cfg.replace(**dotted) if dotted else cfg
+
+
+def tiny_overrides(storage: str | Path, **dotted) -> list[str]:
+    """`--set` arguments turning configs/quickstart.yaml into the tiny config."""
+    cfg = tiny_config(storage, **dotted).to_dict()
+    out = []
+    for section, values in cfg.items():
+        if isinstance(values, dict):
+            out += [f"{section}.{k}={v}" for k, v in values.items()]
+        else:
+            out.append(f"{section}={values}")
+    return out
+
+
+def session_pids(sid: int) -> list[int]:
+    """Every live process in session `sid` (a subprocess started with start_new_session=True)."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if os.getsid(int(p.name)) == sid:
+                    pids.append(int(p.name))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return pids
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL a subprocess and everything it left behind (Ray agents re-parent, not re-session)."""
+    for _ in range(20):
+        pids = session_pids(sid)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One real local Ray for a whole test module (start-up costs seconds)."""
+    from raywalk.ray_env import quiet_defaults
+
+    quiet_defaults()
+    import ray
+
+    ray.init(num_cpus=4, logging_level="WARNING",
+             runtime_env={"env_vars": {"RAY_DATA_LOG_LEVEL": "ERROR", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
+    yield ray
+    ray.shutdown()
