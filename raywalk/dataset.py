@@ -25,8 +25,7 @@ def window_dataset(corpus: Corpus, w: int):
     """A Ray Dataset with one int64 column `tokens` of shape (w+1,): input [:-1], target [1:]."""
     import ray.data
 
-    ds = ray.data.read_parquet(corpus.files("train"), filesystem=corpus.store.fs, columns=["walk"],
-                               shuffle=None)
+    ds = ray.data.read_parquet(corpus.files("train"), filesystem=corpus.store.fs).select_columns(["walk"])
     return ds.map_batches(_batch_to_windows, fn_kwargs={"w": w}, batch_format="pyarrow", zero_copy_batch=True)
 
 

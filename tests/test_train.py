@@ -1,0 +1,98 @@
+"""The training service end to end on a real local Ray (tiny configs)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from raywalk import checkpoint as ckpt
+from raywalk.corpus import build_corpus, ray_mapper
+from raywalk.storage import Store
+from raywalk.trainer import train
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+quiet = dict(progress=False, log=lambda s: None)
+
+
+def test_corpus_is_identical_whatever_the_parallelism(tmp_path):
+    a, _ = build_corpus(tiny_config(tmp_path / "a"), Store.open(str(tmp_path / "a")), mapper=ray_mapper(1), **quiet)
+    b, _ = build_corpus(tiny_config(tmp_path / "b"), Store.open(str(tmp_path / "b")), mapper=ray_mapper(3), **quiet)
+    s, _ = build_corpus(tiny_config(tmp_path / "s"), Store.open(str(tmp_path / "s")), **quiet)
+    assert a.manifest["checksums"] == b.manifest["checksums"] == s.manifest["checksums"]
+    assert len(a.files("train")) > 1      # really several shards
+
+
+def test_window_dataset_yields_int64_windows(tmp_path):
+    from raywalk.dataset import walks_to_windows, window_dataset
+
+    cfg = tiny_config(tmp_path)
+    corpus, _ = build_corpus(cfg, Store.open(str(tmp_path)), **quiet)
+    rows = window_dataset(corpus, cfg.w).take_all()
+    k = cfg.corpus.walk_length // (cfg.w + 1)
+    assert len(rows) == cfg.corpus.corpus_size * k
+    got = np.stack([r["tokens"] for r in rows])
+    assert got.shape[1] == cfg.w + 1
+    expected = walks_to_windows(corpus.walks("train"), cfg.w)
+    assert np.array_equal(np.sort(got.view([("", got.dtype)] * got.shape[1]), axis=0),
+                          np.sort(expected.view([("", expected.dtype)] * expected.shape[1]), axis=0))
+    batch = next(iter(window_dataset(corpus, cfg.w).iter_torch_batches(batch_size=8, dtypes=torch.long)))
+    assert batch["tokens"].dtype == torch.int64 and batch["tokens"].shape == (8, cfg.w + 1)
+
+
+def check_result(r: dict, cfg) -> None:
+    """result.json is complete and consistent with itself."""
+    for key in ("experiment_id", "config", "gate", "status", "failure", "svd_eligible", "curves", "epochs_trained",
+                "steps_per_epoch", "checkpoints", "environment", "restarts"):
+        assert key in r, key
+    e = r["epochs_trained"]
+    assert len(r["curves"]["train_loss"]) == e * r["steps_per_epoch"]
+    assert len(r["curves"]["edge_compliance"]) == len(r["curves"]["rule_compliance"]) == e
+    assert set(r["curves"]) == {"train_loss", "edge_compliance", "rule_compliance"}
+    g = r["gate"]
+    assert g["final_edge_compliance"] == r["curves"]["edge_compliance"][-1]
+    assert g["final_rule_compliance"] == r["curves"]["rule_compliance"][-1]
+    passed_now = g["n_rule_checks"] > 0 and g["final_edge_compliance"] > g["edge_threshold"] \
+        and g["final_rule_compliance"] > g["rule_threshold"]
+    assert g["passed"] == passed_now == (r["status"] == "passed") == r["svd_eligible"]
+    if g["passed"]:
+        assert g["epoch"] == e and r["failure"] is None
+    assert r["config"] == cfg.to_dict() | {"run": r["config"]["run"]}
+    assert r["environment"]["workers"] == cfg.run.workers
+
+
+def test_two_workers_end_to_end(tmp_path):
+    cfg = tiny_config(tmp_path, **{"run.workers": 2, "run.cpus_per_worker": 1.0})
+    r = train(cfg, **quiet)
+    check_result(r, cfg)
+    assert r["status"] == "passed", r["gate"]          # the tiny task is learnable
+    on_disk = json.loads((tmp_path / cfg.experiment_id() / "result.json").read_text())
+    assert on_disk == r
+    ck = sorted(p.name for p in (tmp_path / cfg.experiment_id() / "checkpoints").glob("epoch_*"))
+    assert 1 <= len(ck) <= 3 and ck[-1] == f"epoch_{r['epochs_trained']:04d}"
+    assert r["checkpoints"]["gate"].endswith(ck[-1]) and r["checkpoints"]["latest"].endswith(ck[-1])
+    # the gate checkpoint is plain data and holds everything a resume needs
+    state = ckpt.read(Store.open(r["checkpoints"]["gate"]))
+    assert state["epoch"] == r["epochs_trained"] and state["gate_epoch"] == r["gate"]["epoch"]
+    assert {"model", "optimizer", "scheduler", "rng", "curves"} <= set(state)
+    assert len(state["rng"]) == 2            # one RNG state per worker
+    assert state["curves"]["train_loss"].tolist() == r["curves"]["train_loss"]
+    # steps the scheduler took = optimizer steps trained
+    assert state["scheduler"]["last_epoch"] == r["epochs_trained"] * r["steps_per_epoch"]
+    # a finished experiment rerun reports, it does not train again
+    again = train(cfg, **quiet)
+    assert again["curves"] == r["curves"] and again["epochs_trained"] == r["epochs_trained"]
+
+
+def test_a_config_that_cannot_pass_is_flagged_failed(tmp_path):
+    cfg = tiny_config(tmp_path, **{"gate.rule": 1.0, "train.max_epochs": 2})
+    r = train(cfg, **quiet)
+    check_result(r, cfg)
+    assert r["status"] == "failed" and r["svd_eligible"] is False and r["gate"]["passed"] is False
+    assert r["epochs_trained"] == 2 and r["gate"]["epoch"] is None
+    f = r["failure"]
+    assert "gate not passed after 2 epochs" in f["reason"]
+    assert f["final_rule_compliance"] == r["curves"]["rule_compliance"][-1]
+    assert len(list((tmp_path / cfg.experiment_id() / "checkpoints").glob("epoch_*"))) == 2
