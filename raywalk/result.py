@@ -27,10 +27,10 @@ def environment(workers: int, device: str) -> dict[str, Any]:
             "python": platform.python_version(), "workers": workers, "device": device}
 
 
-def record_worker_start(exp: Store, driver_token: str) -> int:
-    """Note a worker-group start; return the worker-group restarts of this experiment so far."""
+def record_worker_start(exp: Store, driver_token: str) -> tuple[int, int]:
+    """Note a worker-group start; return (restarts of this experiment, restarts under this driver)."""
     exp.write_bytes(f"attempts/{driver_token}/{uuid.uuid4().hex}", b"")
-    return count_restarts(exp)
+    return count_restarts(exp), len(exp.listdir(f"attempts/{driver_token}")) - 1
 
 
 def count_restarts(exp: Store) -> int:
@@ -90,7 +90,7 @@ class ResultWriter:
         self.exp = root.sub(experiment_id)
         self.experiment_id, self.cfg = experiment_id, cfg
         self.env = environment(cfg.run.workers, lc.get("device", "cpu"))
-        self.restarts = record_worker_start(self.exp, lc["driver_token"])
+        self.restarts, self.restarts_this_run = record_worker_start(self.exp, lc["driver_token"])
 
     def epoch_done(self, curves: Any, last: Compliance, gate_epoch: int | None, epoch: int, n_distinct: int,
                    steps_per_epoch: int) -> None:

@@ -61,8 +61,12 @@ def _seed_all(s: int) -> None:
     random.seed(s)
 
 
-def _maybe_fault(spec: dict | None, rank: int, epoch: int, step: int) -> None:
-    """Fault injection for tests: SIGKILL this worker process once at (rank, epoch, step)."""
+def _maybe_fault(spec: dict | None, rank: int, epoch: int, step: int, run: Store) -> None:
+    """Fault injection for tests: SIGKILL this worker process once at (rank, epoch, step).
+
+    With spec["truncate_latest"], first cut the newest checkpoint's state file in
+    half, as a kill during its upload would.
+    """
     if not spec or (spec["rank"], spec["epoch"], spec["step"]) != (rank, epoch, step):
         return
     marker = spec["marker"]
@@ -70,6 +74,10 @@ def _maybe_fault(spec: dict | None, rank: int, epoch: int, step: int) -> None:
         return
     with open(marker, "w") as f:
         f.write(f"{os.getpid()} {time.time()}\n")
+    if spec.get("truncate_latest"):
+        newest = ckpt.candidates(run, None)[0]
+        data = run.read_bytes(f"{newest}/{ckpt.STATE}")
+        run.write_bytes(f"{newest}/{ckpt.STATE}", data[: len(data) // 2])
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -82,6 +90,8 @@ def train_loop_per_worker(lc: dict) -> None:
         import logging
 
         logging.getLogger("ray.train").setLevel(logging.WARNING)   # per-report INFO lines
+        from ray.train.v2._internal.execution import context as _ctx   # its logger is named by file path
+        logging.getLogger(_ctx.__file__).setLevel(logging.WARNING)   # "Reporting training result N: ..."
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
@@ -118,11 +128,16 @@ def train_loop_per_worker(lc: dict) -> None:
         rngs = state["rng"]
         if len(rngs) == world:
             ckpt.set_rng_state(rngs[rank])
-        say(f"resumed from {run.child_uri(name)} (epoch {start_epoch} done); continuing at epoch {start_epoch + 1}")
+    writer = ResultWriter(root, lc["experiment_id"], cfg, lc) if rank == 0 else None
+    why = f"worker group restart {writer.restarts}" if writer and writer.restarts_this_run else "rerun"
+    if state is not None:
+        say(f"{why}: resuming from {run.child_uri(name)} (epoch {start_epoch} done), continuing at epoch "
+            f"{start_epoch + 1}")
+    elif writer and writer.restarts_this_run:
+        say(f"{why}: no checkpoint yet, starting at epoch 1")
 
     ddp = ray.train.torch.prepare_model(model, move_to_device=True) if distributed else model
     device = next(model.parameters()).device
-    writer = ResultWriter(root, lc["experiment_id"], cfg, lc) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
 
     for epoch in range(start_epoch, cfg.train.max_epochs):
@@ -142,7 +157,7 @@ def train_loop_per_worker(lc: dict) -> None:
         for batch in batches:
             if step == steps_per_epoch:
                 break
-            _maybe_fault(lc.get("fault"), rank, epoch + 1, step)
+            _maybe_fault(lc.get("fault"), rank, epoch + 1, step, run)
             tok = batch["tokens"]
             _, loss = ddp(tok[:, :-1], tok[:, 1:])
             opt.zero_grad(set_to_none=True)

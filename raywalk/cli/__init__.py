@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-VERBS = ("corpus", "train", "plot")
+VERBS = ("corpus", "train", "tune", "plot")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,3 @@
+from raywalk.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,167 @@
+"""Preemption: real SIGKILLs of workers and drivers; the run continues bit-for-bit."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from raywalk import checkpoint as ckpt
+from raywalk.storage import Store
+from raywalk.trainer import train
+from tests.conftest import QUICKSTART, kill_session, tiny_config, tiny_overrides
+
+# Never passes (rule must be > 1.0), so every run trains exactly max_epochs: comparable curves.
+LONG = {"run.workers": 2, "gate.rule": 1.0, "train.max_epochs": 3}
+quiet = dict(progress=False, log=lambda s: None)
+
+
+def final_weights(r: dict) -> dict[str, torch.Tensor]:
+    return ckpt.read(Store.open(r["checkpoints"]["latest"]))["model"]
+
+
+def comparable(r: dict) -> dict:
+    """What must be identical between an interrupted and an uninterrupted run."""
+    return {k: r[k] for k in ("curves", "gate", "epochs_trained", "steps_per_epoch", "status", "failure",
+                              "experiment_id")}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, local_ray):
+    root = tmp_path_factory.mktemp("reference")
+    cfg = tiny_config(root, **LONG)
+    r = train(cfg, **quiet)
+    assert r["restarts"] == 0 and r["epochs_trained"] == 3
+    return cfg, r
+
+
+def test_worker_sigkill_mid_epoch_continues_bit_for_bit(tmp_path, reference):
+    ref_cfg, ref = reference
+    cfg = tiny_config(tmp_path, **LONG)
+    marker = tmp_path / "killed"
+    logs: list[str] = []
+    r = train(cfg, progress=False, log=logs.append,
+              fault={"rank": 1, "epoch": 2, "step": 5, "marker": str(marker)})
+    assert marker.exists()                      # the worker really was killed
+    assert r["restarts"] == 1
+    assert comparable(r) == comparable(ref)
+    a, b = final_weights(r), final_weights(ref)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torn_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, reference, capfd):
+    ref_cfg, ref = reference
+    cfg = tiny_config(tmp_path, **LONG)
+    marker = tmp_path / "killed"
+    r = train(cfg, progress=False, log=lambda s: None,
+              fault={"rank": 0, "epoch": 3, "step": 2, "marker": str(marker), "truncate_latest": True})
+    assert marker.exists() and r["restarts"] == 1
+    err = capfd.readouterr().err
+    assert "skipping checkpoint" in err and "epoch_0002" in err and "truncated" in err
+    assert "resuming from" in err and "epoch_0001" in err
+    assert comparable(r) == comparable(ref)
+    a, b = final_weights(r), final_weights(ref)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _cli(storage: Path) -> list[str]:
+    args = [sys.executable, "-m", "raywalk.cli", "train", str(QUICKSTART), "--no-progress"]
+    for o in tiny_overrides(storage, **LONG):
+        args += ["--set", o]
+    return args
+
+
+def test_driver_sigkill_then_rerun_resumes_the_same_experiment(tmp_path, reference):
+    ref_cfg, ref = reference
+    cfg = tiny_config(tmp_path, **LONG)
+    result = tmp_path / cfg.experiment_id() / "result.json"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(_cli(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                             start_new_session=True, cwd=tmp_path)
+    try:
+        deadline = time.time() + 900   # generous: a bound on a hang, not a timing check
+        while time.time() < deadline:
+            if result.exists() and json.loads(result.read_text())["epochs_trained"] >= 2:
+                break
+            assert first.poll() is None, first.stdout.read().decode()
+            time.sleep(0.2)
+        else:
+            pytest.fail("the first run never finished epoch 2")
+    finally:
+        kill_session(first.pid)
+        first.wait()
+    killed = json.loads(result.read_text())
+    assert killed["epochs_trained"] == 2 and killed["status"] == "running"
+
+    second = subprocess.run(_cli(tmp_path), capture_output=True, text=True, env=env, cwd=tmp_path,
+                            start_new_session=True, timeout=400)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out
+    assert "resuming from" in out and "continuing at epoch" in out
+    assert "epoch 1/3" not in out                # nothing already done is trained again
+    r = json.loads(result.read_text())
+    assert comparable(r) == comparable(ref)
+    a, b = final_weights(r), final_weights(ref)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # --fresh starts over, and says where the earlier run went
+    third = subprocess.run(_cli(tmp_path) + ["--fresh"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                           start_new_session=True, timeout=400)
+    assert third.returncode == 0, third.stdout + third.stderr
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith(cfg.experiment_id() + ".old-")]
+    assert len(moved) == 1 and (moved[0] / "result.json").exists()
+    assert f"moved the earlier run to {moved[0]}" in third.stdout + third.stderr
+    assert comparable(json.loads(result.read_text())) == comparable(ref)
+
+
+class Sneaky:
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_a_checkpoint_with_a_pickled_object_is_refused(tmp_path):
+    ckpt.save(tmp_path / "epoch_0001", {"epoch": 1, "model": {"w": torch.ones(2)}, "extra": Sneaky()})
+    with pytest.raises(ckpt.CheckpointError, match="not plain data"):
+        ckpt.read(Store.open(str(tmp_path / "epoch_0001")))
+    ckpt.save(tmp_path / "epoch_0000", {"epoch": 0, "model": {"w": torch.zeros(2)}})
+    warnings: list[str] = []
+    state, name = ckpt.find_resume_state(Store.open(str(tmp_path)), "epoch_0001", warnings.append)
+    assert name == "epoch_0000" and torch.equal(state["model"]["w"], torch.zeros(2))
+    assert "epoch_0001" in warnings[0] and "not plain data" in warnings[0]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "missing_manifest", "flip"])
+def test_torn_checkpoints_are_detected(tmp_path, damage):
+    d = tmp_path / "epoch_0001"
+    ckpt.save(d, {"epoch": 1, "model": {"w": torch.arange(100.0)}})
+    data = (d / "state.pt").read_bytes()
+    if damage == "truncate":
+        (d / "state.pt").write_bytes(data[:-10])
+    elif damage == "missing_manifest":
+        (d / "manifest.json").unlink()
+    else:
+        (d / "state.pt").write_bytes(data[:50] + bytes([data[50] ^ 1]) + data[51:])
+    with pytest.raises(ckpt.CheckpointError):
+        ckpt.read(Store.open(str(d)))
+
+
+def test_rng_state_roundtrips_as_plain_data():
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    s = ckpt.rng_state()
+    buf = io.BytesIO()
+    torch.save(s, buf)
+    restored = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    a = (torch.rand(3), np.random.rand(3), random.random())
+    ckpt.set_rng_state(restored)
+    b = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(a[0], b[0]) and (a[1] == b[1]).all() and a[2] == b[2]
