@@ -79,6 +79,9 @@ def ensure_ray(cfg: Config, verbose: bool = False) -> None:
             env = {**env, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}   # no spot preemption on a laptop
         ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), logging_level=level,
                  log_to_driver=True, runtime_env={"env_vars": env} if env else None)
+        # Ray Train's placement-group cleaner looks the cluster up by address; with another Ray
+        # running on this machine the lookup is ambiguous unless the address is pinned.
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     if not verbose:
         import ray.data
 

@@ -169,6 +169,7 @@ def train_loop_per_worker(lc: dict) -> None:
             step += 1
             if bar is not None:
                 bar.update(1)
+        train_seconds = time.perf_counter() - t0
         if bar is not None:
             bar.close()
         if step != steps_per_epoch:
@@ -196,7 +197,8 @@ def train_loop_per_worker(lc: dict) -> None:
             dist.all_gather_object(gathered, rng_all[0])
             rng_all = gathered
         metrics = {"epoch": epoch + 1, "loss": float(losses.mean()), "edge": comp.edge, "rule": comp.rule,
-                   "rule_checks": comp.rule_total, "gate_passed": passed}
+                   "rule_checks": comp.rule_total, "gate_passed": passed, "train_seconds": train_seconds,
+                   "tokens_per_second": steps_per_epoch * cfg.train.batch_size * cfg.w / train_seconds}
         secs = time.perf_counter() - t0
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None

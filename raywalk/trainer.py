@@ -50,11 +50,13 @@ def finished_result(root: Store, experiment_id: str) -> dict[str, Any] | None:
 
 
 def train(cfg: Config, *, fresh: bool = False, verbose: bool = False, progress: bool = True,
-          fault: dict | None = None, callbacks: list | None = None, log: Log = _stderr) -> dict[str, Any]:
+          fault: dict | None = None, callbacks: list | None = None, max_steps_per_epoch: int | None = None,
+          log: Log = _stderr) -> dict[str, Any]:
     """Run (or resume, or report) the experiment for cfg; returns its result.json content.
 
     `fault` injects a SIGKILL of one worker for tests; `callbacks` are Ray Train
-    UserCallbacks (a Tune trial passes TuneReportCallback).
+    UserCallbacks (a Tune trial passes TuneReportCallback); `max_steps_per_epoch`
+    shortens epochs for benchmarks.
     """
     root = Store.open(cfg.run.storage)
     cfg = cfg.replace(**{"run.storage": root.uri})   # absolute: workers run in other directories
@@ -79,6 +81,8 @@ def train(cfg: Config, *, fresh: bool = False, verbose: bool = False, progress: 
     log(f"corpus {'reused' if summary['reused'] else 'built'}: {corpus.uri}")
     n_windows = windows_per_epoch(corpus, cfg.w)
     steps = steps_per_epoch(cfg, n_windows)
+    if max_steps_per_epoch:
+        steps = min(steps, max_steps_per_epoch)
     if steps < 1:
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is invalid: the corpus has only "
                           f"{n_windows} windows, fewer than one batch per worker")

@@ -1,0 +1,93 @@
+"""Greedy generation for the sufficiency gate (SPEC §5).
+
+Semantics: each sequence starts from its start token; every next token is the
+argmax of the model over the last `window` tokens, positions counted from 0
+inside the window. `reference_generate` is that, literally. `greedy_generate`
+returns the same tokens faster, using three facts:
+  * the next token is a pure function of the current window, so identical
+    starts give identical sequences, and a window seen before (another
+    sequence, or the same one going round a cycle) has a known successor;
+  * while the sequence still fits the window nothing slides, so a KV cache is
+    exact; after that every position moves and the window is recomputed;
+  * only the last position's logits are needed.
+"""
+import copy
+
+import numpy as np
+import torch
+
+from .model import GPT, KVCache
+
+
+def _check(model, starts, length, window):
+    if starts.dim() != 1:
+        raise ValueError(f"starts must be 1-D, got shape {tuple(starts.shape)}")
+    if length < 1:
+        raise ValueError(f"length must be >= 1, got {length}")
+    if not 1 <= window <= model.block_size:
+        raise ValueError(f"window must be in [1, block_size={model.block_size}], got {window}")
+
+
+@torch.inference_mode()
+def reference_generate(model: GPT, starts, length: int, window: int, batch_size: int = 512):
+    """The straightforward loop: full forward over the window for every token, no reuse at all."""
+    _check(model, starts, length, window)
+    was_training = model.training
+    model.eval()
+    out = []
+    for chunk in starts.long().split(batch_size):
+        seq = chunk[:, None]
+        while seq.size(1) < length:
+            logits, _ = model(seq[:, -window:])
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+        out.append(seq)
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, length, dtype=torch.long)
+
+
+def _generate_distinct(net, starts, length, window, memo, dtype):
+    """Sequences for distinct starts; memo maps window bytes -> next token, shared across chunks."""
+    B = starts.numel()
+    seq = torch.empty(B, length, dtype=torch.long)
+    seq[:, 0] = starts
+    kv = KVCache(net, B, min(window, length), dtype)
+    for t in range(1, length):  # predict token t from seq[:, max(0, t - window):t]
+        if t <= window:  # nothing has slid yet: feed one token through the cache
+            seq[:, t] = net.next_logits(seq[:, t - 1:t], kv).argmax(-1)
+            continue
+        win = seq[:, t - window:t]
+        keys = [r.tobytes() for r in win.to(torch.int32).numpy()]
+        todo = {}  # unseen window -> first row holding it
+        for i, key in enumerate(keys):
+            if key not in memo:
+                todo.setdefault(key, i)
+        if todo:
+            rows = torch.tensor(list(todo.values()))
+            nxt = net.next_logits(win[rows]).argmax(-1).tolist()
+            memo.update(zip(todo.keys(), nxt))
+        seq[:, t] = torch.tensor([memo[k] for k in keys])
+    return seq
+
+
+@torch.inference_mode()
+def greedy_generate(model: GPT, starts, length: int, window: int, batch_size: int = 512,
+                    dtype: torch.dtype = torch.float32):
+    """(N,) start tokens -> (N, length) greedy sequences, token for token those of reference_generate.
+
+    dtype=torch.bfloat16 runs the transformer body in bf16 (head and final LayerNorm
+    stay fp32): faster, but near-tied argmaxes may flip, so tokens can differ.
+    """
+    _check(model, starts, length, window)
+    net = model
+    if dtype != torch.float32:
+        net = copy.deepcopy(model).to(dtype)
+        net.ln_f.float(), net.head.float()
+    was_training = model.training
+    net.eval()
+    uniq, inverse = torch.unique(starts.long(), return_inverse=True)
+    memo = {}
+    parts = [_generate_distinct(net, c, length, window, memo, dtype) for c in uniq.split(batch_size)]
+    model.train(was_training)
+    if not parts:
+        return torch.empty(0, length, dtype=torch.long)
+    return torch.cat(parts)[inverse]
