@@ -4,6 +4,11 @@ Every durable write goes through `write_bytes`, which is atomic: locally a temp
 name then rename; on object stores a single PUT is already all-or-nothing.
 Credentials for remote stores come only from the environment (pyarrow's S3
 resolution: AWS_* variables, profiles, instance roles).
+
+A remote URI may carry pyarrow's filesystem options as a query string, e.g.
+`s3://bucket/prefix?endpoint_override=127.0.0.1:9000&scheme=http` for an
+S3-compatible server; child URIs keep that query at the end, so every URI
+raywalk hands on (corpus, checkpoints, result.json) opens the same store.
 """
 from __future__ import annotations
 
@@ -20,6 +25,34 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+def split_query(uri: str) -> tuple[str, str]:
+    """(base, query) of a remote URI; local paths never have a query ('?' may be in a file name)."""
+    if not is_remote(uri):
+        return uri, ""
+    base, _, query = uri.partition("?")
+    return base, query
+
+
+def join_uri(uri: str, *parts: str) -> str:
+    """uri/part/part, with a remote URI's query string kept at the end."""
+    base, query = split_query(uri)
+    out = "/".join([base.rstrip("/") if parts else base, *[p.strip("/") for p in parts if p]])
+    return f"{out}?{query}" if query else out
+
+
+def _fs_uri(uri: str) -> str:
+    """The URI pyarrow opens: for s3, `allow_delayed_open=true` unless the user chose otherwise.
+
+    With it, a small object (result.json, a manifest, a checkpoint) is one PutObject
+    instead of a multipart upload: fewer requests, all-or-nothing, and accepted by
+    S3-compatible servers whose CompleteMultipartUpload pyarrow rejects (moto 5.2).
+    """
+    base, query = split_query(uri)
+    if not base.startswith("s3://") or "allow_delayed_open=" in query:
+        return uri
+    return f"{base}?{query + '&' if query else ''}allow_delayed_open=true"
+
+
 @dataclass(frozen=True)
 class Store:
     fs: pafs.FileSystem
@@ -29,8 +62,9 @@ class Store:
     @classmethod
     def open(cls, uri: str) -> "Store":
         if is_remote(uri):
-            fs, path = pafs.FileSystem.from_uri(uri)
-            return cls(fs, path.rstrip("/"), uri.rstrip("/"))
+            fs, path = pafs.FileSystem.from_uri(_fs_uri(uri))
+            base, query = split_query(uri)
+            return cls(fs, path.rstrip("/"), base.rstrip("/") + (f"?{query}" if query else ""))
         path = os.path.abspath(uri.removeprefix("file://"))
         return cls(pafs.LocalFileSystem(), path, path)
 
@@ -42,7 +76,7 @@ class Store:
         return "/".join([self.root, *[p.strip("/") for p in parts if p]])
 
     def child_uri(self, *parts: str) -> str:
-        return "/".join([self.uri, *[p.strip("/") for p in parts if p]])
+        return join_uri(self.uri, *parts)
 
     def sub(self, *parts: str) -> "Store":
         return Store(self.fs, self.path(*parts), self.child_uri(*parts))

@@ -1,0 +1,143 @@
+"""cluster.yaml against the autoscaler schema shipped in the installed ray, plus raywalk's own rules.
+
+Ray's schema checks structure but not `node_config` (a misspelt MarketType
+passes it), so the spot/on-demand, storage and version rules are checked here.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shlex
+import tomllib
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+import ray
+from raywalk.storage import is_remote
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> dict:
+    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+
+
+def pyproject_deps() -> list[str]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+
+
+def workers(cfg: dict) -> dict:
+    return {k: v for k, v in cfg["available_node_types"].items() if k != cfg["head_node_type"]}
+
+
+def setup_of(cfg: dict, node_type: str) -> list[str]:
+    """The setup commands a node of this type runs (a node type's worker_setup_commands replace the global ones)."""
+    nt = cfg["available_node_types"][node_type]
+    if node_type == cfg["head_node_type"]:
+        return cfg.get("setup_commands", []) + cfg.get("head_setup_commands", [])
+    if "worker_setup_commands" in nt:
+        return nt["worker_setup_commands"]
+    return cfg.get("setup_commands", []) + cfg.get("worker_setup_commands", [])
+
+
+def raywalk_problems(cfg: dict) -> list[str]:
+    """raywalk's rules for cluster.yaml; empty when it follows them."""
+    out = []
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]
+    if "InstanceMarketOptions" in head["node_config"]:
+        out.append("head node must be on-demand (no InstanceMarketOptions)")
+    if head.get("resources", {}).get("CPU") != 0:
+        out.append("head node must advertise CPU: 0 (no training on it)")
+    if not any("--num-cpus=0" in c for c in cfg.get("head_start_ray_commands", [])):
+        out.append("head_start_ray_commands must pass --num-cpus=0")
+    for name, nt in workers(cfg).items():
+        market = nt["node_config"].get("InstanceMarketOptions", {})
+        if market.get("MarketType") != "spot":
+            out.append(f"{name}: worker must be spot (InstanceMarketOptions.MarketType: spot), got {market}")
+        if nt.get("min_workers", 0) != 0:
+            out.append(f"{name}: min_workers must be 0")
+        if nt.get("max_workers", 0) < 1:
+            out.append(f"{name}: max_workers must be >= 1")
+    gpu = [n for n, t in workers(cfg).items() if t["resources"].get("GPU", 0) > 0]
+    cpu = [n for n, t in workers(cfg).items() if t["resources"].get("GPU", 0) == 0 and t["resources"].get("CPU", 0) > 0]
+    zones = cfg["provider"].get("availability_zone", "").split(",")
+    if not gpu or not cpu:
+        out.append(f"need GPU and CPU worker types, got gpu={gpu} cpu={cpu}")
+    if len({types[n]["node_config"]["InstanceType"] for n in gpu}) < 2 and len(zones) < 2:
+        out.append("no spot fallback: give several GPU instance types or several zones")
+    if not cfg.get("idle_timeout_minutes"):
+        out.append("idle_timeout_minutes must be set")
+    storage = cfg.get("metadata", {}).get("raywalk", {}).get("storage", "")
+    if not (is_remote(storage) and re.match(r"^(s3|gs|abfss?)://[^/?]+", storage)):
+        out.append(f"metadata.raywalk.storage must be a remote URI (s3://bucket/prefix), got {storage!r}")
+    for name in types:
+        cmds = " ".join(setup_of(cfg, name))
+        tokens = shlex.split(cmds)
+        for dep in pyproject_deps():
+            if dep not in tokens:
+                out.append(f"{name}: setup does not install {dep!r} as pinned in pyproject.toml")
+        if not re.search(r"pip install[^;&]*(-e )?~/raywalk", cmds):
+            out.append(f"{name}: setup does not install raywalk itself")
+        for pkg, ver in re.findall(r"(torch|ray)(?:\[[^\]]*\])?==([\w.+]+)", cmds):
+            want = next(d for d in pyproject_deps() if re.match(rf"^{pkg}(\[|==)", d)).split("==")[1]
+            if ver != want:
+                out.append(f"{name}: installs {pkg}=={ver}, pyproject pins {want}")
+    start = " ".join(cfg.get("head_start_ray_commands", []) + cfg.get("worker_start_ray_commands", []))
+    if "0.0.0.0" in start or "--dashboard-host=127.0.0.1" not in start:
+        out.append("the dashboard must listen on 127.0.0.1 only (reach it with `ray dashboard`)")
+    return out
+
+
+def test_validates_against_the_autoscaler_schema_shipped_with_ray(cluster):
+    jsonschema.validate(cluster, json.loads(SCHEMA.read_text()))
+
+
+def test_ray_accepts_it_after_filling_defaults(cluster):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(copy.deepcopy(cluster)))
+
+
+def test_follows_raywalks_rules(cluster):
+    assert raywalk_problems(cluster) == []
+
+
+def test_the_rules_catch_what_the_schema_lets_through(cluster):
+    bad = copy.deepcopy(cluster)
+    w = next(iter(workers(bad)))
+    bad["available_node_types"][w]["node_config"]["InstanceMarketOptions"] = {"MarketTyp": "spot"}   # misspelt
+    bad["available_node_types"][bad["head_node_type"]]["node_config"]["InstanceMarketOptions"] = {"MarketType": "spot"}
+    bad["metadata"]["raywalk"]["storage"] = "results"
+    bad["setup_commands"] = [c.replace("torch==2.13.0", "torch") for c in bad["setup_commands"]]
+    jsonschema.validate(bad, json.loads(SCHEMA.read_text()))          # the schema is happy...
+    problems = " | ".join(raywalk_problems(bad))                       # ...raywalk is not
+    for needle in (f"{w}: worker must be spot", "head node must be on-demand", "remote URI", "'torch==2.13.0'"):
+        assert needle in problems
+
+
+def test_nothing_secret_and_nothing_public(cluster):
+    text = (ROOT / "cluster.yaml").read_text()
+    assert not re.search(r"AKIA[0-9A-Z]{16}", text)
+    assert not re.search(r"(?i)(secret|password|token)\s*[:=]\s*\S", text)
+    assert not re.search(r"(?i)aws_(access_key_id|secret_access_key)\s*[:=]", text)
+    code = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    assert "0.0.0.0" not in code
+    for change in ("region", "bucket", "key"):
+        assert re.search(rf"(?i)CHANGE.*{change}|{change}.*CHANGE", text), f"no comment on changing the {change}"
+
+
+def test_job_uploads_exclude_results_corpora_and_caches():
+    env = yaml.safe_load((ROOT / "runtime_env.yaml").read_text())
+    for ex in ("results", "corpora", ".hypothesis"):
+        assert ex in env["excludes"]
+    assert any("__pycache__" in e for e in env["excludes"])
+    ignored = (ROOT / ".gitignore").read_text().split()
+    for ex in ("results/", "corpora/", ".hypothesis/", "__pycache__/"):
+        assert ex in ignored
