@@ -140,6 +140,9 @@ def train_loop_per_worker(lc: dict) -> None:
     device = next(model.parameters()).device
     shard = ray.train.get_dataset_shard("train")
 
+    fault = lc.get("fault")
+    # after an injected kill, note when the first step runs again (benchmarks/resume.py)
+    probe = f"{fault['marker']}.resumed" if fault and rank == 0 and os.path.exists(fault["marker"]) else None
     for epoch in range(start_epoch, cfg.train.max_epochs):
         if gate_epoch is not None:
             break
@@ -157,7 +160,11 @@ def train_loop_per_worker(lc: dict) -> None:
         for batch in batches:
             if step == steps_per_epoch:
                 break
-            _maybe_fault(lc.get("fault"), rank, epoch + 1, step, run)
+            _maybe_fault(fault, rank, epoch + 1, step, run)
+            if probe:
+                with open(probe, "w") as f:
+                    f.write(f"{time.time()} {epoch + 1} {step}\n")
+                probe = None
             tok = batch["tokens"]
             _, loss = ddp(tok[:, :-1], tok[:, 1:])
             opt.zero_grad(set_to_none=True)

@@ -69,6 +69,10 @@ def train(cfg: Config, *, fresh: bool = False, verbose: bool = False, progress: 
             f"(use --fresh to start over)")
         return done
 
+    planned = cfg.corpus.corpus_size * (cfg.corpus.walk_length // (cfg.w + 1))
+    if steps_per_epoch(cfg, planned) < 1:   # refuse before any cluster resources are taken
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is invalid: the corpus gives only {planned} "
+                          f"windows of w+1 tokens, fewer than one batch per worker")
     ray_env.ensure_ray(cfg, verbose=verbose)
     import ray.train
     from ray.data import ExecutionOptions
@@ -83,9 +87,6 @@ def train(cfg: Config, *, fresh: bool = False, verbose: bool = False, progress: 
     steps = steps_per_epoch(cfg, n_windows)
     if max_steps_per_epoch:
         steps = min(steps, max_steps_per_epoch)
-    if steps < 1:
-        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is invalid: the corpus has only "
-                          f"{n_windows} windows, fewer than one batch per worker")
     exp = root.sub(exp_id)
     resuming = exp.exists("checkpoints")
     log(f"experiment {exp_id}: {'resuming' if resuming else 'starting'}; {steps} steps/epoch, "

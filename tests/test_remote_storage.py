@@ -140,7 +140,7 @@ def test_run_on_s3_is_killed_and_resumes_from_the_bucket(s3, tmp_path):
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-4000:]
     assert "corpus reused" in out, out[-3000:]
-    assert "resumed from s3://" in out, out[-3000:]
+    assert "resuming from s3://" in out, out[-3000:]
     assert "resuming" in out
     r = json.loads(client.get_object(Bucket=BUCKET, Key=f"{exp_prefix}/result.json")["Body"].read())
     assert r["status"] == "failed" and r["epochs_trained"] == 4

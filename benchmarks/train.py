@@ -1,0 +1,117 @@
+"""Ray's overhead on training: the same loop plainly in PyTorch and under TorchTrainer.
+
+    python benchmarks/train.py [--steps 200] [--storage DIR]
+
+At the anchor model shape (vocab 500, d_model 128, 4 layers, w 64, batch 64) on
+a real anchor-shaped corpus (n = 500, L = 256, 50,000 walks), side by side:
+  1. a plain PyTorch loop over the corpus's windows (same model, AdamW, clipping,
+     schedule as raywalk's worker loop);
+  2. raywalk's worker loop under TorchTrainer with 1 and with 2 workers (Ray Data
+     shard, DDP for 2), epochs cut to the same number of steps.
+Tokens/s count training steps only (the gate is measured in model_speed.py).
+For the model's own speed against a hand-written-attention baseline, see
+benchmarks/model_speed.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from raywalk.config import Config  # noqa: E402
+from raywalk.corpus import build_corpus  # noqa: E402
+from raywalk.dataset import walks_to_windows  # noqa: E402
+from raywalk.model import GPT  # noqa: E402
+from raywalk.schedule import make_scheduler  # noqa: E402
+from raywalk.storage import Store  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def anchor_shaped(storage: str, steps: int) -> Config:
+    return Config.load(ROOT / "configs" / "anchor.yaml", [
+        f"run.storage={storage}", "corpus.corpus_size=50000", "train.max_epochs=1", "gate.sequences=8",
+        "gate.rule=1.0"])
+
+
+def plain_loop(cfg: Config, windows: np.ndarray, steps: int) -> float:
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg.graph.n, cfg.w, cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                            betas=(0.9, 0.95), foreach=True)
+    sched = make_scheduler(opt, steps, cfg.train.warmup_frac, cfg.train.min_lr_ratio)
+    order = np.random.default_rng(0).permutation(len(windows))
+    B = cfg.train.batch_size
+    t0 = time.perf_counter()
+    for s in range(steps):
+        tok = torch.from_numpy(windows[order[s * B:(s + 1) * B]])
+        _, loss = model(tok[:, :-1], tok[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        sched.step()
+    return steps * B * cfg.w / (time.perf_counter() - t0)
+
+
+def under_ray(cfg: Config, workers: int, steps: int, tmp: Path) -> float:
+    import ray.train
+
+    from raywalk.trainer import train
+
+    class Capture(ray.train.UserCallback):
+        def __init__(self, path: str):
+            self.path = path
+
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(self.path, "a") as f:
+                f.write(json.dumps(metrics[0]) + "\n")
+
+    out = tmp / f"metrics-{workers}.jsonl"
+    cfg = cfg.replace(**{"run.workers": workers, "run.storage": str(tmp / f"w{workers}")})
+    # the corpus is shared: link the built one into this storage root
+    (tmp / f"w{workers}").mkdir(exist_ok=True)
+    os.symlink(tmp / "corpora", tmp / f"w{workers}" / "corpora")
+    train(cfg, progress=False, callbacks=[Capture(str(out))], max_steps_per_epoch=steps, log=lambda s: None)
+    return json.loads(out.read_text().splitlines()[-1])["tokens_per_second"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--storage", help="where to build the corpus (default: a temp dir)")
+    args = ap.parse_args()
+    tmp = Path(args.storage or tempfile.mkdtemp(prefix="raywalk-bench-train-"))
+    cfg = anchor_shaped(str(tmp), args.steps)
+
+    from raywalk.ray_env import ensure_ray
+
+    ensure_ray(cfg.replace(**{"run.workers": 2}))
+    from raywalk.corpus import ray_mapper
+
+    t = time.perf_counter()
+    corpus, _ = build_corpus(cfg, Store.open(str(tmp)), mapper=ray_mapper(), progress=False)
+    print(f"corpus: {corpus.manifest['splits']['train']['walks']:,} walks in {time.perf_counter() - t:.1f}s")
+    windows = walks_to_windows(corpus.walks("train"), cfg.w)
+
+    threads = torch.get_num_threads()
+    plain = plain_loop(cfg, windows, args.steps)
+    print(f"plain PyTorch loop         {plain:9,.0f} tokens/s   ({args.steps} steps, {threads} threads)")
+    ray1 = under_ray(cfg, 1, args.steps, tmp)
+    print(f"TorchTrainer, 1 worker     {ray1:9,.0f} tokens/s   overhead {plain / ray1 - 1:+.1%} of plain "
+          f"(target < 10%)")
+    ray2 = under_ray(cfg, 2, args.steps, tmp)
+    print(f"TorchTrainer, 2 workers    {ray2:9,.0f} tokens/s   {ray2 / plain:.2f}x plain (DDP, global batch 64, "
+          f"one thread per worker on {os.cpu_count()} cores)")
+
+
+if __name__ == "__main__":
+    main()
