@@ -17,16 +17,30 @@ def walks_to_windows(walks: np.ndarray, w: int) -> np.ndarray:
 def _batch_to_windows(batch: pa.Table, w: int) -> dict[str, np.ndarray]:
     col = batch.column("walk").combine_chunks()
     L = len(col[0]) if len(col) else 0
-    walks = col.flatten().to_numpy().reshape(-1, L).astype(np.int64)
-    return {"tokens": walks_to_windows(walks, w)}
+    walks = col.flatten().to_numpy().reshape(-1, L)
+    return {"tokens": walks_to_windows(walks, w)}   # int32 on the wire; batches arrive as int64
 
 
-def window_dataset(corpus: Corpus, w: int):
-    """A Ray Dataset with one int64 column `tokens` of shape (w+1,): input [:-1], target [1:]."""
+def window_dataset(corpus: Corpus, w: int, materialize: bool = False):
+    """A Ray Dataset with one column `tokens` of shape (w+1,): input [:-1], target [1:].
+
+    With `materialize`, the windows are computed once, in corpus order, and held
+    in the object store, so epochs stream from memory instead of re-reading and
+    re-cutting the Parquet shards while the model trains.
+    """
     import ray.data
 
     ds = ray.data.read_parquet(corpus.files("train"), filesystem=corpus.store.fs).select_columns(["walk"])
-    return ds.map_batches(_batch_to_windows, fn_kwargs={"w": w}, batch_format="pyarrow", zero_copy_batch=True)
+    ds = ds.map_batches(_batch_to_windows, fn_kwargs={"w": w}, batch_format="pyarrow", zero_copy_batch=True)
+    if materialize:
+        ctx = ray.data.DataContext.get_current()
+        keep = ctx.execution_options.preserve_order
+        ctx.execution_options.preserve_order = True   # same block order on every run
+        try:
+            ds = ds.materialize()
+        finally:
+            ctx.execution_options.preserve_order = keep
+    return ds
 
 
 def windows_per_epoch(corpus: Corpus, w: int) -> int:

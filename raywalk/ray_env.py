@@ -16,6 +16,7 @@ _QUIET = {
     "RAY_DISABLE_WORKER_LOG_PREFIX": "1",      # our epoch lines read as ours, not "(RayTrainWorker pid=...)"
     "RAY_DEDUP_LOGS": "0",
     "RAY_COLOR_PREFIX": "0",
+    "RAY_DATA_LOG_LEVEL": "ERROR",             # the driver materialises the window dataset
 }
 
 

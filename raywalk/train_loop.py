@@ -140,6 +140,7 @@ def train_loop_per_worker(lc: dict) -> None:
     device = next(model.parameters()).device
     shard = ray.train.get_dataset_shard("train")
 
+    bf16 = cfg.train.precision == "bf16"
     fault = lc.get("fault")
     # after an injected kill, note when the first step runs again (benchmarks/resume.py)
     probe = f"{fault['marker']}.resumed" if fault and rank == 0 and os.path.exists(fault["marker"]) else None
@@ -157,7 +158,10 @@ def train_loop_per_worker(lc: dict) -> None:
                                            local_shuffle_buffer_size=cfg.train.shuffle_buffer,
                                            local_shuffle_seed=epoch_seed(cfg.seed, epoch, rank) % 2**31,
                                            device=str(device))
+        t_first = None
         for batch in batches:
+            if t_first is None:
+                t_first = time.perf_counter()   # fixed per-epoch cost of starting the data stream ends here
             if step == steps_per_epoch:
                 break
             _maybe_fault(fault, rank, epoch + 1, step, run)
@@ -166,7 +170,8 @@ def train_loop_per_worker(lc: dict) -> None:
                     f.write(f"{time.time()} {epoch + 1} {step}\n")
                 probe = None
             tok = batch["tokens"]
-            _, loss = ddp(tok[:, :-1], tok[:, 1:])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                _, loss = ddp(tok[:, :-1], tok[:, 1:])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(ddp.parameters(), cfg.train.grad_clip)
@@ -205,6 +210,7 @@ def train_loop_per_worker(lc: dict) -> None:
             rng_all = gathered
         metrics = {"epoch": epoch + 1, "loss": float(losses.mean()), "edge": comp.edge, "rule": comp.rule,
                    "rule_checks": comp.rule_total, "gate_passed": passed, "train_seconds": train_seconds,
+                   "first_batch_seconds": t_first - t0,
                    "tokens_per_second": steps_per_epoch * cfg.train.batch_size * cfg.w / train_seconds}
         secs = time.perf_counter() - t0
         with tempfile.TemporaryDirectory() as tmp:

@@ -112,7 +112,7 @@ def train(cfg: Config, *, fresh: bool = False, verbose: bool = False, progress: 
         train_loop_config=lc,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
-        datasets={"train": window_dataset(corpus, cfg.w)},
+        datasets={"train": window_dataset(corpus, cfg.w, materialize=True)},
         # Ordered, locality-blind split: with the seeded local shuffle, a rerun sees the same batches.
         dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True),
                                             enable_shard_locality=False),

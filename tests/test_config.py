@@ -36,6 +36,7 @@ def test_quickstart_is_valid_and_small():
     ("graph.r_scales=[]", "graph.r_scales"),
     ("train.max_epochs=51", "train.max_epochs"),
     ("train.lr=0", "train.lr"),
+    ("train.precision=fp16", "train.precision"),
     ("gate.rule=2", "gate.rule"),
     ("run.workers=3", "train.batch_size"),             # 64 not divisible by 3
     ("graph.bogus=1", "graph.bogus"),                  # unknown key
