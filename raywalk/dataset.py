@@ -30,17 +30,16 @@ def window_dataset(corpus: Corpus, w: int, materialize: bool = False):
     """
     import ray.data
 
-    ds = ray.data.read_parquet(corpus.files("train"), filesystem=corpus.store.fs).select_columns(["walk"])
-    ds = ds.map_batches(_batch_to_windows, fn_kwargs={"w": w}, batch_format="pyarrow", zero_copy_batch=True)
-    if materialize:
-        ctx = ray.data.DataContext.get_current()
-        keep = ctx.execution_options.preserve_order
-        ctx.execution_options.preserve_order = True   # same block order on every run
-        try:
-            ds = ds.materialize()
-        finally:
-            ctx.execution_options.preserve_order = keep
-    return ds
+    ctx = ray.data.DataContext.get_current()
+    keep = ctx.execution_options.preserve_order
+    # A dataset copies the context when created: order must be set before, not at materialize().
+    ctx.execution_options.preserve_order = True   # same block order on every run
+    try:
+        ds = ray.data.read_parquet(corpus.files("train"), filesystem=corpus.store.fs).select_columns(["walk"])
+        ds = ds.map_batches(_batch_to_windows, fn_kwargs={"w": w}, batch_format="pyarrow", zero_copy_batch=True)
+        return ds.materialize() if materialize else ds
+    finally:
+        ctx.execution_options.preserve_order = keep
 
 
 def windows_per_epoch(corpus: Corpus, w: int) -> int:

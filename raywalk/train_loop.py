@@ -74,6 +74,7 @@ def _maybe_fault(spec: dict | None, rank: int, epoch: int, step: int, run: Store
         return
     with open(marker, "w") as f:
         f.write(f"{os.getpid()} {time.time()}\n")
+    time.sleep(spec.get("delay", 0))   # let the controller register the last report first (SPEC §9: ~2 s)
     if spec.get("truncate_latest"):
         newest = ckpt.candidates(run, None)[0]
         data = run.read_bytes(f"{newest}/{ckpt.STATE}")
