@@ -202,13 +202,7 @@ class Config:
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> "Config":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        data = read_yaml(path, "config file")
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
         return cls.from_dict(apply_overrides(data, overrides))
@@ -245,6 +239,17 @@ class Config:
         d["run"] = {"workers": self.run.workers}
         g, m = self.graph, self.model
         return f"n{g.n}_w{self.w}_d{m.d_model}_L{m.n_layers}_s{self.seed}-{_digest(d)}"
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """A YAML file's content, or ConfigError naming the file when it is missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {e}") from None
 
 
 def _digest(obj: Any) -> str:

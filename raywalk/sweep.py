@@ -41,7 +41,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .config import Config, ConfigError, apply_overrides, set_dotted
+from .config import Config, ConfigError, apply_overrides, read_yaml, set_dotted
 
 SCALING_RULE = ("corpus.corpus_size, unless set by the grid or `derived`, keeps the base's walks per vertex: "
                 "max(100*n, base_corpus_size * n // base_n)")
@@ -188,12 +188,7 @@ def _known_key(key: str, where: str) -> None:
 
 def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"sweep file {str(path)!r} is not valid YAML: {e}") from None
+    data = read_yaml(path, "sweep file")
     return parse_sweep(data, base_dir=path.parent, default_name=path.stem, source=str(path))
 
 

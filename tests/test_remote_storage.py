@@ -120,7 +120,8 @@ def test_run_on_s3_is_killed_and_resumes_from_the_bucket(s3, tmp_path):
         deadline = time.monotonic() + 150
         while time.monotonic() < deadline and p.poll() is None:
             ks = [k for k in keys(client, "runs/") if k.endswith("/checkpoints/epoch_0001/manifest.json")]
-            if ks:
+            # result.json is rewritten right after the checkpoint upload: wait for both, then kill
+            if ks and f"{ks[0].split('/checkpoints/')[0]}/result.json" in keys(client, "runs/"):
                 ckpt_key = ks[0]
                 break
             time.sleep(0.2)
