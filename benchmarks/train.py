@@ -32,6 +32,7 @@ from raywalk.dataset import walks_to_windows  # noqa: E402
 from raywalk.model import GPT  # noqa: E402
 from raywalk.schedule import make_scheduler  # noqa: E402
 from raywalk.storage import Store  # noqa: E402
+from raywalk.train_loop import optimizer_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,12 +56,7 @@ def plain_loop(cfg: Config, windows: np.ndarray, steps: int) -> float:
         if s == 1:
             t1 = time.perf_counter()
         tok = torch.from_numpy(windows[order[s * B:(s + 1) * B]])
-        _, loss = model(tok[:, :-1], tok[:, 1:])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        opt.step()
-        sched.step()
+        optimizer_step(model, opt, sched, tok, cfg.train.grad_clip, bf16=False)
     end = time.perf_counter()
     return steps * B * cfg.w / (end - t0), (steps - 1) * B * cfg.w / (end - t1)
 

@@ -321,17 +321,3 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
         set_dotted(data, key.strip(), value)
     return data
 
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Field docstrings (the string literal after each field) for `--help`-style listings."""
-    import ast
-    import inspect
-
-    src = inspect.getsource(cls)
-    tree = ast.parse(src)
-    out: dict[str, str] = {}
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for a, b in zip(body, body[1:]):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-            out[a.target.id] = str(b.value.value)  # type: ignore[attr-defined]
-    return out

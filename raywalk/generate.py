@@ -13,7 +13,6 @@ returns the same tokens faster, using three facts:
 """
 import copy
 
-import numpy as np
 import torch
 
 from .model import GPT, KVCache

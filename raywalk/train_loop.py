@@ -82,6 +82,19 @@ def _maybe_fault(spec: dict | None, rank: int, epoch: int, step: int, run: Store
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def optimizer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, tok: torch.Tensor,
+                   grad_clip: float, bf16: bool) -> torch.Tensor:
+    """One step on a batch of (w+1)-token windows; returns the detached loss."""
+    with torch.autocast(tok.device.type, dtype=torch.bfloat16, enabled=bf16):
+        _, loss = model(tok[:, :-1], tok[:, 1:])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    sched.step()
+    return loss.detach()
+
+
 def train_loop_per_worker(lc: dict) -> None:
     import ray.train
     from ray.experimental.tqdm_ray import tqdm
@@ -170,15 +183,7 @@ def train_loop_per_worker(lc: dict) -> None:
                 with open(probe, "w") as f:
                     f.write(f"{time.time()} {epoch + 1} {step}\n")
                 probe = None
-            tok = batch["tokens"]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                _, loss = ddp(tok[:, :-1], tok[:, 1:])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(ddp.parameters(), cfg.train.grad_clip)
-            opt.step()
-            sched.step()
-            losses[step] = loss.detach().double()
+            losses[step] = optimizer_step(ddp, opt, sched, batch["tokens"], cfg.train.grad_clip, bf16).double()
             step += 1
             if bar is not None:
                 bar.update(1)

@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 from hypothesis import given, settings, strategies as st
 
 from raywalk.compliance import (Compliance, RuleTable, check_sequences, per_sequence_edge_violations,

@@ -1,7 +1,6 @@
 """The on-disk corpus: format, rule keeping measured from the files, reuse, torn/corrupt detection."""
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
@@ -26,7 +25,7 @@ def built(tmp_path):
 
 def test_format_and_manifest(built):
     cfg, root, corpus, summary = built
-    m = json.loads((corpus.store.root + "/manifest.json") and open(corpus.store.path("manifest.json")).read())
+    m = json.loads(open(corpus.store.path("manifest.json")).read())
     assert m["format_version"] == 1 and m["config_hash"] == cfg.corpus_id()
     assert (m["n"], m["K"], m["w"], m["walk_length"]) == (cfg.graph.n, cfg.graph.K, cfg.w, cfg.corpus.walk_length)
     assert {"vertex", "block", "target_block", "r"} == set(m["jumpers"][0])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QUICKSTART, ROOT, kill_session, session_pids, tiny_overrides
+from conftest import ROOT, kill_session, session_pids, tiny_overrides
 
 
 def free_ports(n: int) -> list[int]:

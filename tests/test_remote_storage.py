@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import QUICKSTART, ROOT, kill_session, tiny_overrides
+from conftest import QUICKSTART, kill_session, tiny_overrides
 
 moto_server = pytest.importorskip("moto.server")
 boto3 = pytest.importorskip("boto3")
@@ -88,7 +88,7 @@ def test_store_round_trip_on_s3(s3):
     assert st.listdir("exp1") == ["attempts", "result.json"] and exp.is_file("result.json")
     st.move("exp1", "exp1.old")
     assert not st.exists("exp1") and st.sub("exp1.old").read_json("result.json") == {"status": "running"}
-    assert f"unit/exp1.old/result.json" in keys(s3["client"], "unit/")
+    assert "unit/exp1.old/result.json" in keys(s3["client"], "unit/")
 
 
 # ---- a real run on S3: written there, killed, resumed from there ---------------------

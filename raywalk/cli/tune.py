@@ -7,7 +7,6 @@ ROOT/sweeps/{sweep_id}/summary.json and summary.csv and prints a table.
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_parser(sub) -> None:
