@@ -104,6 +104,12 @@ class GPT(nn.Module):
             for p in (b.attn.out_proj.weight, b.mlp[2].weight):
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layers))
 
+    @classmethod
+    def from_config(cls, cfg) -> "GPT":
+        """The model a raywalk Config describes (vocabulary n, context w)."""
+        m = cfg.model
+        return cls(cfg.graph.n, cfg.w, m.d_model, m.n_layers, m.n_heads, m.dropout)
+
     @staticmethod
     def _init(m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
