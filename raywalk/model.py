@@ -1,8 +1,22 @@
 """The SPEC §3 transformer: a small pre-norm GPT over vertex ids.
 
-Kept deliberately plain so later phases can read it: Q, K and V are separate
-projections, and `attention_maps` recomputes the softmax weights that the fused
-SDPA kernel uses but never materialises.
+Kept deliberately plain so later phases can read it: Q, K, V and the output
+projection are separate bias-free linear maps (so the per-head QKᵀ and OV maps
+are matrices, not affine maps), and `attention_internals` runs the forward pass
+with the attention computed explicitly, returning what the fused SDPA kernel
+never materialises.
+
+Weight convention (row vectors, as the code computes them): nn.Linear stores
+its weight as (out, in) and computes x @ weight.T, so for head h with columns
+hs = h*d_head:(h+1)*d_head
+
+    W_Q^h = q_proj.weight[hs].T     (d_model, d_head), likewise W_K^h, W_V^h
+    W_O^h = out_proj.weight[:, hs].T (d_head, d_model)
+    q^h = x W_Q^h,   scores^h = x W_Q^h W_K^hᵀ xᵀ / √d_head   (x = ln_1 of the residual stream)
+    attention output = Σ_h weights^h x W_V^h W_O^h
+
+`qk_circuits()` returns W_Q^h W_K^hᵀ and `ov_circuits()` returns W_V^h W_O^h,
+both (n_layers, n_heads, d_model, d_model) in this row-vector convention.
 """
 import math
 
@@ -31,18 +45,20 @@ class SelfAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, dropout: float):
         super().__init__()
         self.n_heads, self.dropout = n_heads, dropout
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
-        self.v_proj = nn.Linear(d_model, d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
+        # no bias: the per-head QKᵀ and OV maps stay linear (the study's reference model has none)
+        self.q_proj = nn.Linear(d_model, d_model, bias=False)
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)
+        self.v_proj = nn.Linear(d_model, d_model, bias=False)
+        self.out_proj = nn.Linear(d_model, d_model, bias=False)
         self.resid_drop = nn.Dropout(dropout)
 
     def _heads(self, x):  # (B, T, C) -> (B, H, T, C/H)
         B, T, C = x.shape
         return x.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)
 
-    def forward(self, x, kv=None, last_only=False):
+    def forward(self, x, kv=None, last_only=False, internals: list | None = None):
         # last_only: only the final query is needed (next-token decoding), keys/values still cover all of x
+        # internals: a list to append this layer's q, k, v, scores, weights to (full causal pass only)
         q = self._heads(self.q_proj(x[:, -1:] if last_only else x))
         k, v = self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
         if kv is not None:  # write new keys/values at their positions, attend over everything cached
@@ -52,18 +68,26 @@ class SelfAttention(nn.Module):
             kbuf[:, :, t0:t0 + T], vbuf[:, :, t0:t0 + T] = k, v
             k, v = kbuf[:, :, :t0 + T], vbuf[:, :, :t0 + T]
         # a single query sees every key; otherwise queries and keys are aligned and the mask is causal
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=q.size(2) > 1,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        p = self.dropout if self.training else 0.0
+        if internals is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=q.size(2) > 1, dropout_p=p)
+        else:
+            if kv is not None or last_only:
+                raise ValueError("attention internals need the full causal pass (no cache, every query)")
+            y = self._explicit(x, q, k, v, p, internals)
         y = y.transpose(1, 2).reshape(y.size(0), y.size(2), -1)
         return self.resid_drop(self.out_proj(y))
 
-    def weights(self, x):
-        """(B, H, T, T) causal softmax weights, computed the way SDPA does it."""
-        q, k = self._heads(self.q_proj(x)), self._heads(self.k_proj(x))
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
-        T = x.size(1)
-        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
-        return att.masked_fill(mask, float("-inf")).softmax(-1)
+    @staticmethod
+    def _explicit(x, q, k, v, p, internals):
+        """What SDPA computes, step by step, keeping every intermediate."""
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+        T = q.size(2)
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+        weights = scores.softmax(-1)
+        internals.append({"x": x, "q": q, "k": k, "v": v, "scores": scores, "weights": weights})
+        return F.dropout(weights, p, training=p > 0) @ v
 
 
 class Block(nn.Module):
@@ -75,8 +99,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(),
                                  nn.Linear(4 * d_model, d_model), nn.Dropout(dropout))
 
-    def forward(self, x, kv=None, last_only=False):
-        a = self.attn(self.ln_1(x), kv, last_only)
+    def forward(self, x, kv=None, last_only=False, internals: list | None = None):
+        a = self.attn(self.ln_1(x), kv, last_only, internals)
         x = (x[:, -1:] if last_only else x) + a
         return x + self.mlp(self.ln_2(x))
 
@@ -124,11 +148,15 @@ class GPT(nn.Module):
         pos = torch.arange(t0, t0 + T, device=idx.device)
         return self.drop(self.tok_emb(idx) + self.pos_emb(pos))
 
-    def forward(self, idx, targets=None):
-        """idx (B, T) -> logits (B, T, V), and the mean next-token cross-entropy if targets given."""
+    def forward(self, idx, targets=None, internals: list | None = None):
+        """idx (B, T) -> logits (B, T, V), and the mean next-token cross-entropy if targets given.
+
+        With `internals` (a list), the attention is computed explicitly instead of by the fused
+        kernel and each layer appends its dict (see `attention_internals`); the output is the same.
+        """
         x = self._embed(idx)
         for b in self.blocks:
-            x = b(x)
+            x = b(x, internals=internals)
         logits = self.head(self.ln_f(x))
         loss = None
         if targets is not None:
@@ -149,10 +177,39 @@ class GPT(nn.Module):
         x = x[:, -1].to(self.head.weight.dtype)  # the head may be kept in fp32 under a bf16 body
         return self.head(self.ln_f(x))
 
+    @torch.no_grad()
+    def attention_internals(self, idx) -> list[dict[str, torch.Tensor]]:
+        """One dict per layer from a forward pass over idx (B, T), T <= block_size:
+
+        q, k, v   (B, H, T, d_head)  the heads of x W_Q, x W_K, x W_V
+        scores    (B, H, T, T)       q·kᵀ/√d_head, future positions -inf
+        weights   (B, H, T, T)       softmax(scores): the attention the forward pass applies
+        x         (B, T, d_model)    the layer's ln_1 output, which the projections read
+
+        Computed by the forward pass itself (`forward(idx, internals=[])`, which gives the
+        same logits); under no_grad: call that directly for gradients. Dropout is applied
+        only in training mode, so call this on a model in eval mode for clean maps.
+        """
+        internals: list[dict[str, torch.Tensor]] = []
+        self(idx, internals=internals)
+        return internals
+
     def attention_maps(self, idx):
         """Per layer (B, H, T, T) attention weights for idx (rows sum to 1, zero above the diagonal)."""
-        maps, x = [], self._embed(idx)
-        for b in self.blocks:
-            maps.append(b.attn.weights(b.ln_1(x)))
-            x = b(x)
-        return maps
+        return [d["weights"] for d in self.attention_internals(idx)]
+
+    def _head_slices(self):
+        dh = self.d_model // self.n_heads
+        return [slice(h * dh, (h + 1) * dh) for h in range(self.n_heads)]
+
+    @torch.no_grad()
+    def qk_circuits(self) -> torch.Tensor:
+        """(n_layers, n_heads, d_model, d_model): W_Q^h W_K^hᵀ, so scores^h = x QK^h xᵀ / √d_head."""
+        return torch.stack([torch.stack([b.attn.q_proj.weight[hs].T @ b.attn.k_proj.weight[hs]
+                                         for hs in self._head_slices()]) for b in self.blocks])
+
+    @torch.no_grad()
+    def ov_circuits(self) -> torch.Tensor:
+        """(n_layers, n_heads, d_model, d_model): W_V^h W_O^h, so attention out = Σ_h weights^h x OV^h."""
+        return torch.stack([torch.stack([b.attn.v_proj.weight[hs].T @ b.attn.out_proj.weight[:, hs].T
+                                         for hs in self._head_slices()]) for b in self.blocks])

@@ -46,8 +46,10 @@ def test_init_statistics():
             assert abs(lin.weight.std().item() - 0.02) < 0.002
         for lin in (b.attn.out_proj, b.mlp[2]):  # residual projections
             assert abs(lin.weight.std().item() - 0.02 / math.sqrt(8)) < 0.001
-        for lin in (b.attn.q_proj, b.attn.k_proj, b.attn.v_proj, b.attn.out_proj, b.mlp[0], b.mlp[2]):
+        for lin in (b.mlp[0], b.mlp[2]):
             assert torch.count_nonzero(lin.bias) == 0
+        for lin in (b.attn.q_proj, b.attn.k_proj, b.attn.v_proj, b.attn.out_proj):
+            assert lin.bias is None  # bias-free: QKᵀ and OV are linear maps
     assert abs(m.tok_emb.weight.std().item() - 0.02) < 0.002
     assert abs(m.head.weight.std().item() - 0.02) < 0.002
     assert m.head.weight.data_ptr() != m.tok_emb.weight.data_ptr()  # untied
@@ -109,3 +111,77 @@ def test_overfits_tiny_sequence():
         loss.backward()
         opt.step()
     assert loss.item() < 0.2 * first
+
+
+def test_from_config():
+    from raywalk.config import Config
+
+    cfg = Config().replace(**{"graph.n": 64, "w": 16, "model.d_model": 32, "model.n_layers": 3,
+                              "model.n_heads": 2, "corpus.walk_length": 64})
+    m = GPT.from_config(cfg)
+    assert (m.vocab_size, m.block_size, m.d_model, m.n_layers, m.n_heads) == (64, 16, 32, 3, 2)
+
+
+@pytest.mark.parametrize("n_heads", [1, 2, 4])
+def test_internals_come_from_the_forward_pass(n_heads):
+    m = tiny(n_heads, n_layers=3).eval()
+    idx = torch.randint(0, V, (3, W))
+    with torch.no_grad():
+        plain = m(idx, idx)
+        internals: list = []
+        traced = m(idx, idx, internals=internals)
+    assert torch.allclose(traced[0], plain[0], atol=1e-5) and torch.allclose(traced[1], plain[1], atol=1e-6)
+    got = m.attention_internals(idx)
+    assert len(got) == len(internals) == 3
+    dh = D // n_heads
+    for d, e in zip(got, internals):
+        for k in ("q", "k", "v"):
+            assert d[k].shape == (3, n_heads, W, dh)
+        for k in ("scores", "weights"):
+            assert d[k].shape == (3, n_heads, W, W)
+        assert d["x"].shape == (3, W, D)
+        assert all(torch.equal(d[k], e[k]) for k in d)
+        future = torch.ones(W, W, dtype=torch.bool).triu(1)
+        assert torch.all(d["scores"][..., future] == float("-inf"))
+        assert torch.all(torch.isfinite(d["scores"][..., ~future]))
+        assert torch.allclose(d["scores"][..., ~future], (d["q"] @ d["k"].transpose(-2, -1))[..., ~future]
+                              / math.sqrt(dh), atol=1e-6)
+        assert torch.allclose(d["weights"], d["scores"].softmax(-1)) and torch.all(d["weights"][..., future] == 0)
+        assert not d["weights"].requires_grad   # ready for .numpy() in a notebook
+
+
+def test_internals_need_the_full_pass():
+    from raywalk.model import KVCache
+
+    m = tiny().eval()
+    with pytest.raises(ValueError, match="full causal pass"):
+        m.blocks[0].attn(torch.zeros(1, 3, D), kv=(*[torch.zeros(1, 1, W, D)] * 2, 0), internals=[])
+    with pytest.raises(ValueError, match="full causal pass"):
+        m.blocks[0].attn(torch.zeros(1, 3, D), last_only=True, internals=[])
+    assert KVCache(m, 1, W).len == 0
+
+
+@pytest.mark.parametrize("n_heads", [1, 2, 4])
+def test_circuits_reproduce_scores_and_output(n_heads):
+    """QK and OV, in the docstring's row-vector convention, against the forward pass's own numbers."""
+    m = tiny(n_heads, n_layers=2).eval()
+    for p in m.parameters():   # make every weight matter (init shrinks out_proj)
+        torch.nn.init.normal_(p, 0.0, 0.3)
+    idx = torch.randint(0, V, (2, W))
+    qk, ov = m.qk_circuits(), m.ov_circuits()
+    assert qk.shape == ov.shape == (2, n_heads, D, D)
+    dh = D // n_heads
+    future = torch.ones(W, W, dtype=torch.bool).triu(1)
+    with torch.no_grad():
+        for layer, (b, d) in enumerate(zip(m.blocks, m.attention_internals(idx))):
+            x = d["x"]
+            for h in range(n_heads):
+                s = x @ qk[layer, h] @ x.transpose(-2, -1) / math.sqrt(dh)
+                assert torch.allclose(s[..., ~future], d["scores"][:, h][..., ~future], atol=1e-4, rtol=1e-4)
+                # brute force from the weight matrices, head by head
+                hs = slice(h * dh, (h + 1) * dh)
+                wq, wk = b.attn.q_proj.weight[hs], b.attn.k_proj.weight[hs]
+                assert torch.allclose(qk[layer, h], wq.T @ wk, atol=1e-6)
+            out = sum(d["weights"][:, h] @ x @ ov[layer, h] for h in range(n_heads))
+            assert torch.allclose(out, b.attn(x), atol=1e-4, rtol=1e-4)
+            assert not torch.allclose(ov[layer, 0], ov[layer, 0].T)   # the transpose would be wrong
