@@ -101,23 +101,30 @@ def _edge_ok(s: np.ndarray, bad: np.ndarray | None, table: RuleTable) -> np.ndar
     return ok
 
 
-def _rule_counts(s: np.ndarray, bad: np.ndarray | None, table: RuleTable) -> tuple[np.ndarray, np.ndarray]:
-    """Per sequence (checked, violated) rule counts; visits are sparse, so work on them only."""
+def _rule_visits(s: np.ndarray, bad: np.ndarray | None, table: RuleTable
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every checked visit as (row, r, hit); visits are sparse, so work on them only."""
     N, L = s.shape
     visit = table.r_of[s] > 0  # every visit counts: revisits, nested visits
     if bad is not None:
         visit &= ~bad
     rows, cols = np.nonzero(visit)
     v = s[rows, cols]
-    arr = cols + table.r_of[v]
+    r = table.r_of[v]
+    arr = cols + r
     inside = arr <= L - 1  # arrival outside the sequence: not checked
-    rows, arr, v = rows[inside], arr[inside], v[inside]
+    rows, arr, v, r = rows[inside], arr[inside], v[inside], r[inside]
     hit = table.block_of[s[rows, arr]] == table.target_of[v]
     if bad is not None:
         hit &= ~bad[rows, arr]
-    checked = np.bincount(rows, minlength=N)
-    violated = np.bincount(rows[~hit], minlength=N)
-    return checked, violated
+    return rows, r, hit
+
+
+def _rule_counts(s: np.ndarray, bad: np.ndarray | None, table: RuleTable) -> tuple[np.ndarray, np.ndarray]:
+    """Per sequence (checked, violated) rule counts."""
+    rows, _, hit = _rule_visits(s, bad, table)
+    N = s.shape[0]
+    return np.bincount(rows, minlength=N), np.bincount(rows[~hit], minlength=N)
 
 
 def check_sequences(seqs: np.ndarray, table: RuleTable) -> Compliance:
@@ -140,3 +147,33 @@ def per_sequence_edge_violations(seqs: np.ndarray, table: RuleTable) -> np.ndarr
     if s.shape[1] < 2:
         return np.zeros(s.shape[0], dtype=np.int64)
     return (~_edge_ok(s, bad, table)).sum(axis=1)
+
+
+@dataclass(frozen=True, eq=False)
+class JumpLengthCounts:
+    """Rule checks and compliant visits per distinct jump length (the table's, sorted; zeros included)."""
+    r: np.ndarray        # int64 (k,) sorted distinct jump lengths
+    checks: np.ndarray   # int64 (k,) visits checked (arrival inside the sequence)
+    ok: np.ndarray       # int64 (k,) of those, in the target block
+
+    def as_dict(self) -> dict[int, tuple[int, int]]:
+        """{r: (checks, ok)}, plain ints (what result.compose takes)."""
+        return {int(r): (int(c), int(o)) for r, c, o in zip(self.r, self.checks, self.ok)}
+
+    def __add__(self, other: "JumpLengthCounts") -> "JumpLengthCounts":
+        if not np.array_equal(self.r, other.r):
+            raise ValueError(f"jump lengths differ: {self.r.tolist()} vs {other.r.tolist()}")
+        return JumpLengthCounts(self.r, self.checks + other.checks, self.ok + other.ok)
+
+
+def rule_counts_by_jump_length(seqs: np.ndarray, table: RuleTable) -> JumpLengthCounts:
+    """check_sequences' rule counts split by the visited jumper's r; the sums equal its rule totals."""
+    rs = table.jump_lengths
+    s, bad = _as_2d(seqs, table.n)
+    if s.shape[0] == 0 or s.shape[1] == 0 or rs.size == 0:
+        z = np.zeros(rs.size, dtype=np.int64)
+        return JumpLengthCounts(rs, z, z.copy())
+    _, r, hit = _rule_visits(s, bad, table)
+    k = np.searchsorted(rs, r)
+    return JumpLengthCounts(rs, np.bincount(k, minlength=rs.size).astype(np.int64),
+                            np.bincount(k[hit], minlength=rs.size).astype(np.int64))

@@ -2,7 +2,7 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from raywalk.compliance import (Compliance, RuleTable, check_sequences, per_sequence_edge_violations,
-                                per_sequence_rule_violations)
+                                per_sequence_rule_violations, rule_counts_by_jump_length)
 from raywalk.graph import Graph, Jumpers
 
 # n=8, K=2: block 0 = {0..3}, block 1 = {4..7}; complete digraph minus 1->2
@@ -115,3 +115,58 @@ def test_searchsorted_path_agrees_with_bitmap(monkeypatch):
     T2 = RuleTable.build(G, J)
     assert T2.edge_bits is None
     assert check_sequences(seqs, T2) == fast
+
+
+# ---- per jump length --------------------------------------------------------------
+
+def naive_by_r(seqs, table):
+    """{r: [checks, ok]} one visit at a time, every distinct r of the table listed."""
+    out = {int(r): [0, 0] for r in sorted(set(table.r_of[table.r_of > 0].tolist()))}
+    for s in seqs:
+        L = len(s)
+        for t in range(L):
+            if not 0 <= s[t] < table.n:
+                continue
+            r = int(table.r_of[s[t]])
+            if r and t + r <= L - 1:
+                out[r][0] += 1
+                out[r][1] += bool(0 <= s[t + r] < table.n
+                                  and table.block_of[s[t + r]] == table.target_of[s[t]])
+    return {r: tuple(v) for r, v in out.items()}
+
+
+def test_by_jump_length_examples():
+    # jumper 0: r=2, jumper 5: r=1
+    got = rule_counts_by_jump_length(np.array([[0, 5, 0, 3, 6]]), T)
+    assert got.r.tolist() == [1, 2]
+    assert got.as_dict() == {1: (1, 1), 2: (2, 1)}
+    empty = rule_counts_by_jump_length(np.array([[1, 3, 4, 6]]), T)
+    assert empty.as_dict() == {1: (0, 0), 2: (0, 0)}   # every jump length listed, zero checks too
+    assert rule_counts_by_jump_length(np.zeros((0, 4), int), T).as_dict() == {1: (0, 0), 2: (0, 0)}
+    a, b = rule_counts_by_jump_length(np.array([[0, 1, 4, 3]]), T), rule_counts_by_jump_length(
+        np.array([[5, 0, 1, 2]]), T)
+    assert (a + b).as_dict() == rule_counts_by_jump_length(np.array([[0, 1, 4, 3], [5, 0, 1, 2]]), T).as_dict()
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.lists(st.integers(-1, N), min_size=7, max_size=7), min_size=1, max_size=12))
+def test_by_jump_length_matches_reference_and_totals(rows):
+    seqs = np.array(rows)   # -1 and N: out-of-vocabulary tokens never count as a visit or a hit
+    got = rule_counts_by_jump_length(seqs, T)
+    assert got.as_dict() == naive_by_r(seqs, T)
+    tot = check_sequences(seqs, T)
+    assert int(got.checks.sum()) == tot.rule_total and int(got.ok.sum()) == tot.rule_ok
+
+
+def test_by_jump_length_on_a_real_graph():
+    from raywalk.graph import build_graph, place_jumpers
+
+    g = build_graph(32, 2, 0.6, 0.2, seed=1)
+    j = place_jumpers(g, 2, (0.5, 1.0, 1.5, 2.0), 4, seed=1)
+    tab = RuleTable.build(g, j)
+    seqs = np.random.default_rng(0).integers(0, 32, (40, 12))
+    got = rule_counts_by_jump_length(seqs, tab)
+    assert got.r.tolist() == sorted(set(j.r.tolist())) == [2, 4, 6, 8]
+    assert got.as_dict() == naive_by_r(seqs, tab)
+    tot = check_sequences(seqs, tab)
+    assert (int(got.checks.sum()), int(got.ok.sum())) == (tot.rule_total, tot.rule_ok)
