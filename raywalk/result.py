@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import platform
 import uuid
+from datetime import datetime, timezone
 from typing import Any
 
 from . import __version__
@@ -47,29 +48,52 @@ def checkpoint_info(exp: Store, gate_epoch: int | None) -> dict[str, Any]:
             "gate": run.child_uri(gate_name) if gate_name and gate_name in names else None}
 
 
+def by_jump_length(cfg: Config, by_r: Any) -> list[dict[str, Any]] | None:
+    """The final evaluation's rule figures per jump length r (sorted), flagging r > w.
+
+    by_r: {r: (rule_checks, compliant)}, or anything with as_dict() giving that
+    (compliance.JumpLengthCounts). None gives None.
+    """
+    if by_r is None:
+        return None
+    if hasattr(by_r, "as_dict"):
+        by_r = by_r.as_dict()
+    rows = []
+    for key in sorted(by_r, key=int):
+        r = int(key)
+        checks, ok = (int(x) for x in by_r[key])
+        rows.append({"r": r, "r_over_w": round(r / cfg.w, 6), "beyond_window": r > cfg.w,
+                     "rule_checks": checks, "compliant": ok,
+                     "rule_compliance": ok / checks if checks else None})   # 0 checks: no figure, never a pass
+    return rows
+
+
 def compose(cfg: Config, experiment_id: str, curves: Any, last: Compliance | None, gate_epoch: int | None,
             epochs_trained: int, n_distinct: int | None, steps_per_epoch: int, exp: Store,
-            env: dict[str, Any], restarts: int, finished: bool) -> dict[str, Any]:
+            env: dict[str, Any], restarts: int, finished: bool, by_r: Any = None) -> dict[str, Any]:
+    """result.json's content. by_r: the last evaluation's counts per jump length (see by_jump_length)."""
     passed = gate_epoch is not None
     status = "passed" if passed else ("failed" if finished else "running")
     final = {"final_edge_compliance": last.edge if last else None,
              "final_rule_compliance": last.rule if last else None,
              "n_rule_checks": last.rule_total if last else None,
              "n_distinct_sequences": n_distinct}
+    per_r = by_jump_length(cfg, by_r)
     failure = None
     if status == "failed":
         failure = {"reason": (f"gate not passed after {epochs_trained} epochs (max_epochs "
                               f"{cfg.train.max_epochs}): needs edge > {cfg.gate.edge} and rule > {cfg.gate.rule}"
                               + ("; no rule checks in the generated sequences" if last and last.rule_total == 0
                                  else "")),
-                   **final}
+                   **final, "by_jump_length": per_r}
     return {
         "experiment_id": experiment_id,
         "status": status,
         "svd_eligible": passed,
         "failure": failure,
         "gate": {"passed": passed, "epoch": gate_epoch, "edge_threshold": cfg.gate.edge,
-                 "rule_threshold": cfg.gate.rule, "sequences": cfg.gate.sequences, **final},
+                 "rule_threshold": cfg.gate.rule, "sequences": cfg.gate.sequences, **final,
+                 "by_jump_length": per_r},
         "epochs_trained": epochs_trained,
         "steps_per_epoch": steps_per_epoch,
         "curves": {"train_loss": list(curves.train_loss), "edge_compliance": list(curves.edge_compliance),
@@ -79,6 +103,7 @@ def compose(cfg: Config, experiment_id: str, curves: Any, last: Compliance | Non
         "checkpoints": checkpoint_info(exp, gate_epoch),
         "restarts": restarts,
         "environment": env,
+        "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": cfg.to_dict(),
     }
 
