@@ -6,8 +6,13 @@ Layout under `<root>/corpora/<corpus_id>/`:
   train/*.parquet    one row per walk: walk (list<int32>, length L) + its jumper events
   eval/*.parquet     the held-out split, generated from another seed
 
-A directory without a valid manifest (a killed build, a truncated or edited
-file) is never reused: it is moved aside with a warning and rebuilt.
+Each shard is generated and written by its own task (Ray on a cluster), which
+returns only (path, size, sha256, stats): the driver never holds walk data, so
+its memory does not grow with the corpus. Reuse checks the manifest and every
+file's size (one listing, no download); `verify="full"` (`raywalk corpus
+--verify`) re-hashes every file. A directory that fails (a killed build, a
+truncated or missing file, a wrong checksum under a full verify) is never
+reused: it is moved aside, never deleted, with a warning and rebuilt.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .compliance import Compliance, RuleTable, check_sequences
@@ -29,6 +35,8 @@ from .storage import Store
 from .walks import jumper_events, sample_walks
 
 FORMAT_VERSION = 1
+VERIFY = ("size", "full")           # reuse checks: manifest + sizes (cheap), or + sha256 of every file
+MAX_IN_FLIGHT = 1000                # shard tasks submitted at once: the whole demand for any sane corpus
 SPLITS = {"train": 0, "eval": 1}   # split -> seed stream, so eval never shares draws with train
 
 
@@ -77,6 +85,19 @@ def make_shard(graph: Graph, jumpers: Jumpers, table: RuleTable, spec: ShardSpec
         "paths": _path_samples(walks, jumpers, limit=16),
     }
     return buf.getvalue(), stats
+
+
+def shard_rel(spec: ShardSpec) -> str:
+    return f"{spec.split}/part-{spec.index:05d}.parquet"
+
+
+def write_shard(graph: Graph, jumpers: Jumpers, table: RuleTable, spec: ShardSpec, seed: int, walk_length: int,
+                work_uri: str) -> tuple[str, int, str, dict]:
+    """Generate one shard, write it under work_uri; return (relative path, size, sha256, stats), no walk data."""
+    data, stats = make_shard(graph, jumpers, table, spec, seed, walk_length)
+    rel = shard_rel(spec)
+    Store.open(work_uri).write_bytes(rel, data)
+    return rel, len(data), hashlib.sha256(data).hexdigest(), stats
 
 
 def _path_samples(walks: np.ndarray, jumpers: Jumpers, limit: int) -> dict[int, list[str]]:
@@ -146,8 +167,42 @@ class Corpus:
         return np.resize(first, k)
 
 
-def _verify(store: Store, cfg: Config) -> dict:
-    """The manifest if the corpus is complete and matches cfg, else CorpusError with the reason."""
+def _file_sizes(store: Store) -> dict[str, int]:
+    """Every file under store with its size, from one recursive listing (no reads)."""
+    sel = pafs.FileSelector(store.path(), allow_not_found=True, recursive=True)
+    base = store.path() + "/"
+    return {i.path[len(base):]: i.size for i in store.fs.get_file_info(sel) if i.type == pafs.FileType.File}
+
+
+def _sha256(store: Store, rel: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with store.fs.open_input_stream(store.path(rel)) as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_files(store: Store, checksums: dict[str, dict], verify: str) -> None:
+    sizes = _file_sizes(store)
+    for rel, meta in checksums.items():
+        if rel not in sizes:
+            raise CorpusError(f"{rel} is missing")
+        if sizes[rel] != meta["size"]:
+            raise CorpusError(f"{rel} has {sizes[rel]} bytes, manifest says {meta['size']}")
+    if verify == "full":
+        for rel, meta in checksums.items():
+            if _sha256(store, rel) != meta["sha256"]:
+                raise CorpusError(f"{rel} does not match its sha256 in the manifest")
+
+
+def _verify(store: Store, cfg: Config, verify: str = "size") -> dict:
+    """The manifest if the corpus is complete and matches cfg, else CorpusError with the reason.
+
+    verify="size": manifest, config hash, and every listed file present with its size;
+    verify="full": also the sha256 of every file (reads the whole corpus).
+    """
+    if verify not in VERIFY:
+        raise ValueError(f"verify: {verify!r} is invalid: must be one of {', '.join(VERIFY)}")
     if not store.is_file("manifest.json"):
         raise CorpusError("manifest.json is missing (an interrupted build?)")
     try:
@@ -158,20 +213,14 @@ def _verify(store: Store, cfg: Config) -> dict:
         raise CorpusError(f"format_version {m.get('format_version')} != {FORMAT_VERSION}")
     if m.get("config_hash") != cfg.corpus_id():
         raise CorpusError(f"config_hash {m.get('config_hash')} does not match {cfg.corpus_id()}")
-    for rel, meta in m["checksums"].items():
-        if not store.is_file(rel):
-            raise CorpusError(f"{rel} is missing")
-        if store.size(rel) != meta["size"]:
-            raise CorpusError(f"{rel} has {store.size(rel)} bytes, manifest says {meta['size']}")
-        if hashlib.sha256(store.read_bytes(rel)).hexdigest() != meta["sha256"]:
-            raise CorpusError(f"{rel} does not match its sha256 in the manifest")
+    _check_files(store, m["checksums"], verify)
     return m
 
 
-def open_corpus(root: Store, cfg: Config) -> Corpus:
-    """The finished corpus for cfg under root, or CorpusError."""
+def open_corpus(root: Store, cfg: Config, verify: str = "size") -> Corpus:
+    """The finished corpus for cfg under root, or CorpusError (verify: "size" or "full")."""
     store = root.sub("corpora", cfg.corpus_id())
-    return Corpus(store, _verify(store, cfg))
+    return Corpus(store, _verify(store, cfg, verify))
 
 
 # ---- building -------------------------------------------------------------------
@@ -185,13 +234,16 @@ def _serial_map(fn: Callable, args: list) -> Iterable:
 
 
 def build_corpus(cfg: Config, root: Store, *, mapper: Mapper | None = None, progress: bool = True,
-                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> tuple[Corpus, dict]:
-    """Build the corpus for cfg (or reuse a verified one). Returns (corpus, summary)."""
+                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+                 verify: str = "size") -> tuple[Corpus, dict]:
+    """Build the corpus for cfg (or reuse one that passes `verify`). Returns (corpus, summary)."""
     t0 = time.perf_counter()
     store = root.sub("corpora", cfg.corpus_id())
+    if verify not in VERIFY:
+        raise ValueError(f"verify: {verify!r} is invalid: must be one of {', '.join(VERIFY)}")
     if store.exists():
         try:
-            c = Corpus(store, _verify(store, cfg))
+            c = Corpus(store, _verify(store, cfg, verify))
             return c, {**c.manifest["summary"], "reused": True, "seconds": time.perf_counter() - t0}
         except CorpusError as e:
             aside = f"corpora/{cfg.corpus_id()}.invalid-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -215,24 +267,30 @@ def build_corpus(cfg: Config, root: Store, *, mapper: Mapper | None = None, prog
     pq.write_table(pa.table({"src": pa.array(src.astype(np.int32)), "dst": pa.array(dst.astype(np.int32))}), buf)
     put("graph.parquet", buf.getvalue())
 
-    args = [(graph, jumpers, table, s, cfg.seed, cfg.corpus.walk_length) for s in specs]
-    files: dict[str, list[str]] = {s: [] for s in SPLITS}
-    stats: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    # Each task writes its own shard and returns only its path, size, sha256 and stats.
+    args = [(graph, jumpers, table, s, cfg.seed, cfg.corpus.walk_length, work.uri) for s in specs]
     from tqdm import tqdm
 
     bar = tqdm(total=sum(s.n_walks for s in specs), unit="walk", desc="corpus", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
-    results: dict[int, tuple[bytes, dict]] = {}
-    for i, res in (mapper or _serial_map)(make_shard, args):
-        results[i] = res
+    written: dict[int, tuple[str, int, str, dict]] = {}
+    for i, res in (mapper or _serial_map)(write_shard, args):
+        written[i] = res
         bar.update(specs[i].n_walks)
     bar.close()
-    for i, spec in enumerate(specs):
-        data, st = results.pop(i)
-        rel = f"{spec.split}/part-{spec.index:05d}.parquet"
-        put(rel, data)
+    files: dict[str, list[str]] = {s: [] for s in SPLITS}
+    stats: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for i, spec in enumerate(specs):              # manifest order: by split and index, whatever finished first
+        rel, size, sha, st = written.pop(i)
+        checksums[rel] = {"size": size, "sha256": sha}
         files[spec.split].append(rel)
         stats[spec.split].append(st)
+    try:   # a local root that the cluster's nodes do not share would leave shards on other machines
+        _check_files(work, checksums, "size")
+    except CorpusError as e:
+        raise CorpusError(f"shards written by the corpus tasks are not all in {work.uri} ({e}); on a multi-node "
+                          f"cluster the storage root must be shared by every node (s3://... or a shared "
+                          f"filesystem)") from None
 
     summary = _summarise(cfg, stats, jumpers)
     if summary["train"]["rule_compliance"] != 1.0 or summary["eval"]["rule_compliance"] != 1.0:
@@ -283,22 +341,32 @@ def _summarise(cfg: Config, stats: dict[str, list[dict]], jumpers: Jumpers) -> d
 
 
 def ray_mapper(max_in_flight: int | None = None) -> Mapper:
-    """Run shards as Ray tasks (ray must be initialised); results stream back as they finish."""
+    """Run shards as Ray tasks (ray must be initialised); results stream back as they finish.
+
+    Every task is submitted at once (at most `max_in_flight`, default MAX_IN_FLIGHT), so
+    a cold autoscaling cluster sees the whole demand and scales out; Ray runs as many as
+    there are CPUs. Tasks left when the caller stops early are cancelled.
+    """
     import ray
+
+    limit = max_in_flight or MAX_IN_FLIGHT
+    if limit < 1:
+        raise ValueError(f"max_in_flight: {limit} is invalid: must be >= 1")
 
     def run(fn: Callable, args: list) -> Iterable:
         remote = ray.remote(num_cpus=1)(fn)
         shared = {id(a[k]): ray.put(a[k]) for a in args[:1] for k in range(3)}   # graph, jumpers, table once
-        limit = max_in_flight or max(1, int(ray.available_resources().get("CPU", 1)))
+        todo = list(enumerate(args))[::-1]
         pending: dict = {}
-        for i, a in enumerate(args):
-            while len(pending) >= limit:
+        try:
+            while todo or pending:
+                while todo and len(pending) < limit:
+                    i, a = todo.pop()
+                    pending[remote.remote(*(shared.get(id(x), x) for x in a))] = i
                 done, _ = ray.wait(list(pending), num_returns=1)
                 yield pending.pop(done[0]), ray.get(done[0])
-            ref = remote.remote(*(shared.get(id(x), x) for x in a))
-            pending[ref] = i
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            yield pending.pop(done[0]), ray.get(done[0])
+        finally:
+            for ref in pending:     # a failed or abandoned build leaves no task writing behind it
+                ray.cancel(ref)
 
     return run

@@ -86,32 +86,96 @@ def test_same_seed_same_bytes_other_seed_other_walks(tmp_path):
     assert c.manifest["checksums"]["train/part-00000.parquet"] != a.manifest["checksums"]["train/part-00000.parquet"]
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "delete_manifest", "delete_shard"])
-def test_torn_or_corrupt_corpus_is_detected_and_never_reused(built, damage):
-    cfg, root, corpus, _ = built
+def _damage(corpus, damage: str) -> None:
+    import os
+
     shard = corpus.files("train")[1]
     if damage == "truncate":
         data = open(shard, "rb").read()
         open(shard, "wb").write(data[: len(data) // 2])
-    elif damage == "flip":
+    elif damage == "flip":              # same size: only a full verify can see it
         data = bytearray(open(shard, "rb").read())
         data[len(data) // 2] ^= 0xFF
         open(shard, "wb").write(bytes(data))
     elif damage == "delete_manifest":
-        import os
         os.remove(corpus.store.path("manifest.json"))
     else:
-        import os
         os.remove(shard)
+
+
+@pytest.mark.parametrize("damage,verify", [("truncate", "size"), ("flip", "full"), ("delete_manifest", "size"),
+                                           ("delete_shard", "size")])
+def test_torn_or_corrupt_corpus_is_detected_and_never_reused(built, damage, verify):
+    cfg, root, corpus, _ = built
+    _damage(corpus, damage)
     with pytest.raises(CorpusError):
-        open_corpus(root, cfg)
+        open_corpus(root, cfg, verify=verify)
     logs: list[str] = []
-    rebuilt, summary = build_corpus(cfg, root, progress=False, log=logs.append)
+    rebuilt, summary = build_corpus(cfg, root, progress=False, log=logs.append, verify=verify)
     assert summary["reused"] is False
     assert any("not usable" in m and "moved to" in m for m in logs)
     # the damaged one is kept aside, not deleted; the rebuilt one verifies and equals the original
-    assert any(".invalid-" in n for n in root.listdir("corpora"))
-    assert open_corpus(root, cfg).manifest["checksums"] == corpus.manifest["checksums"]
+    aside = [n for n in root.listdir("corpora") if ".invalid-" in n]
+    assert len(aside) == 1 and root.sub("corpora", aside[0]).listdir("train")
+    assert open_corpus(root, cfg, verify="full").manifest["checksums"] == corpus.manifest["checksums"]
+
+
+def test_reuse_checks_sizes_only_and_a_full_verify_rehashes(built):
+    """A same-size edit passes the cheap reuse check (no shard is read) and fails the full one."""
+    cfg, root, corpus, _ = built
+    _damage(corpus, "flip")
+    again, summary = build_corpus(cfg, root, **quiet)
+    assert summary["reused"] is True and again.manifest == corpus.manifest
+    with pytest.raises(CorpusError, match="sha256"):
+        open_corpus(root, cfg, verify="full")
+    with pytest.raises(ValueError, match="verify: 'quick' is invalid"):
+        open_corpus(root, cfg, verify="quick")
+
+
+def test_shards_are_written_by_the_tasks_not_returned(tmp_path):
+    """The mapper sees only (path, size, sha256, stats): no walk data travels back to the driver."""
+    from raywalk.corpus import _serial_map
+
+    seen: list = []
+
+    def spy(fn, args):
+        for i, res in _serial_map(fn, args):
+            seen.append(res)
+            yield i, res
+
+    cfg = tiny_config(tmp_path)
+    corpus, _ = build_corpus(cfg, Store.open(str(tmp_path)), mapper=spy, **quiet)
+    assert len(seen) == len(corpus.files("train")) + len(corpus.files("eval"))
+    for rel, size, sha, stats in seen:
+        assert isinstance(rel, str) and corpus.manifest["checksums"][rel] == {"size": size, "sha256": sha}
+        assert not any(isinstance(v, (bytes, np.ndarray)) for v in stats.values())
+    assert not list((tmp_path / "corpora").glob(".building-*"))     # built aside, then renamed
+
+
+def test_cli_verify_rehashes_and_moves_a_corrupt_corpus_aside(built, capsys, monkeypatch):
+    """`raywalk corpus` reuses on sizes (without starting Ray); `--verify` finds a flipped byte."""
+    from raywalk import ray_env
+    from raywalk.cli import main
+
+    monkeypatch.setenv("RAY_ADDRESS", "unset-after-the-test")   # ensure_ray pins it; undone at teardown
+    monkeypatch.delenv("RAY_ADDRESS")
+    started: list[bool] = []
+    real = ray_env.ensure_ray
+    monkeypatch.setattr(ray_env, "ensure_ray", lambda *a, **k: (started.append(True), real(*a, **k)))
+    cfg, root, corpus, _ = built
+    path = root.path("tiny.yaml")
+    open(path, "w").write(json.dumps(cfg.to_dict()))     # JSON is YAML
+    assert main(["corpus", path, "--verify"]) == 0
+    assert "reused corpus" in capsys.readouterr().out
+    _damage(corpus, "flip")
+    assert main(["corpus", path]) == 0
+    assert "reused corpus" in capsys.readouterr().out
+    assert started == []                      # two reuses, no Ray
+    assert main(["corpus", path, "--verify", "--parallel", "2"]) == 0
+    out = capsys.readouterr()
+    assert "built corpus" in out.out and "does not match its sha256" in out.err and "moved to" in out.err
+    assert started == [True]
+    assert open_corpus(root, cfg, verify="full").manifest["checksums"] == corpus.manifest["checksums"]
 
 
 def test_gate_starts_cycle_over_a_small_eval_split(built):

@@ -1,4 +1,4 @@
-"""`raywalk corpus CONFIG [--out DIR] [--set k=v]`: build (or reuse) the walk corpus."""
+"""`raywalk corpus CONFIG [--out DIR] [--set k=v] [--verify]`: build (or reuse) the walk corpus."""
 from __future__ import annotations
 
 import argparse
@@ -10,12 +10,19 @@ def add_parser(sub) -> None:
     p = sub.add_parser("corpus", help="build or reuse the walk corpus of a config", description=__doc__)
     add_config_args(p)
     p.add_argument("--out", help="storage root (default: the config's run.storage); corpora/<id>/ goes under it")
-    p.add_argument("--parallel", type=int, default=None, help="shards generated at once (default: CPUs)")
+    p.add_argument("--parallel", type=int, default=None,
+                   help="most shard tasks submitted at once (default 1000: every shard, so an autoscaler sees "
+                        "the whole demand; Ray runs as many as the cluster has CPUs)")
+    p.add_argument("--verify", action="store_true",
+                   help="re-hash every file of an existing corpus against its manifest (default: sizes only)")
     p.add_argument("--verbose", action="store_true", help="show Ray's own logs")
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args, [f"run.storage={args.out}"] if args.out else [])
+    from ..storage import Store
+
+    Store.open(cfg.run.storage).check_writable()   # before Ray starts
     if args.parallel is not None and args.parallel < 1:
         from ..config import ConfigError
         raise ConfigError(f"--parallel: {args.parallel} is invalid: must be >= 1")
@@ -25,13 +32,18 @@ def run(args: argparse.Namespace) -> int:
     from ..ray_env import ensure_ray
     from ..storage import Store
 
-    ensure_ray(cfg, verbose=args.verbose)
+    def mapper(fn, shard_args):   # Ray starts only when shards must be built: a reuse never starts it
+        ensure_ray(cfg, verbose=args.verbose)
+        yield from ray_mapper(args.parallel)(fn, shard_args)
+
     try:
-        corpus, s = build_corpus(cfg, Store.open(cfg.run.storage), mapper=ray_mapper(args.parallel))
+        corpus, s = build_corpus(cfg, Store.open(cfg.run.storage), mapper=mapper,
+                                 verify="full" if args.verify else "size")
     finally:
         ray.shutdown()
     t, e = s["train"], s["eval"]
-    print(f"{'reused' if s['reused'] else 'built'} corpus {cfg.corpus_id()} in {s['seconds']:.1f}s")
+    checked = " (every file re-hashed)" if s["reused"] and args.verify else ""
+    print(f"{'reused' if s['reused'] else 'built'} corpus {cfg.corpus_id()} in {s['seconds']:.1f}s{checked}")
     for name, x in (("train", t), ("eval", e)):
         print(f"  {name:5s} {x['walks']:>9,d} walks  start at jumper {x['start_at_jumper_share']:.1%}  "
               f"jumper visits checked {x['jumper_visits_checked']:,d}  rule compliance {x['rule_compliance']:.3%}  "
