@@ -21,6 +21,18 @@ from typing import Any
 import pyarrow.fs as pafs
 
 
+class StorageError(ValueError):
+    """A storage root or URI that cannot be used; the message names it and why (CLI: exit 2)."""
+
+
+def check_uri(uri: str) -> None:
+    """A remote URI must name a bucket: scheme://BUCKET[/prefix][?options]."""
+    base, _ = split_query(uri)
+    scheme, _, rest = base.partition("://")
+    if not scheme or not rest.split("/", 1)[0]:
+        raise StorageError(f"storage URI {uri!r} is malformed: no bucket (expected {scheme or 's3'}://BUCKET/PREFIX)")
+
+
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
@@ -62,7 +74,11 @@ class Store:
     @classmethod
     def open(cls, uri: str) -> "Store":
         if is_remote(uri):
-            fs, path = pafs.FileSystem.from_uri(_fs_uri(uri))
+            check_uri(uri)
+            try:
+                fs, path = pafs.FileSystem.from_uri(_fs_uri(uri))
+            except (ValueError, OSError) as e:   # unknown scheme, bad options, unresolvable bucket region
+                raise StorageError(f"storage URI {uri!r} cannot be opened: {str(e).splitlines()[0]}") from None
             base, query = split_query(uri)
             return cls(fs, path.rstrip("/"), base.rstrip("/") + (f"?{query}" if query else ""))
         path = os.path.abspath(uri.removeprefix("file://"))
@@ -105,6 +121,35 @@ class Store:
         return sorted(i.base_name for i in self.fs.get_file_info(sel))
 
     # ---- writes --------------------------------------------------------------
+
+    def check_writable(self) -> None:
+        """StorageError unless this root exists or can be created, and files can be written in it.
+
+        Nothing is left behind: locally the nearest existing directory gets a probe file that is
+        removed at once (permission bits alone mislead: root ignores them, read-only mounts do not);
+        remotely the bucket must exist (a HEAD request).
+        """
+        if not self.local:
+            bucket = self.root.split("/", 1)[0]
+            try:
+                found = self.fs.get_file_info(bucket).type != pafs.FileType.NotFound
+            except OSError as e:
+                raise StorageError(f"storage {self.uri!r} cannot be reached: {str(e).splitlines()[0]}") from None
+            if not found:
+                raise StorageError(f"storage {self.uri!r}: bucket {bucket!r} does not exist")
+            return
+        p = self.root
+        while not os.path.lexists(p):
+            p = os.path.dirname(p)
+        if not os.path.isdir(p):
+            raise StorageError(f"storage root {self.uri!r} cannot be created: {p} is a file, not a directory")
+        probe = os.path.join(p, f".raywalk-probe-{uuid.uuid4().hex}")
+        try:
+            os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            os.unlink(probe)
+        except OSError as e:
+            what = "is not writable" if p == self.root else f"cannot be created in {p}"
+            raise StorageError(f"storage root {self.uri!r} {what}: {e.strerror}") from None
 
     def makedirs(self, rel: str = "") -> None:
         self.fs.create_dir(self.path(rel), recursive=True)

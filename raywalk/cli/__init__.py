@@ -5,12 +5,17 @@ import argparse
 import importlib
 import sys
 
-VERBS = ("corpus", "train", "tune", "plot")
+VERBS = ("corpus", "train", "tune", "plot", "ls")
+
+
+class InputError(ValueError):
+    """A file or directory named on the command line that cannot be used; the message says which and why."""
 
 
 def main(argv: list[str] | None = None) -> int:
     from ..config import ConfigError
     from ..ray_env import quiet_defaults
+    from ..storage import StorageError
 
     argv = sys.argv[1:] if argv is None else argv
     quiet_defaults("--verbose" in argv)   # before anything imports ray
@@ -26,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         return modules[args.verb].run(args) or 0
     except ConfigError as e:
         print(f"raywalk {args.verb}: invalid configuration: {e}", file=sys.stderr)
+        return 2
+    except (StorageError, InputError) as e:   # before any work: nothing created, no traceback
+        print(f"raywalk {args.verb}: {e}", file=sys.stderr)
         return 2
 
 

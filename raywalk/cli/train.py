@@ -24,7 +24,10 @@ def run(args: argparse.Namespace) -> int:
     if args.storage:
         extra.append(f"run.storage={args.storage}")
     cfg = load_config(args, extra)
+    from ..storage import Store
     from ..trainer import train
+
+    Store.open(cfg.run.storage).check_writable()   # before Ray starts
 
     r = train(cfg, fresh=args.fresh, verbose=args.verbose, progress=not args.no_progress)
     return 0 if r["status"] in ("passed", "failed") else 1

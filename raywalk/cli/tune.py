@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from ..storage import Store
     from ..tune import print_summary, run_sweep
 
+    Store.open(args.storage or sweep.base.run.storage).check_writable()   # before Ray starts
     summary = run_sweep(sweep, storage=args.storage, max_concurrent=args.max_concurrent, verbose=args.verbose)
     print_summary(summary, Store.open(args.storage or sweep.base.run.storage).uri)
     return 0 if all(r["status"] in ("passed", "failed") for r in summary["rows"]) else 1

@@ -1,0 +1,177 @@
+"""What is under a storage root: one row per experiment, one per sweep (`raywalk ls`).
+
+Reads only ROOT/<id>/result.json, ROOT/<id>/lease.json (for runs recorded as
+running) and ROOT/sweeps/<id>/summary.json, concurrently, so it stays fast on
+hundreds of experiments, locally or on s3://.
+
+Status: result.json's "passed" / "failed" as recorded. A run recorded as
+"running" is "running" while its driver's lease is live (time.time() -
+heartbeat_unix < stale_after_s) and "interrupted" once the lease is stale. With
+no lease file it is "interrupted", unless result.json was updated within
+NO_LEASE_GRACE_S: that covers a driver between writing result.json and taking or
+dropping its lease, and a driver older than leases in its first minutes.
+"""
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from .storage import Store
+
+RESULT = "result.json"   # = raywalk.result.RESULT, which would pull in torch
+LEASE = "lease.json"
+SUMMARY = "summary.json"
+NO_LEASE_GRACE_S = 120.0
+NOT_EXPERIMENTS = {"corpora", "sweeps"}
+STATUSES = ("running", "passed", "failed", "interrupted")
+THREADS = 16   # concurrent reads: object stores answer each GET in tens of ms
+
+
+def _read_json(store: Store, rel: str) -> Any | None:
+    """The JSON at rel, None if absent; ValueError if it is there but unreadable."""
+    try:
+        return json.loads(store.read_bytes(rel))
+    except FileNotFoundError:
+        return None
+    except OSError:
+        if not store.exists(rel):   # object stores raise a plain OSError for a missing key
+            return None
+        raise
+
+
+def _unix(iso: str | None) -> float | None:
+    try:
+        t = datetime.fromisoformat(iso)   # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def lease_live(lease: dict[str, Any] | None, now: float) -> bool:
+    try:
+        return now - float(lease["heartbeat_unix"]) < float(lease["stale_after_s"])   # type: ignore[index]
+    except (TypeError, KeyError, ValueError):
+        return False
+
+
+def status_of(result: dict[str, Any] | None, lease: dict[str, Any] | None, updated: float | None,
+              now: float) -> str:
+    recorded = (result or {}).get("status", "running")
+    if recorded in ("passed", "failed"):
+        return recorded
+    if lease is not None:
+        return "running" if lease_live(lease, now) else "interrupted"
+    return "running" if updated is not None and now - updated < NO_LEASE_GRACE_S else "interrupted"
+
+
+def experiment_row(exp: Store, name: str, now: float) -> dict[str, Any] | None:
+    """The row of ROOT/name, or None when it holds neither result.json nor lease.json."""
+    error = None
+    try:
+        result = _read_json(exp, RESULT)
+        if result is not None and not isinstance(result, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        result, error = None, f"result.json unreadable: {e}"
+    lease = None
+    if result is None or result.get("status") not in ("passed", "failed"):
+        try:
+            lease = _read_json(exp, LEASE)
+        except ValueError:
+            lease = {}   # torn or foreign: counts as present but not live
+    if result is None and lease is None and error is None:
+        return None
+    r = result or {}
+    updated = _unix(r.get("updated_at"))
+    if result is not None and updated is None:   # written before updated_at existed
+        info = exp.fs.get_file_info(exp.path(RESULT))
+        updated = info.mtime.timestamp() if info.type == pafs.FileType.File and info.mtime else None
+    g = r.get("gate") or {}
+    status = "unreadable" if error else status_of(result, lease, updated, now)
+    return {
+        "experiment_id": r.get("experiment_id", name),
+        "status": status,
+        "recorded_status": r.get("status"),
+        "epochs_trained": r.get("epochs_trained"),
+        "max_epochs": ((r.get("config") or {}).get("train") or {}).get("max_epochs"),
+        "gate_epoch": g.get("epoch"),
+        "final_edge_compliance": g.get("final_edge_compliance"),
+        "final_rule_compliance": g.get("final_rule_compliance"),
+        "restarts": r.get("restarts"),
+        "updated_at": (datetime.fromtimestamp(updated, timezone.utc).isoformat(timespec="seconds")
+                       if updated is not None else None),
+        "host": (lease or {}).get("host") if status == "running" else None,
+        "error": error,
+        "result": exp.child_uri(RESULT) if result is not None else None,
+    }
+
+
+def sweep_row(sd: Store, name: str, by_id: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """A sweep's points counted by status: an experiment listed under this root gives its current
+    status, any other point the status its summary recorded."""
+    try:
+        s = _read_json(sd, SUMMARY)
+    except ValueError as e:
+        return {"sweep_id": name, "points": None, "counts": {}, "error": f"summary.json unreadable: {e}"}
+    if not isinstance(s, dict):
+        return None
+    counts: dict[str, int] = {}
+    for row in s.get("rows") or []:
+        exp = by_id.get(row.get("experiment_id"))
+        st = exp["status"] if exp is not None else row.get("status", "not_run")
+        counts[st] = counts.get(st, 0) + 1
+    return {"sweep_id": s.get("sweep_id", name), "name": s.get("name"), "points": len(s.get("rows") or []),
+            "counts": counts, "axes": s.get("axes"), "error": None, "summary": sd.child_uri(SUMMARY)}
+
+
+def scan(root: Store, now: float | None = None) -> dict[str, Any]:
+    """Every experiment and sweep under root (experiments sorted by id)."""
+    now = time.time() if now is None else now
+    names = [n for n in root.listdir() if n not in NOT_EXPERIMENTS and not n.startswith(".") and ".old-" not in n]
+    sweeps = root.listdir("sweeps")
+    with ThreadPoolExecutor(THREADS) as pool:
+        rows = [r for r in pool.map(lambda n: experiment_row(root.sub(n), n, now), names) if r is not None]
+        rows.sort(key=lambda r: r["experiment_id"])
+        by_id = {r["experiment_id"]: r for r in rows}
+        srows = [s for s in pool.map(lambda n: sweep_row(root.sub("sweeps", n), n, by_id), sweeps) if s is not None]
+    counts = {s: 0 for s in STATUSES}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    return {"root": root.uri, "scanned_at": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),
+            "counts": counts, "experiments": rows, "sweeps": srows}
+
+
+def _fmt(v: Any, spec: str = "") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def format_overview(ov: dict[str, Any]) -> str:
+    """The table `raywalk ls` prints."""
+    head = ["experiment", "status", "epochs", "gate@", "edge", "rule", "restarts", "updated (UTC)"]
+    body = []
+    for r in ov["experiments"]:
+        ep = _fmt(r["epochs_trained"]) + ("/" + str(r["max_epochs"]) if r["max_epochs"] is not None else "")
+        upd = r["updated_at"][:19].replace("T", " ") if r["updated_at"] else "-"
+        body.append([r["experiment_id"], r["status"] + (f" ({r['host']})" if r["host"] else ""), ep,
+                     _fmt(r["gate_epoch"]), _fmt(r["final_edge_compliance"], ".3f"),
+                     _fmt(r["final_rule_compliance"], ".3f"), _fmt(r["restarts"]), upd])
+    lines = []
+    if body:
+        widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+        lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip())
+        lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)).rstrip() for b in body]
+    c = ov["counts"]
+    lines.append(f"{len(body)} experiment(s) under {ov['root']}: "
+                 + ", ".join(f"{c[k]} {k}" for k in c if c[k] or k in STATUSES))
+    for s in ov["sweeps"]:
+        if s["error"]:
+            lines.append(f"sweep {s['sweep_id']}: {s['error']}")
+            continue
+        cs = ", ".join(f"{v} {k}" for k, v in sorted(s["counts"].items()))
+        lines.append(f"sweep {s['sweep_id']}: {s['points']} point(s): {cs}")
+    return "\n".join(lines)

@@ -1,0 +1,116 @@
+"""Bad input on the command line: one line naming the problem, exit 2, no traceback, nothing created."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raywalk.cli import main
+from raywalk.storage import Store, StorageError
+from tests.conftest import QUICKSTART, ROOT
+from tests.s3server import s3_server  # noqa: F401  (fixture)
+
+
+def one_line_error(capsys, argv: list[str], *needles: str) -> str:
+    assert main(argv) == 2
+    cap = capsys.readouterr()
+    err = cap.err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, (n, err)
+    return err
+
+
+def tree(p: Path) -> list[str]:
+    return sorted(str(x.relative_to(p)) for x in p.rglob("*"))
+
+
+# ---- raywalk plot -------------------------------------------------------------
+
+def test_plot_missing_file(tmp_path, capsys):
+    one_line_error(capsys, ["plot", str(tmp_path / "nope.json")], "raywalk plot:", "nope.json", "no such file")
+    assert tree(tmp_path) == []
+
+
+@pytest.mark.parametrize("content,why", [
+    (b"not json at all", "not valid JSON"), (b"\xff\xfe\x00garbage", "not valid JSON"),
+    (b"[1, 2]", "not a raywalk result.json"), (b'{"status": "passed"}', "not a raywalk result.json"),
+])
+def test_plot_not_a_result(tmp_path, capsys, content, why):
+    f = tmp_path / "result.json"
+    f.write_bytes(content)
+    one_line_error(capsys, ["plot", str(f)], str(f), why)
+    assert tree(tmp_path) == ["result.json"]   # no curves.png
+
+
+def test_plot_directory_and_bad_out(tmp_path, capsys):
+    one_line_error(capsys, ["plot", str(tmp_path)], "not a file")
+    f = tmp_path / "result.json"
+    f.write_text('{"curves": {}, "rows": []}')
+    one_line_error(capsys, ["plot", str(f), "--out", str(tmp_path / "no" / "dir" / "x.png")], "does not exist")
+    assert tree(tmp_path) == ["result.json"]
+
+
+# ---- storage roots ----------------------------------------------------------------
+
+def unwritable_root(tmp_path: Path) -> Path:
+    """A directory this process cannot write in (root ignores permission bits: use sysfs there)."""
+    if os.geteuid() == 0:
+        return Path("/sys/raywalk-test-root")
+    ro = tmp_path / "readonly"
+    ro.mkdir()
+    ro.chmod(0o555)
+    return ro / "root"
+
+
+@pytest.mark.parametrize("verb", ["train", "corpus", "tune"])
+def test_storage_through_a_regular_file(tmp_path, capsys, verb):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    root = blocker / "sub" / "root"
+    argv = {"tune": ["tune", str(ROOT / "configs" / "sweep_tiny.yaml"), "--storage", str(root)],
+            "train": ["train", str(QUICKSTART), "--storage", str(root)],
+            "corpus": ["corpus", str(QUICKSTART), "--out", str(root)]}[verb]
+    one_line_error(capsys, argv, f"raywalk {verb}:", str(blocker), "is a file, not a directory")
+    assert tree(tmp_path) == ["afile"] and blocker.read_text() == "x"
+
+
+def test_storage_that_cannot_be_written(tmp_path, capsys):
+    root = unwritable_root(tmp_path)
+    one_line_error(capsys, ["train", str(QUICKSTART), "--storage", str(root)], "raywalk train:", str(root.parent))
+    assert not root.exists()
+
+
+def test_malformed_uris(capsys):
+    for uri in ("s3://", "s3:///prefix", "s3://?endpoint_override=127.0.0.1:1"):
+        one_line_error(capsys, ["train", str(QUICKSTART), "--storage", uri], "malformed", "no bucket")
+    one_line_error(capsys, ["train", str(QUICKSTART), "--storage", "nosuchfs://b/x"], "cannot be opened")
+    with pytest.raises(StorageError, match="no bucket"):
+        Store.open("s3://")
+
+
+def test_missing_bucket_on_s3(s3_server, capsys):
+    uri = s3_server["uri"]("runs", bucket="no-such-bucket")
+    one_line_error(capsys, ["train", str(QUICKSTART), "--storage", uri], "bucket 'no-such-bucket' does not exist")
+    Store.open(s3_server["uri"]("runs")).check_writable()   # the real bucket passes
+    assert "no-such-bucket" not in [b["Name"] for b in s3_server["client"].list_buckets()["Buckets"]]
+
+
+def test_writable_roots_pass_and_stay_untouched(tmp_path):
+    st = Store.open(str(tmp_path / "a" / "b"))
+    st.check_writable()
+    assert tree(tmp_path) == []   # the probe left nothing, and nothing was created
+
+
+def test_the_installed_command_exits_2_without_traceback(tmp_path):
+    """The real `python -m raywalk`, as a user runs it."""
+    p = subprocess.run([sys.executable, "-m", "raywalk", "plot", str(tmp_path / "x.json")], capture_output=True,
+                       text=True, cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.strip() == f"raywalk plot: {tmp_path / 'x.json'}: no such file"
+    p = subprocess.run([sys.executable, "-m", "raywalk", "train", str(QUICKSTART), "--storage", "s3://"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert tree(tmp_path) == []
