@@ -116,7 +116,7 @@ def test_shipped_sweep_files_are_valid():
     assert all(p.cfg.run.cpus_per_worker <= 0.5 for p in tiny.points)   # two trials fit 2 cores
     big = load_sweep(ROOT / "configs" / "sweep_graph_sizes.yaml")
     anchor = yaml.safe_load((ROOT / "configs" / "anchor.yaml").read_text())
-    assert sorted({p.cfg.graph.n for p in big.points}) == [100, 200, 500, 1000]
+    assert sorted({p.cfg.graph.n for p in big.points}) == [200, 500, 1000, 2000]
     for p in big.points:
         assert p.cfg.model.d_model == anchor["model"]["d_model"] and p.cfg.w == anchor["w"]
         assert p.cfg.corpus.corpus_size == 400 * p.cfg.graph.n
