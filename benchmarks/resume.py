@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from raywalk.config import Config  # noqa: E402
+from raywalk.faults import WorkerKill  # noqa: E402
 from raywalk.trainer import train  # noqa: E402
 
 
@@ -30,7 +31,7 @@ def main() -> None:
     cfg = Config.load(args.config, [f"run.storage={tmp}", f"train.max_epochs={args.epoch}", "gate.rule=1.0"])
     marker = tmp / "killed"
     t0 = time.time()
-    r = train(cfg, progress=False, fault={"rank": 0, "epoch": args.epoch, "step": args.step, "marker": str(marker)})
+    r = train(cfg, progress=False, hooks=WorkerKill(rank=0, epoch=args.epoch, step=args.step, marker=str(marker)))
     wall = time.time() - t0
     killed_at = float(marker.read_text().split()[1])
     resumed = (tmp / "killed.resumed").read_text().split()

@@ -4,8 +4,8 @@
 
 At the anchor model shape (vocab 500, d_model 128, 4 layers, w 64, batch 64) on
 a real anchor-shaped corpus (n = 500, L = 256, 50,000 walks), side by side:
-  1. a plain PyTorch loop over the corpus's windows (same model, AdamW, clipping,
-     schedule as raywalk's worker loop);
+  1. raywalk's epoch runner (training.run_epoch, what every worker runs) fed from
+     memory, without Ray;
   2. raywalk's worker loop under TorchTrainer with 1 and with 2 workers (Ray Data
      shard, DDP for 2), epochs cut to the same number of steps.
 Tokens/s count training steps only (the gate is measured in model_speed.py).
@@ -29,10 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from raywalk.config import Config  # noqa: E402
 from raywalk.corpus import build_corpus  # noqa: E402
 from raywalk.dataset import walks_to_windows  # noqa: E402
-from raywalk.model import GPT  # noqa: E402
-from raywalk.schedule import make_scheduler  # noqa: E402
 from raywalk.storage import Store  # noqa: E402
-from raywalk.train_loop import optimizer_step  # noqa: E402
+from raywalk.training import TrainingState, run_epoch, sync  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,22 +41,29 @@ def anchor_shaped(storage: str) -> Config:
         "gate.rule=1.0"])
 
 
-def plain_loop(cfg: Config, windows: np.ndarray, steps: int) -> float:
-    torch.manual_seed(cfg.seed)
-    model = GPT(cfg.graph.n, cfg.w, cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                            betas=(0.9, 0.95), foreach=True)
-    sched = make_scheduler(opt, steps, cfg.train.warmup_frac, cfg.train.min_lr_ratio)
+class StepClock:
+    """A hook that notes when step 1 starts: 'steady' figures leave out the first step."""
+
+    def __init__(self, device: torch.device):
+        self.t1, self.device = None, device
+
+    def before_step(self, epoch: int, step: int) -> None:
+        if step == 1:
+            sync(self.device)
+            self.t1 = time.perf_counter()
+
+
+def plain_loop(cfg: Config, windows: np.ndarray, steps: int, device: str = "cpu") -> tuple[float, float]:
+    """raywalk's own epoch runner (training.run_epoch) over in-memory batches, no Ray."""
+    state = TrainingState.create(cfg, steps, device)
     order = np.random.default_rng(0).permutation(len(windows))
     B = cfg.train.batch_size
+    batches = ({"tokens": torch.from_numpy(windows[order[s * B:(s + 1) * B]]).long()} for s in range(steps))
+    clock = StepClock(state.device)
     t0 = time.perf_counter()
-    for s in range(steps):
-        if s == 1:
-            t1 = time.perf_counter()
-        tok = torch.from_numpy(windows[order[s * B:(s + 1) * B]])
-        optimizer_step(model, opt, sched, tok, cfg.train.grad_clip, bf16=False)
+    run_epoch(state, batches, steps, hooks=clock)   # synchronises the device before it returns
     end = time.perf_counter()
-    return steps * B * cfg.w / (end - t0), (steps - 1) * B * cfg.w / (end - t1)
+    return steps * B * cfg.w / (end - t0), (steps - 1) * B * cfg.w / (end - clock.t1)
 
 
 def under_ray(cfg: Config, workers: int, steps: int, tmp: Path, tag: str = "") -> float:

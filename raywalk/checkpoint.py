@@ -12,16 +12,15 @@ import io
 import json
 import os
 import pickle
-import random
 import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .storage import Store
 
+RUN_DIR = "checkpoints"        # ROOT/<experiment_id>/checkpoints: Ray's run directory (RunConfig.name)
 STATE = "state.pt"
 MANIFEST = "manifest.json"
 CKPT_RE = re.compile(r"^epoch_(\d{4,})$")
@@ -102,23 +101,3 @@ def find_resume_state(run: Store, latest: str | None, warn) -> tuple[dict[str, A
         except (CheckpointError, OSError, RuntimeError) as e:
             warn(f"warning: skipping checkpoint {run.child_uri(name)}: {e}")
     return None, None
-
-
-# ---- RNG state as plain data ---------------------------------------------------
-
-def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-    }
-
-
-def set_rng_state(s: dict[str, Any]) -> None:
-    torch.set_rng_state(s["torch"])
-    n = s["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    p = s["python"]
-    random.setstate((p[0], tuple(p[1]), p[2]))

@@ -157,7 +157,11 @@ class RunConfig:
     cpus_per_worker: float = 1.0
     """CPUs reserved per training worker, in (0, 64]."""
     gpus_per_worker: float = 0.0
-    """GPUs per training worker, in [0, 8]; 0 trains on CPU."""
+    """GPUs per training worker: 0 (CPU), a whole number up to 8, or a fraction below 1 with one worker."""
+    deterministic: bool = True
+    """Deterministic GPU kernels, so a resumed run on the same GPU model repeats an uninterrupted one."""
+    accelerator_type: str = ""
+    """GPU model every worker must have (Ray's accelerator type, e.g. "A10G"); "" takes any GPU."""
 
     def validate(self, p: str = "run") -> None:
         _check(1 <= self.workers <= 64, f"{p}.workers", self.workers, "must be in [1, 64]")
@@ -165,7 +169,14 @@ class RunConfig:
                "must be a non-empty path or URI")
         _check(0 <= self.max_failures <= 1000, f"{p}.max_failures", self.max_failures, "must be in [0, 1000]")
         _check(0 < self.cpus_per_worker <= 64, f"{p}.cpus_per_worker", self.cpus_per_worker, "must be in (0, 64]")
-        _check(0 <= self.gpus_per_worker <= 8, f"{p}.gpus_per_worker", self.gpus_per_worker, "must be in [0, 8]")
+        g = self.gpus_per_worker
+        _check(0 <= g <= 8, f"{p}.gpus_per_worker", g, "must be in [0, 8]")
+        _check(g < 1 or g == int(g), f"{p}.gpus_per_worker", g, "above 1 must be a whole number of GPUs")
+        _check(not (0 < g < 1 and self.workers > 1), f"{p}.gpus_per_worker", g,
+               f"a fraction of a GPU with {p}.workers={self.workers} could put two ranks on one GPU, which NCCL "
+               f"refuses: use 1 GPU per worker, or one worker")
+        _check(self.accelerator_type == "" or g > 0, f"{p}.accelerator_type", self.accelerator_type,
+               f"needs {p}.gpus_per_worker > 0")
 
 
 @dataclass(frozen=True)
@@ -232,8 +243,9 @@ class Config:
     def experiment_id(self) -> str:
         """Readable prefix + hash of everything that changes the trained model.
 
-        run.storage, run.max_failures and the per-worker resources are operational
-        and left out, so the same experiment is found again from anywhere.
+        run.storage, run.max_failures, the per-worker resources, run.deterministic and
+        run.accelerator_type are operational and left out, so the same experiment is found
+        again from anywhere.
         """
         d = self.to_dict()
         d["run"] = {"workers": self.run.workers}

@@ -7,10 +7,15 @@ import pyarrow as pa
 from .corpus import Corpus
 
 
+def windows_per_walk(walk_length: int, w: int) -> int:
+    """Non-overlapping (w+1)-token windows cut from one walk (the one formula for it)."""
+    return walk_length // (w + 1)
+
+
 def walks_to_windows(walks: np.ndarray, w: int) -> np.ndarray:
     """(N, L) walks -> (N * floor(L/(w+1)), w+1) non-overlapping windows, walk-major."""
     n, L = walks.shape
-    k = L // (w + 1)
+    k = windows_per_walk(L, w)
     return walks[:, : k * (w + 1)].reshape(n * k, w + 1)
 
 
@@ -43,4 +48,4 @@ def window_dataset(corpus: Corpus, w: int, materialize: bool = False):
 
 
 def windows_per_epoch(corpus: Corpus, w: int) -> int:
-    return corpus.manifest["splits"]["train"]["walks"] * (corpus.manifest["walk_length"] // (w + 1))
+    return corpus.manifest["splits"]["train"]["walks"] * windows_per_walk(corpus.manifest["walk_length"], w)

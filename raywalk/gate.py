@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .compliance import Compliance, RuleTable, check_sequences
+from .compliance import Compliance, JumpLengthCounts, RuleTable, check_sequences, rule_counts_by_jump_length
 from .config import GateConfig
 from .generate import greedy_generate
 
@@ -31,12 +31,12 @@ def share(starts: np.ndarray, rank: int, world: int) -> GateShare:
     return GateShare(uniq[rank::world], counts[rank::world], len(uniq))
 
 
-def evaluate(model: torch.nn.Module, part: GateShare, table: RuleTable, length: int, window: int) -> Compliance:
-    """Compliance counts of this worker's share, weighted to stand for all gate sequences."""
-    if len(part.starts) == 0:
-        return Compliance(0, 0, 0, 0)
-    was_training = model.training
-    model.eval()
-    seqs = greedy_generate(model, torch.as_tensor(part.starts, dtype=torch.long), length, window)
-    model.train(was_training)
-    return check_sequences(np.repeat(seqs.numpy(), part.counts, axis=0), table)
+def evaluate(model: torch.nn.Module, part: GateShare, table: RuleTable, length: int, window: int
+             ) -> tuple[Compliance, JumpLengthCounts]:
+    """Compliance counts of this worker's share (overall and per jump length), weighted to stand for all
+    gate sequences."""
+    starts = torch.as_tensor(part.starts, dtype=torch.long, device="cpu")   # generation moves what it needs
+    seqs = greedy_generate(model, starts, length, window) if len(part.starts) else \
+        torch.empty(0, length, dtype=torch.long, device="cpu")
+    weighted = np.repeat(seqs.numpy(), part.counts, axis=0)
+    return check_sequences(weighted, table), rule_counts_by_jump_length(weighted, table)

@@ -29,30 +29,39 @@ def _check(model, starts, length, window):
 
 @torch.inference_mode()
 def reference_generate(model: GPT, starts, length: int, window: int, batch_size: int = 512):
-    """The straightforward loop: full forward over the window for every token, no reuse at all."""
+    """The straightforward loop: full forward over the window for every token, no reuse at all.
+
+    Runs on the model's device; returns a CPU tensor.
+    """
     _check(model, starts, length, window)
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = []
     for chunk in starts.long().split(batch_size):
-        seq = chunk[:, None]
+        seq = chunk[:, None].to(device)
         while seq.size(1) < length:
             logits, _ = model(seq[:, -window:])
             seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
-        out.append(seq)
+        out.append(seq.cpu())
     model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, length, dtype=torch.long)
+    return torch.cat(out) if out else torch.empty(0, length, dtype=torch.long, device="cpu")
 
 
 def _generate_distinct(net, starts, length, window, memo, dtype):
-    """Sequences for distinct starts; memo maps window bytes -> next token, shared across chunks."""
+    """Sequences for distinct starts; memo maps window bytes -> next token, shared across chunks.
+
+    The sequences and the memo are host-side bookkeeping (device="cpu" on purpose: the memo
+    keys are bytes); only the model's inputs go to its device, and only argmaxes come back.
+    """
+    device = next(net.parameters()).device
     B = starts.numel()
-    seq = torch.empty(B, length, dtype=torch.long)
-    seq[:, 0] = starts
-    kv = KVCache(net, B, min(window, length), dtype)
+    seq = torch.empty(B, length, dtype=torch.long, device="cpu")
+    seq[:, 0] = starts.cpu()
+    kv = KVCache(net, B, min(window, length), dtype, device)
     for t in range(1, length):  # predict token t from seq[:, max(0, t - window):t]
         if t <= window:  # nothing has slid yet: feed one token through the cache
-            seq[:, t] = net.next_logits(seq[:, t - 1:t], kv).argmax(-1)
+            seq[:, t] = net.next_logits(seq[:, t - 1:t].to(device), kv).argmax(-1).cpu()
             continue
         win = seq[:, t - window:t]
         keys = [r.tobytes() for r in win.to(torch.int32).numpy()]
@@ -61,17 +70,17 @@ def _generate_distinct(net, starts, length, window, memo, dtype):
             if key not in memo:
                 todo.setdefault(key, i)
         if todo:
-            rows = torch.tensor(list(todo.values()))
-            nxt = net.next_logits(win[rows]).argmax(-1).tolist()
+            rows = torch.tensor(list(todo.values()), dtype=torch.long, device="cpu")
+            nxt = net.next_logits(win[rows].to(device)).argmax(-1).tolist()
             memo.update(zip(todo.keys(), nxt))
-        seq[:, t] = torch.tensor([memo[k] for k in keys])
+        seq[:, t] = torch.tensor([memo[k] for k in keys], dtype=torch.long, device="cpu")
     return seq
 
 
 @torch.inference_mode()
 def greedy_generate(model: GPT, starts, length: int, window: int, batch_size: int = 512,
                     dtype: torch.dtype = torch.float32):
-    """(N,) start tokens -> (N, length) greedy sequences, token for token those of reference_generate.
+    """(N,) start tokens -> (N, length) greedy sequences (CPU), token for token those of reference_generate.
 
     dtype=torch.bfloat16 runs the transformer body in bf16 (head and final LayerNorm
     stay fp32): faster, but near-tied argmaxes may flip, so tokens can differ.
@@ -83,10 +92,10 @@ def greedy_generate(model: GPT, starts, length: int, window: int, batch_size: in
         net.ln_f.float(), net.head.float()
     was_training = model.training
     net.eval()
-    uniq, inverse = torch.unique(starts.long(), return_inverse=True)
+    uniq, inverse = torch.unique(starts.long().cpu(), return_inverse=True)
     memo = {}
     parts = [_generate_distinct(net, c, length, window, memo, dtype) for c in uniq.split(batch_size)]
     model.train(was_training)
     if not parts:
-        return torch.empty(0, length, dtype=torch.long)
+        return torch.empty(0, length, dtype=torch.long, device="cpu")
     return torch.cat(parts)[inverse]

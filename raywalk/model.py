@@ -34,10 +34,11 @@ class KVCache:
     absolute from 0, so once a window slides every key changes.
     """
 
-    def __init__(self, model: "GPT", batch: int, max_len: int, dtype=torch.float32):
+    def __init__(self, model: "GPT", batch: int, max_len: int, dtype=torch.float32, device=None):
         shape = (batch, model.n_heads, max_len, model.d_model // model.n_heads)
-        self.k = [torch.empty(shape, dtype=dtype) for _ in model.blocks]
-        self.v = [torch.empty(shape, dtype=dtype) for _ in model.blocks]
+        device = device if device is not None else next(model.parameters()).device
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in model.blocks]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in model.blocks]
         self.len = 0  # tokens already cached
 
 

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from . import __version__
-from .checkpoint import CKPT_RE
+from .checkpoint import CKPT_RE, MANIFEST, RUN_DIR, dir_name
 from .compliance import Compliance
 from .config import Config
 from .storage import Store
@@ -40,9 +40,9 @@ def count_restarts(exp: Store) -> int:
 
 
 def checkpoint_info(exp: Store, gate_epoch: int | None) -> dict[str, Any]:
-    run = exp.sub("checkpoints")
-    names = sorted(n for n in run.listdir() if CKPT_RE.match(n) and run.is_file(f"{n}/manifest.json"))
-    gate_name = f"epoch_{gate_epoch:04d}" if gate_epoch else None
+    run = exp.sub(RUN_DIR)
+    names = sorted(n for n in run.listdir() if CKPT_RE.match(n) and run.is_file(f"{n}/{MANIFEST}"))
+    gate_name = dir_name(gate_epoch) if gate_epoch else None
     return {"directory": run.uri, "kept": [run.child_uri(n) for n in names],
             "latest": run.child_uri(names[-1]) if names else None,
             "gate": run.child_uri(gate_name) if gate_name and gate_name in names else None}
@@ -111,15 +111,18 @@ def compose(cfg: Config, experiment_id: str, curves: Any, last: Compliance | Non
 class ResultWriter:
     """Rank 0's view: rewrites result.json after every epoch."""
 
-    def __init__(self, root: Store, experiment_id: str, cfg: Config, lc: dict[str, Any]):
+    def __init__(self, root: Store, experiment_id: str, cfg: Config, workers: int, device: str, driver_token: str,
+                 corpus_uri: str):
         self.exp = root.sub(experiment_id)
         self.experiment_id, self.cfg = experiment_id, cfg
-        self.env = environment(cfg.run.workers, lc.get("device", "cpu"))
-        self.restarts, self.restarts_this_run = record_worker_start(self.exp, lc["driver_token"])
+        self.env = environment(workers, device)
+        self.corpus = {"id": cfg.corpus_id(), "uri": corpus_uri}
+        self.restarts, self.restarts_this_run = record_worker_start(self.exp, driver_token)
 
     def epoch_done(self, curves: Any, last: Compliance, gate_epoch: int | None, epoch: int, n_distinct: int,
-                   steps_per_epoch: int) -> None:
+                   steps_per_epoch: int, by_r: Any = None) -> None:
         finished = gate_epoch is not None or epoch >= self.cfg.train.max_epochs
-        self.exp.write_json(RESULT, compose(self.cfg, self.experiment_id, curves, last, gate_epoch, epoch,
-                                            n_distinct, steps_per_epoch, self.exp, self.env, self.restarts,
-                                            finished))
+        r = compose(self.cfg, self.experiment_id, curves, last, gate_epoch, epoch, n_distinct, steps_per_epoch,
+                    self.exp, self.env, self.restarts, finished, by_r=by_r)
+        r["corpus"] = self.corpus
+        self.exp.write_json(RESULT, r)

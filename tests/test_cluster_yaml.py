@@ -141,3 +141,30 @@ def test_job_uploads_exclude_results_corpora_and_caches():
     ignored = (ROOT / ".gitignore").read_text().split()
     for ex in ("results/", "corpora/", ".hypothesis/", "__pycache__/"):
         assert ex in ignored
+
+
+# GPU model of each EC2 GPU family raywalk's cluster may use (AWS's published specs).
+GPU_OF_FAMILY = {"g4dn": "T4", "g5": "A10G", "g6": "L4", "p3": "V100", "p4d": "A100", "p5": "H100"}
+
+
+def gpu_models(cfg: dict) -> dict[str, str]:
+    """Node type -> the GPU model its instance type carries (GPU node types only)."""
+    out = {}
+    for name, t in workers(cfg).items():
+        if t.get("resources", {}).get("GPU", 0) > 0:
+            family = t["node_config"]["InstanceType"].split(".")[0]
+            out[name] = GPU_OF_FAMILY[family]
+    return out
+
+
+def test_gpu_fallbacks_keep_one_gpu_model(cluster):
+    models = gpu_models(cluster)
+    assert models and len(set(models.values())) == 1, models   # a replacement worker runs the same kernels
+    for name, model in models.items():   # and says so, for run.accelerator_type
+        declared = [k for k in cluster["available_node_types"][name]["resources"] if k.startswith("accelerator_type:")]
+        assert declared == [f"accelerator_type:{model}"], (name, declared)
+    mixed = copy.deepcopy(cluster)
+    mixed["available_node_types"]["t4"] = {**copy.deepcopy(next(iter(workers(cluster).values()))),
+                                           "node_config": {"InstanceType": "g4dn.xlarge"}}
+    mixed["available_node_types"]["t4"]["resources"] = {"CPU": 4, "GPU": 1}
+    assert len(set(gpu_models(mixed).values())) == 2

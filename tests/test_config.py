@@ -91,3 +91,33 @@ def test_validation_agrees_with_the_rules(n, K, w, L):
     else:
         with pytest.raises(ConfigError):
             Config.from_dict(d)
+
+
+@pytest.mark.parametrize("overrides, field, rule", [
+    (["run.gpus_per_worker=0.5", "run.workers=2"], "run.gpus_per_worker", "two ranks on one GPU"),
+    (["run.gpus_per_worker=1.5"], "run.gpus_per_worker", "whole number"),
+    (["run.accelerator_type=A10G"], "run.accelerator_type", "gpus_per_worker > 0"),
+    (["run.deterministic=maybe"], "run.deterministic", "true or false"),
+])
+def test_gpu_settings_are_refused_with_the_field_named(overrides, field, rule):
+    with pytest.raises(ConfigError, match=rf"^{field}: .* is invalid: .*{rule}"):
+        Config.load(QUICKSTART, overrides)
+
+
+def test_gpu_settings_that_are_fine():
+    assert Config.load(QUICKSTART, ["run.gpus_per_worker=0.5"]).run.gpus_per_worker == 0.5   # one rank
+    c = Config.load(QUICKSTART, ["run.gpus_per_worker=2", "run.workers=2", "run.accelerator_type=A10G"])
+    assert c.run.deterministic is True and c.experiment_id() == Config.load(QUICKSTART, ["run.workers=2"]).experiment_id()
+
+
+def test_a_local_storage_root_is_refused_on_a_multi_host_cluster(tmp_path):
+    from raywalk.storage import Store
+    from raywalk.trainer import check_storage_reachable
+
+    one_host = [{"NodeManagerAddress": "127.0.0.1", "Alive": True}] * 3          # several nodes, one machine
+    two_hosts = one_host + [{"NodeManagerAddress": "10.0.0.7", "Alive": True}]
+    check_storage_reachable(Store.open(str(tmp_path)), one_host)
+    check_storage_reachable(Store.open(str(tmp_path)), one_host + [{"NodeManagerAddress": "10.0.0.7", "Alive": False}])
+    with pytest.raises(ConfigError, match=r"^run\.storage: .* is invalid: .* 2 hosts .*s3://"):
+        check_storage_reachable(Store.open(str(tmp_path)), two_hosts)
+    check_storage_reachable(Store.open("s3://bucket/prefix?endpoint_override=127.0.0.1:1&scheme=http"), two_hosts)

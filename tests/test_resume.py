@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from raywalk import checkpoint as ckpt
+from raywalk.faults import WorkerKill
 from raywalk.storage import Store
 from raywalk.trainer import train
+from raywalk.training import rng_state, set_rng_state
 from tests.conftest import QUICKSTART, kill_session, tiny_config, tiny_overrides
 
 # Never passes (rule must be > 1.0), so every run trains exactly max_epochs: comparable curves.
@@ -47,7 +49,7 @@ def test_worker_sigkill_mid_epoch_continues_bit_for_bit(tmp_path, reference):
     marker = tmp_path / "killed"
     logs: list[str] = []
     r = train(cfg, progress=False, log=logs.append,
-              fault={"rank": 1, "epoch": 2, "step": 5, "marker": str(marker)})
+              hooks=WorkerKill(rank=1, epoch=2, step=5, marker=str(marker)))
     assert marker.exists()                      # the worker really was killed
     assert r["restarts"] == 1
     assert comparable(r) == comparable(ref)
@@ -60,8 +62,7 @@ def test_torn_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, refere
     cfg = tiny_config(tmp_path, **LONG)
     marker = tmp_path / "killed"
     r = train(cfg, progress=False, log=lambda s: None,
-              fault={"rank": 0, "epoch": 3, "step": 2, "marker": str(marker), "truncate_latest": True,
-                     "delay": 5})
+              hooks=WorkerKill(rank=0, epoch=3, step=2, marker=str(marker), truncate_latest=True, delay=5))
     assert marker.exists() and r["restarts"] == 1
     err = capfd.readouterr().err
     assert "skipping checkpoint" in err and "epoch_0002" in err and "truncated" in err, err[-4000:]
@@ -158,11 +159,11 @@ def test_rng_state_roundtrips_as_plain_data():
     import numpy as np
 
     torch.manual_seed(1), np.random.seed(1), random.seed(1)
-    s = ckpt.rng_state()
+    s = rng_state()
     buf = io.BytesIO()
     torch.save(s, buf)
     restored = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
     a = (torch.rand(3), np.random.rand(3), random.random())
-    ckpt.set_rng_state(restored)
+    set_rng_state(restored)
     b = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(a[0], b[0]) and (a[1] == b[1]).all() and a[2] == b[2]

@@ -1,0 +1,297 @@
+"""Training without Ray: the state one run carries, and the epoch the workers (and benchmarks) run.
+
+`TrainingState` owns everything a checkpoint holds (model, optimizer, scheduler,
+curves, epochs done, gate epoch) behind `state_dict` / `load_state_dict`.
+`run_epoch` trains one epoch over any iterable of token batches and
+`epoch_end` gates and reduces it; the Ray worker (train_loop.py) only feeds
+them its data shard and reports what they return, so CPU tests call the same
+code a GPU worker runs.
+
+Device rules (a GPU worker's model sits on cuda:k and its process group is NCCL,
+which refuses CPU tensors): every tensor made here says `device=`; the
+optimizer is built, and its state loaded, only after the model is on its
+device; the per-step loss stays on the device (no host sync per step).
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import gate
+from .compliance import Compliance, JumpLengthCounts, RuleTable
+from .config import Config, ConfigError
+from .model import GPT
+from .schedule import make_scheduler
+
+FORMAT = 1   # checkpoint state format
+
+
+# ---- seeds and RNG state ------------------------------------------------------------
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of one rank's epoch: its shuffle and its RNG streams derive from it."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def seed_all(s: int) -> None:
+    torch.manual_seed(s)   # CPU and every CUDA device
+    np.random.seed(s)
+    random.seed(s)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG stream of this process as plain data (tensors, ints, lists)."""
+    np_state = np.random.get_state()
+    s = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        s["cuda"] = torch.cuda.get_rng_state()   # dropout on a GPU draws from the device's generator
+    return s
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+    n = s["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = s["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+# ---- devices -----------------------------------------------------------------------
+
+def set_determinism(on: bool) -> None:
+    """Deterministic kernels (run.deterministic): a resumed GPU run then repeats an uninterrupted one.
+
+    cuBLAS also needs CUBLAS_WORKSPACE_CONFIG set before CUDA starts; the driver puts it in
+    the workers' environment (trainer.worker_env).
+    """
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = not on
+
+
+def check_precision(precision: str, device: torch.device, capability: tuple[int, int] | None = None) -> None:
+    """Refuse bf16 on a GPU that only emulates it (compute capability < 8.0, e.g. T4, V100)."""
+    if precision != "bf16" or device.type != "cuda":
+        return
+    major, minor = capability or torch.cuda.get_device_capability(device)
+    if major < 8:
+        name = torch.cuda.get_device_name(device) if capability is None else "this GPU"
+        raise ConfigError(f"train.precision: 'bf16' is invalid on {name} (compute capability {major}.{minor}): "
+                          f"bf16 needs compute capability >= 8.0 (A10G, A100, L4, H100); use fp32")
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued device work, so a timing covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---- the state a run carries ---------------------------------------------------------
+
+@dataclass
+class Curves:
+    train_loss: list[float] = field(default_factory=list)
+    edge_compliance: list[float] = field(default_factory=list)
+    rule_compliance: list[float] = field(default_factory=list)
+    n_rule_checks: list[int] = field(default_factory=list)
+    n_distinct_sequences: list[int] = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        return {"train_loss": torch.tensor(self.train_loss, dtype=torch.float64, device="cpu"),
+                "edge_compliance": list(self.edge_compliance), "rule_compliance": list(self.rule_compliance),
+                "n_rule_checks": list(self.n_rule_checks), "n_distinct_sequences": list(self.n_distinct_sequences)}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.train_loss = s["train_loss"].tolist()
+        for k in ("edge_compliance", "rule_compliance", "n_rule_checks", "n_distinct_sequences"):
+            setattr(self, k, list(s[k]))
+
+
+@dataclass
+class TrainingState:
+    """Model, optimizer, scheduler, curves and progress of one run, on one device."""
+    cfg: Config
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    curves: Curves
+    epoch: int = 0                    # epochs finished
+    gate_epoch: int | None = None     # the epoch whose gate passed
+
+    @classmethod
+    def create(cls, cfg: Config, steps_per_epoch: int, device: torch.device | str = "cpu") -> "TrainingState":
+        seed_all(cfg.seed)   # identical initial weights on every rank, and on CPU and GPU alike
+        with torch.device("cpu"):
+            model = GPT.from_config(cfg)
+        model.to(device)
+        # built after the move: AdamW's state follows the parameters' device
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                betas=(0.9, 0.95), foreach=True)
+        sched = make_scheduler(opt, cfg.train.max_epochs * steps_per_epoch, cfg.train.warmup_frac,
+                               cfg.train.min_lr_ratio)
+        return cls(cfg, model, opt, sched, Curves())
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def done(self) -> bool:
+        return self.gate_epoch is not None or self.epoch >= self.cfg.train.max_epochs
+
+    def state_dict(self, rng: list[dict[str, Any]], experiment_id: str) -> dict[str, Any]:
+        """Plain data for a checkpoint; `rng` holds every rank's RNG state, in rank order."""
+        return {"format": FORMAT, "epoch": self.epoch, "gate_epoch": self.gate_epoch,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "rng": rng, "curves": self.curves.state_dict(),
+                "experiment_id": experiment_id}
+
+    def load_state_dict(self, s: dict[str, Any], rank: int = 0, world: int = 1) -> None:
+        """Restore in place; tensors land on this state's device (CPU-loaded checkpoints included)."""
+        self.model.load_state_dict(s["model"])
+        self.optimizer.load_state_dict(s["optimizer"])   # casts to the parameters' device
+        self.scheduler.load_state_dict(s["scheduler"])
+        self.curves.load_state_dict(s["curves"])
+        self.epoch, self.gate_epoch = int(s["epoch"]), s["gate_epoch"]
+        if len(s["rng"]) == world:
+            set_rng_state(s["rng"][rank])
+
+
+# ---- one epoch ---------------------------------------------------------------------
+
+class Hooks(Protocol):
+    """Probes for tests and benchmarks, called by run_epoch (faults.py has the ones raywalk ships)."""
+
+    def before_step(self, epoch: int, step: int) -> None: ...
+
+
+def optimizer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, tok: torch.Tensor,
+                   grad_clip: float, bf16: bool) -> torch.Tensor:
+    """One step on a batch of (w+1)-token windows; returns the detached loss, still on the device."""
+    with torch.autocast(tok.device.type, dtype=torch.bfloat16, enabled=bf16):
+        _, loss = model(tok[:, :-1], tok[:, 1:])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    sched.step()
+    return loss.detach()
+
+
+@dataclass(frozen=True)
+class EpochRun:
+    losses: torch.Tensor        # (steps,) float64 on the model's device
+    train_seconds: float        # synchronised: device work included
+    first_batch_seconds: float  # until the data stream delivered its first batch
+
+
+def run_epoch(state: TrainingState, batches: Iterable[dict[str, torch.Tensor]], steps: int, rank: int = 0,
+              net: torch.nn.Module | None = None, hooks: Hooks | None = None, bar=None) -> EpochRun:
+    """Train epoch state.epoch + 1 over `batches` (dicts with "tokens" (B, w+1)), exactly `steps` steps.
+
+    `net` is what runs forward/backward (a DDP wrapper of state.model; default the model itself).
+    RNG streams are reseeded from (seed, epoch, rank), so the epoch does not depend on what ran before.
+    """
+    cfg = state.cfg
+    net = net or state.model
+    device = state.device
+    epoch = state.epoch + 1
+    seed_all(epoch_seed(cfg.seed, state.epoch, rank))
+    bf16 = cfg.train.precision == "bf16"
+    losses = torch.zeros(steps, dtype=torch.float64, device=device)
+    net.train()
+    t0 = time.perf_counter()
+    t_first, step = None, 0
+    for batch in batches:
+        if t_first is None:
+            t_first = time.perf_counter()
+        if step == steps:
+            break
+        if hooks is not None:
+            hooks.before_step(epoch, step)
+        tok = batch["tokens"].to(device, non_blocking=True)
+        losses[step] = optimizer_step(net, state.optimizer, state.scheduler, tok, cfg.train.grad_clip, bf16)
+        step += 1
+        if bar is not None:
+            bar.update(1)
+    sync(device)
+    if step != steps:
+        raise RuntimeError(f"rank {rank} saw {step} batches in epoch {epoch}, expected {steps}")
+    return EpochRun(losses, time.perf_counter() - t0, (t_first or t0) - t0)
+
+
+# ---- the end of an epoch -------------------------------------------------------------
+
+def all_reduce_epoch(losses: torch.Tensor, comp: Compliance, by_r: JumpLengthCounts
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss per step over ranks, summed gate counts), both still on the losses' device.
+
+    Under Ray Train the model's device is the process group's (NCCL <=> cuda): every tensor
+    handed to a collective is built there, never on the CPU by default.
+    """
+    counts = torch.tensor([comp.edge_ok, comp.edge_total, comp.rule_ok, comp.rule_total,
+                           *by_r.checks.tolist(), *by_r.ok.tolist()], dtype=torch.int64, device=losses.device)
+    if dist.is_available() and dist.is_initialized():
+        losses = losses.clone()
+        dist.all_reduce(losses)
+        losses /= dist.get_world_size()
+        dist.all_reduce(counts)
+    return losses, counts
+
+
+def reduce_epoch(losses: torch.Tensor, comp: Compliance, by_r: JumpLengthCounts
+                 ) -> tuple[list[float], Compliance, JumpLengthCounts]:
+    """all_reduce_epoch, brought to the host once (the epoch's only sync besides timing)."""
+    losses, counts = all_reduce_epoch(losses, comp, by_r)
+    c, k = counts.tolist(), len(by_r.r)
+    return losses.tolist(), Compliance(*c[:4]), JumpLengthCounts(by_r.r, np.array(c[4:4 + k], dtype=np.int64),
+                                                                 np.array(c[4 + k:], dtype=np.int64))
+
+
+def gather_rng() -> list[dict[str, Any]]:
+    """Every rank's RNG state, in rank order (object collective: torch picks its device)."""
+    mine = rng_state()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return out
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    loss: float                 # mean over the epoch's steps and ranks
+    comp: Compliance            # the gate's counts over all ranks
+    by_r: JumpLengthCounts      # the same rule counts split by jump length
+    passed: bool
+
+
+def epoch_end(state: TrainingState, run: EpochRun, share: gate.GateShare, table: RuleTable) -> EpochEnd:
+    """Gate this rank's share, reduce over ranks, and record the epoch in the state's curves."""
+    cfg = state.cfg
+    comp, by_r = gate.evaluate(state.model, share, table, cfg.corpus.walk_length, cfg.w)
+    losses, comp, by_r = reduce_epoch(run.losses, comp, by_r)
+    passed = gate.passes(comp, cfg.gate)
+    state.epoch += 1
+    if passed:
+        state.gate_epoch = state.epoch
+    c = state.curves
+    c.train_loss += losses
+    c.edge_compliance.append(comp.edge)
+    c.rule_compliance.append(comp.rule)
+    c.n_rule_checks.append(comp.rule_total)
+    c.n_distinct_sequences.append(share.n_distinct)
+    return EpochEnd(float(np.mean(losses)), comp, by_r, passed)

@@ -1,0 +1,196 @@
+"""The worker's science on CPU, made to fail the way a GPU worker would (SPEC §9).
+
+A GPU worker's model sits on cuda:k, torch's default device stays the CPU, and
+the process group is NCCL, which refuses CPU tensors. Here: a default device that
+is not the model's, a mode that refuses raywalk code's tensor factories without
+`device=`, a 1-rank "cuda:gloo" group (NCCL's refusal of CPU tensors, exactly),
+and a restore onto another device than the checkpoint's.
+"""
+from __future__ import annotations
+
+import inspect
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
+
+from raywalk import gate
+from raywalk.compliance import Compliance, JumpLengthCounts
+from raywalk.config import ConfigError
+from raywalk.corpus import build_corpus
+from raywalk.dataset import walks_to_windows
+from raywalk.generate import greedy_generate, reference_generate
+from raywalk.model import GPT
+from raywalk.storage import Store
+from raywalk.train_loop import torch_threads
+from raywalk.training import (TrainingState, all_reduce_epoch, check_precision, epoch_end, reduce_epoch,
+                              rng_state, run_epoch)
+from tests.conftest import tiny_config
+
+PKG = str(Path(__file__).resolve().parents[1] / "raywalk")
+FACTORIES = {torch.tensor, torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.rand,
+             torch.randn, torch.randint, torch.as_tensor, torch.zeros_like, torch.eye, torch.linspace}
+# *_like factories follow their input's device; as_tensor/tensor/zeros... need device= when called by raywalk
+NEEDS_DEVICE = FACTORIES - {torch.zeros_like}
+
+
+class RefuseHostDefaults(TorchFunctionMode):
+    """A CUDA worker's trap, on a CPU: raywalk code that makes a tensor without `device=` fails.
+
+    Only factory calls made from raywalk's own files are checked (torch's internals decide
+    their own devices, as AdamW does for its step counter).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in NEEDS_DEVICE and "device" not in kwargs:
+            caller = inspect.currentframe().f_back
+            while caller is not None and caller.f_code.co_filename.startswith(str(Path(torch.__file__).parent)):
+                caller = caller.f_back
+            if caller is not None and caller.f_code.co_filename.startswith(PKG):
+                raise AssertionError(f"{func.__name__} without device= at {caller.f_code.co_filename}:"
+                                     f"{caller.f_lineno}")
+        return func(*args, **kwargs)
+
+
+def random_model(seed=0, V=20, W=8):
+    torch.manual_seed(seed)
+    m = GPT(V, W, d_model=32, n_layers=2, n_heads=2)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(10.0)   # sharp, varied trajectories
+    return m
+
+
+def test_generation_with_a_default_device_that_is_not_the_models():
+    m = random_model()
+    starts = torch.randint(0, 20, (40,))
+    want_fast, want_ref = greedy_generate(m, starts, 30, 8), reference_generate(m, starts, 30, 8)
+    torch.set_default_device("meta")   # anything made without device= now lands off the model's device
+    try:
+        fast, ref = greedy_generate(m, starts, 30, 8), reference_generate(m, starts, 30, 8)
+        fast16 = greedy_generate(m, starts, 30, 8, dtype=torch.bfloat16)
+    finally:
+        torch.set_default_device(None)
+    assert torch.equal(fast, want_fast) and torch.equal(ref, want_ref) and torch.equal(fast, ref)
+    assert fast.device.type == "cpu" and fast16.shape == fast.shape
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    cfg = tiny_config(root, **{"train.max_epochs": 2})
+    c, _ = build_corpus(cfg, Store.open(str(root)), progress=False, log=lambda s: None)
+    return cfg, c
+
+
+def one_epoch(cfg, corpus, device="cpu"):
+    """One epoch of exactly what a worker runs: train steps, gate, reduction, checkpoint state."""
+    windows = walks_to_windows(corpus.walks("train"), cfg.w)
+    steps = len(windows) // cfg.train.batch_size
+    order = np.random.default_rng(0).permutation(len(windows))
+    batches = ({"tokens": torch.from_numpy(windows[order[i * 64:(i + 1) * 64]]).long()} for i in range(steps))
+    state = TrainingState.create(cfg, steps, device)
+    run = run_epoch(state, batches, steps)
+    share = gate.share(corpus.gate_starts(cfg.gate.sequences), 0, 1)
+    end = epoch_end(state, run, share, corpus.rule_table())
+    return state, end, state.state_dict([rng_state()], "x")
+
+
+def test_one_epoch_never_makes_a_tensor_without_saying_where(corpus):
+    cfg, c = corpus
+    plain_state, plain_end, plain_sd = one_epoch(cfg, c)
+    with RefuseHostDefaults():
+        state, end, sd = one_epoch(cfg, c)
+    assert (end.loss, end.comp, end.passed) == (plain_end.loss, plain_end.comp, plain_end.passed)
+    assert end.comp.rule_total > 0 and end.by_r.checks.sum() == end.comp.rule_total
+    assert end.by_r.as_dict() == plain_end.by_r.as_dict()
+    assert state.curves == plain_state.curves
+    for k, v in sd["model"].items():
+        assert torch.equal(v, plain_sd["model"][k]), k
+    assert sd["scheduler"] == plain_sd["scheduler"]
+
+
+def test_the_mode_catches_a_host_default(corpus):
+    with RefuseHostDefaults(), pytest.raises(AssertionError, match="without device="):
+        exec(compile("import torch\ntorch.zeros(3)", os.path.join(PKG, "probe.py"), "exec"))
+
+
+@pytest.fixture
+def group(tmp_path, request):
+    """A 1-rank process group with the given backend, destroyed afterwards."""
+    def make(backend: str):
+        dist.init_process_group(backend, init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield make
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_epoch_end_collectives_under_a_group_that_refuses_cpu_tensors(group):
+    group("cuda:gloo")   # like NCCL: no backend for CPU tensors
+    with pytest.raises(RuntimeError, match="No backend type associated with device type cpu"):
+        dist.all_reduce(torch.zeros(2))          # what the old loop did with its loss and count tensors
+    by_r = JumpLengthCounts(np.array([2, 4]), np.array([5, 6]), np.array([3, 1]))
+    # every tensor the reduction hands to a collective is on the losses' device ("meta" stands in for cuda:k)
+    losses, counts = all_reduce_epoch(torch.zeros(7, dtype=torch.float64, device="meta"),
+                                      Compliance(1, 2, 3, 4), by_r)
+    assert losses.device.type == counts.device.type == "meta" and counts.shape == (8,)
+
+
+def test_epoch_end_reduction_numbers(group):
+    group("gloo")
+    by_r = JumpLengthCounts(np.array([2, 4]), np.array([5, 6]), np.array([3, 1]))
+    losses, comp, r = reduce_epoch(torch.tensor([1.0, 3.0], dtype=torch.float64), Compliance(9, 10, 3, 7), by_r)
+    assert losses == [1.0, 3.0] and comp == Compliance(9, 10, 3, 7)
+    assert r.checks.tolist() == [5, 6] and r.ok.tolist() == [3, 1] and r.r.tolist() == [2, 4]
+
+
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")
+def test_restore_puts_optimizer_state_on_the_parameters_device(corpus):
+    cfg, c = corpus
+    state, _, sd = one_epoch(cfg, c)
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    saved = torch.load(io.BytesIO(buf.getvalue()), weights_only=True, map_location="cpu")
+    other = TrainingState.create(cfg, 10, device="meta")   # a device the state was not saved on
+    other.load_state_dict(saved)
+    assert other.epoch == 1 and other.curves == state.curves
+    n = 0
+    for group_ in other.optimizer.param_groups:
+        for p in group_["params"]:
+            st = other.optimizer.state[p]
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert st[key].device == p.device == torch.device("meta"), key
+                n += 1
+            assert st["step"].device.type == "cpu"   # torch keeps AdamW's step counter on the host by design
+    assert n == 2 * len(list(other.model.parameters()))
+
+
+def test_bf16_is_refused_on_gpus_without_native_bf16():
+    with pytest.raises(ConfigError, match=r"train\.precision: 'bf16' is invalid .*compute capability 7\.5"):
+        check_precision("bf16", torch.device("cuda", 0), capability=(7, 5))
+    check_precision("bf16", torch.device("cuda", 0), capability=(8, 0))
+    check_precision("bf16", torch.device("cpu"))
+    check_precision("fp32", torch.device("cuda", 0), capability=(7, 0))
+
+
+def test_threads_follow_the_reserved_cpus():
+    assert [torch_threads(x) for x in (0.1, 0.5, 1.0, 2.0, 3.5)] == [1, 1, 1, 2, 3]
+
+
+def test_science_modules_import_neither_ray_nor_storage():
+    code = ("import sys\n"
+            "import raywalk.graph, raywalk.walks, raywalk.compliance, raywalk.model, raywalk.generate, "
+            "raywalk.gate, raywalk.schedule, raywalk.training\n"
+            "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.') "
+            "or m in ('raywalk.storage', 'pyarrow.fs'))\n"
+            "print(bad)\nsys.exit(1 if bad else 0)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
