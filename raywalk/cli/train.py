@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from . import add_config_args, load_config
 
@@ -29,5 +30,11 @@ def run(args: argparse.Namespace) -> int:
 
     Store.open(cfg.run.storage).check_writable()   # before Ray starts
 
-    r = train(cfg, fresh=args.fresh, verbose=args.verbose, progress=not args.no_progress)
+    from ..lease import LeaseHeld
+
+    try:
+        r = train(cfg, fresh=args.fresh, verbose=args.verbose, progress=not args.no_progress)
+    except LeaseHeld as e:   # another driver runs this experiment: one line, exit 3 (2 is bad input)
+        print(f"raywalk train: {e}", file=sys.stderr)
+        return 3
     return 0 if r["status"] in ("passed", "failed") else 1

@@ -1,0 +1,413 @@
+"""One driver per experiment: a lease at ROOT/<experiment_id>/lease.json.
+
+    {"holder": uuid hex, "host", "pid", "started_at", "heartbeat_at" (ISO-8601 UTC),
+     "heartbeat_unix": float, "stale_after_s": float}
+
+A lease is live while `time.time() - heartbeat_unix < stale_after_s`. Every change is
+atomic and conditional, so two drivers can never both believe they hold it:
+
+- local root: the first lease is created with link() (fails if the file exists);
+  renewal, takeover and release compare-and-swap under an flock on `lease.lock`
+  (released by the kernel when a process dies, so it never goes stale itself).
+- s3:// root: PutObject with `If-None-Match: *` creates it; renewal and takeover are
+  PutObject with `If-Match: <ETag>` of the version the driver last wrote or read,
+  release a DeleteObject with `If-Match`. pyarrow.fs has no conditional writes, so
+  these few requests go through boto3, with the same credential chain (environment,
+  profile, instance role) and the endpoint options of the storage URI.
+
+The holder renews every `heartbeat_s` from a daemon thread; a second driver finding a
+live lease raises LeaseHeld naming the holder; one finding a stale lease (the holder
+was killed) takes it over with a one-line notice. Defaults: stale after 60 s, heartbeat
+every 10 s; `RAYWALK_LEASE_STALE_AFTER_S` overrides the first (the heartbeat follows at
+1/6 of it unless `RAYWALK_LEASE_HEARTBEAT_S` is set). The staleness test compares the
+reader's clock with the holder's: drivers of one study should run on hosts with
+synchronised clocks (the cluster's head runs them all).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
+from urllib.parse import parse_qs
+
+from .storage import Store, split_query
+
+LEASE = "lease.json"
+LOCK = "lease.lock"
+STALE_AFTER_S = 60.0
+ENV_STALE = "RAYWALK_LEASE_STALE_AFTER_S"
+ENV_HEARTBEAT = "RAYWALK_LEASE_HEARTBEAT_S"
+
+Log = Callable[[str], None]
+
+
+def _stderr(s: str) -> None:
+    print(s, file=sys.stderr, flush=True)
+
+
+def _iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def timings(stale_after_s: float | None = None, heartbeat_s: float | None = None) -> tuple[float, float]:
+    """(stale_after_s, heartbeat_s): arguments, else the environment, else 60 s and stale/6."""
+    def env(name: str) -> float | None:
+        raw = os.environ.get(name)
+        if raw in (None, ""):
+            return None
+        try:
+            v = float(raw)
+        except ValueError:
+            v = float("nan")
+        if not v > 0:
+            raise ValueError(f"{name}: {raw!r} is invalid: must be a number of seconds > 0")
+        return v
+
+    stale = stale_after_s if stale_after_s is not None else env(ENV_STALE) or STALE_AFTER_S
+    beat = heartbeat_s if heartbeat_s is not None else env(ENV_HEARTBEAT) or stale / 6
+    if not 0 < beat < stale:
+        raise ValueError(f"lease heartbeat: {beat} s is invalid: must be > 0 and below stale_after_s={stale}")
+    return float(stale), float(beat)
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    holder: str
+    """Random id of the holding driver (uuid hex), new for every acquisition."""
+    host: str
+    """Host name of the holding driver."""
+    pid: int
+    """Process id of the holding driver on that host."""
+    started_at: str
+    """When the holder took the lease (ISO-8601 UTC)."""
+    heartbeat_at: str
+    """Last renewal (ISO-8601 UTC)."""
+    heartbeat_unix: float
+    """Last renewal, seconds since the epoch (holder's clock)."""
+    stale_after_s: float
+    """The lease is live while now - heartbeat_unix < this."""
+
+    def encode(self) -> bytes:
+        return (json.dumps(asdict(self), indent=2) + "\n").encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> "LeaseInfo | None":
+        """The lease, or None for a file that is not one (then treated as stale)."""
+        try:
+            d = json.loads(data)
+            return cls(str(d["holder"]), str(d["host"]), int(d["pid"]), str(d["started_at"]),
+                       str(d["heartbeat_at"]), float(d["heartbeat_unix"]), float(d["stale_after_s"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def age(self, now: float | None = None) -> float:
+        return (time.time() if now is None else now) - self.heartbeat_unix
+
+    def live(self, now: float | None = None) -> bool:
+        return self.age(now) < self.stale_after_s
+
+    def describe(self) -> str:
+        return (f"host {self.host}, pid {self.pid}, started {self.started_at}, last heartbeat {self.heartbeat_at} "
+                f"({max(0.0, self.age()):.0f}s ago)")
+
+
+class LeaseHeld(RuntimeError):
+    """Another driver holds a live lease on the experiment."""
+
+    def __init__(self, experiment_id: str, info: LeaseInfo, uri: str):
+        self.experiment_id, self.info, self.uri = experiment_id, info, uri
+        left = max(0.0, info.stale_after_s - info.age())
+        super().__init__(f"experiment {experiment_id} is already being run by another driver ({info.describe()}); "
+                         f"not starting. Its lease ({uri}) is taken over only if its heartbeat stops for "
+                         f"{info.stale_after_s:.0f}s (another {left:.0f}s at least)")
+
+
+class LeaseLost(RuntimeError):
+    """The lease this driver held was taken over or removed by someone else."""
+
+
+# ---- backends: create / read / replace / delete, each atomic and conditional ----------
+
+class _Local:
+    """Files on a local (or shared POSIX) filesystem; the token of a version is its content."""
+
+    def __init__(self, exp: Store):
+        self.dir, self.path = exp.path(), exp.path(LEASE)
+
+    def create(self, data: bytes):
+        os.makedirs(self.dir, exist_ok=True)
+        tmp = f"{self.path}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, self.path)          # atomic, and fails if a lease exists
+            return data
+        except FileExistsError:
+            return None
+        finally:
+            os.unlink(tmp)
+
+    def read(self):
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+            return data, data
+        except FileNotFoundError:
+            return None
+
+    @contextlib.contextmanager
+    def _locked(self):
+        import fcntl
+
+        os.makedirs(self.dir, exist_ok=True)
+        fd = os.open(os.path.join(self.dir, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)                    # closing releases the flock
+
+    def replace(self, data: bytes, token):
+        with self._locked():
+            cur = self.read()
+            if cur is None or cur[1] != token:
+                return None
+            tmp = f"{self.path}.{uuid.uuid4().hex}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            return data
+
+    def delete(self, token) -> bool:
+        with self._locked():
+            cur = self.read()
+            if cur is None or cur[1] != token:
+                return False
+            os.unlink(self.path)
+            return True
+
+
+class _S3:
+    """An S3 object; the token of a version is its ETag. Conditional requests through boto3."""
+
+    def __init__(self, exp: Store):
+        import boto3
+        from botocore.config import Config as BotoConfig
+
+        base, query = split_query(exp.uri)
+        opts = {k: v[-1] for k, v in parse_qs(query).items()}
+        self.bucket, _, prefix = base.removeprefix("s3://").partition("/")
+        self.key = f"{prefix.strip('/')}/{LEASE}".lstrip("/")
+        endpoint = opts.get("endpoint_override")
+        if endpoint and "://" not in endpoint:
+            endpoint = f"{opts.get('scheme', 'https')}://{endpoint}"
+        creds = {k: opts[q] for k, q in (("aws_access_key_id", "access_key"), ("aws_secret_access_key", "secret_key"),
+                                         ("aws_session_token", "session_token")) if q in opts}
+        self.client = boto3.session.Session().client(
+            "s3", endpoint_url=endpoint, region_name=opts.get("region"), **creds,
+            config=BotoConfig(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=20))
+
+    @staticmethod
+    def _failed(e: Exception) -> bool:
+        """A refused condition: 412, or 409 when another conditional write to the key is in progress."""
+        code = getattr(e, "response", {}).get("Error", {}).get("Code", "")
+        status = getattr(e, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "404") \
+            or status in (404, 409, 412)
+
+    def _put(self, data: bytes, **cond):
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.put_object(Bucket=self.bucket, Key=self.key, Body=data,
+                                          ContentType="application/json", **cond)["ETag"]
+        except ClientError as e:
+            if self._failed(e):
+                return None
+            raise
+
+    def create(self, data: bytes):
+        return self._put(data, IfNoneMatch="*")
+
+    def read(self):
+        from botocore.exceptions import ClientError
+
+        try:
+            r = self.client.get_object(Bucket=self.bucket, Key=self.key)
+        except ClientError as e:
+            if self._failed(e):
+                return None
+            raise
+        return r["Body"].read(), r["ETag"]
+
+    def replace(self, data: bytes, token):
+        return self._put(data, IfMatch=token)
+
+    def delete(self, token) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=token)
+            return True
+        except ClientError as e:
+            if self._failed(e):
+                return False
+            if e.response.get("Error", {}).get("Code") not in ("NotImplemented", "InvalidArgument"):
+                raise
+        # A server without conditional deletes: compare, then delete. Not atomic, but a takeover
+        # needs a stale lease, and this holder renewed it within the last heartbeat.
+        got = self.read()
+        if got is None or got[1] != token:
+            return False
+        self.client.delete_object(Bucket=self.bucket, Key=self.key)
+        return True
+
+
+def supported(exp: Store) -> bool:
+    """Leases need atomic conditional writes: local paths and s3:// have them here."""
+    return exp.local or exp.uri.startswith("s3://")
+
+
+def _backend(exp: Store):
+    if exp.local:
+        return _Local(exp)
+    if exp.uri.startswith("s3://"):
+        return _S3(exp)
+    raise ValueError(f"{exp.uri}: experiment leases need a local path or s3://")
+
+
+# ---- the lease ------------------------------------------------------------------------
+
+class Lease:
+    """This driver's claim on one experiment (see the module doc)."""
+
+    def __init__(self, exp: Store, experiment_id: str, *, stale_after_s: float | None = None,
+                 heartbeat_s: float | None = None, log: Log = _stderr):
+        self.exp, self.experiment_id, self.log = exp, experiment_id, log
+        self.stale_after_s, self.heartbeat_s = timings(stale_after_s, heartbeat_s)
+        self.holder = uuid.uuid4().hex
+        self.info: LeaseInfo | None = None
+        self._token = None
+        self._backend = _backend(exp) if supported(exp) else None
+        self._mutex = threading.Lock()      # the heartbeat thread and release() never interleave
+
+    @property
+    def uri(self) -> str:
+        return self.exp.child_uri(LEASE)
+
+    def _stamp(self, started_at: str | None = None) -> LeaseInfo:
+        now = time.time()
+        return LeaseInfo(self.holder, socket.gethostname(), os.getpid(), started_at or _iso(now), _iso(now), now,
+                         self.stale_after_s)
+
+    def current(self) -> LeaseInfo | None:
+        """Whoever holds the lease now (None: nobody, or a file that is not a lease)."""
+        got = self._backend.read()
+        return LeaseInfo.decode(got[0]) if got else None
+
+    def check_free(self) -> None:
+        """LeaseHeld if another driver holds a live lease (e.g. before --fresh moves the experiment)."""
+        if self._backend is None:
+            return
+        cur = self.current()
+        if cur is not None and cur.holder != self.holder and cur.live():
+            raise LeaseHeld(self.experiment_id, cur, self.uri)
+
+    def acquire(self) -> "Lease":
+        """Take the lease, or take over a stale one; LeaseHeld if another driver holds it live."""
+        for _ in range(5):            # each round loses only to another driver's successful change
+            info = self._stamp()
+            token = self._backend.create(info.encode())
+            if token is not None:
+                self.info, self._token = info, token
+                return self
+            got = self._backend.read()
+            if got is None:
+                continue              # released in between: try to create again
+            cur = LeaseInfo.decode(got[0])
+            if cur is not None and cur.live():
+                raise LeaseHeld(self.experiment_id, cur, self.uri)
+            token = self._backend.replace(info.encode(), got[1])
+            if token is not None:
+                self.info, self._token = info, token
+                was = cur.describe() if cur else "an unreadable lease file"
+                self.log(f"taking over experiment {self.experiment_id} from a driver that stopped renewing its "
+                         f"lease ({was}; stale after {cur.stale_after_s if cur else self.stale_after_s:.0f}s)")
+                return self
+        cur = self.current()
+        if cur is not None:
+            raise LeaseHeld(self.experiment_id, cur, self.uri)
+        raise LeaseLost(f"could not take the lease {self.uri}: it kept changing")
+
+    def renew(self) -> None:
+        """Refresh the heartbeat; LeaseLost if this driver no longer holds the lease."""
+        with self._mutex:
+            if self._token is None:
+                raise LeaseLost(f"{self.uri}: not held by this driver")
+            info = self._stamp(self.info.started_at)
+            token = self._backend.replace(info.encode(), self._token)
+            if token is None:
+                cur = self.current()
+                self._token = None
+                raise LeaseLost(f"lease on experiment {self.experiment_id} was taken over"
+                                + (f" by another driver ({cur.describe()})" if cur else " or removed"))
+            self.info, self._token = info, token
+
+    def release(self) -> bool:
+        """Remove the lease if this driver still holds it; True when removed."""
+        with self._mutex:
+            token, self._token = self._token, None
+            return token is not None and self._backend.delete(token)
+
+
+@contextlib.contextmanager
+def hold(exp: Store, experiment_id: str, *, log: Log = _stderr, stale_after_s: float | None = None,
+         heartbeat_s: float | None = None) -> Iterator[Lease | None]:
+    """Hold the experiment's lease for the block: acquire (LeaseHeld if taken), heartbeat, release."""
+    if not supported(exp):
+        log(f"warning: no experiment lease on {exp.uri} (only local paths and s3:// have atomic conditional "
+            f"writes here): a second driver on this experiment would not be refused")
+        yield None
+        return
+    lease = Lease(exp, experiment_id, stale_after_s=stale_after_s, heartbeat_s=heartbeat_s, log=log).acquire()
+    stop = threading.Event()
+
+    def beat() -> None:
+        warned = False
+        while not stop.wait(lease.heartbeat_s):
+            try:
+                lease.renew()
+                warned = False
+            except LeaseLost as e:
+                if not stop.is_set():
+                    log(f"warning: {e}; this driver no longer holds it and stops renewing")
+                return
+            except Exception as e:   # a storage hiccup: keep trying until the lease goes stale
+                if not warned:
+                    log(f"warning: could not renew the lease {lease.uri} ({type(e).__name__}: {e}); retrying")
+                    warned = True
+
+    thread = threading.Thread(target=beat, name=f"raywalk-lease-{experiment_id}", daemon=True)
+    thread.start()
+    try:
+        yield lease
+    finally:
+        stop.set()
+        thread.join(timeout=lease.heartbeat_s + 30)
+        try:
+            lease.release()
+        except Exception as e:   # never hide the run's own outcome; the lease then goes stale
+            log(f"warning: could not remove the lease {lease.uri} ({type(e).__name__}: {e}); "
+                f"it goes stale after {lease.stale_after_s:.0f}s")

@@ -1,0 +1,245 @@
+"""One driver per experiment: the lease, on a local root and on a real S3 server (moto); then two real drivers."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from raywalk.lease import LEASE, Lease, LeaseHeld, LeaseInfo, LeaseLost, hold, timings
+from raywalk.storage import Store
+from tests.conftest import kill_session, tiny_config
+
+BUCKET = "raywalk-lease"
+CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+         "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@pytest.fixture(scope="module")
+def s3_uri():
+    """A real S3-compatible server (moto, threaded, in this process) with a bucket; yields a URI maker."""
+    moto_server = pytest.importorskip("moto.server")
+    import boto3
+
+    old = {k: os.environ.get(k) for k in CREDS}
+    os.environ.update(CREDS)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    _, port = server.get_host_and_port()
+    boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    yield lambda prefix: f"s3://{BUCKET}/{prefix}?endpoint_override=127.0.0.1:{port}&scheme=http"
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(params=["local", "s3"])
+def exp(request, tmp_path):
+    """An experiment directory on either backend (fresh per test)."""
+    if request.param == "local":
+        return Store.open(str(tmp_path / "root")).sub("exp1")
+    return Store.open(request.getfixturevalue("s3_uri")(f"t{time.monotonic_ns()}")).sub("exp1")
+
+
+def lease(exp: Store, logs: list[str] | None = None, **kw) -> Lease:
+    return Lease(exp, "exp1", log=(logs.append if logs is not None else lambda s: None), **kw)
+
+
+def test_acquire_writes_the_agreed_record_and_a_second_driver_is_refused(exp):
+    a = lease(exp).acquire()
+    d = exp.read_json(LEASE)
+    assert set(d) == {"holder", "host", "pid", "started_at", "heartbeat_at", "heartbeat_unix", "stale_after_s"}
+    assert d["holder"] == a.holder and d["pid"] == os.getpid() and d["stale_after_s"] == 60.0
+    assert d["started_at"].endswith("Z") and abs(d["heartbeat_unix"] - time.time()) < 60
+    with pytest.raises(LeaseHeld) as e:
+        lease(exp).acquire()
+    msg = str(e.value)
+    assert "experiment exp1 is already being run by another driver" in msg
+    assert f"pid {os.getpid()}" in msg and d["host"] in msg and d["started_at"] in msg and d["heartbeat_at"] in msg
+    assert e.value.info.holder == a.holder
+    assert exp.read_json(LEASE)["holder"] == a.holder       # the refused driver changed nothing
+
+
+def test_release_frees_the_experiment(exp):
+    a = lease(exp).acquire()
+    assert a.release() is True and not exp.is_file(LEASE)
+    assert a.release() is False                              # once only
+    b = lease(exp).acquire()
+    assert exp.read_json(LEASE)["holder"] == b.holder
+
+
+def test_renewal_moves_the_heartbeat_and_only_the_holder_renews(exp):
+    a = lease(exp).acquire()
+    first = exp.read_json(LEASE)
+    time.sleep(1.1)
+    a.renew()
+    again = exp.read_json(LEASE)
+    assert again["heartbeat_unix"] > first["heartbeat_unix"] and again["started_at"] == first["started_at"]
+    stranger = lease(exp)                                    # never acquired: cannot renew or release it
+    with pytest.raises(LeaseLost):
+        stranger.renew()
+    assert stranger.release() is False and exp.read_json(LEASE) == again
+
+
+def test_a_stale_lease_is_taken_over_and_its_old_holder_cannot_renew_or_release_it(exp):
+    a = lease(exp, stale_after_s=3.0, heartbeat_s=0.5).acquire()
+    with pytest.raises(LeaseHeld):
+        lease(exp).acquire()                                 # still live
+    time.sleep(3.2)
+    logs: list[str] = []
+    b = lease(exp, logs).acquire()
+    assert exp.read_json(LEASE)["holder"] == b.holder
+    assert len(logs) == 1 and "taking over experiment exp1" in logs[0] and f"pid {os.getpid()}" in logs[0]
+    with pytest.raises(LeaseLost, match="taken over"):
+        a.renew()
+    assert a.release() is False and exp.read_json(LEASE)["holder"] == b.holder
+
+
+def test_an_unreadable_lease_file_is_taken_over(exp):
+    exp.write_bytes(LEASE, b"{not json")
+    logs: list[str] = []
+    b = lease(exp, logs).acquire()
+    assert exp.read_json(LEASE)["holder"] == b.holder and "unreadable" in logs[0]
+
+
+def test_hold_heartbeats_past_the_stale_time_and_releases_at_the_end(exp):
+    with hold(exp, "exp1", log=lambda s: None, stale_after_s=2.0, heartbeat_s=0.2) as a:
+        time.sleep(2.5)                                      # longer than stale_after: only renewals keep it live
+        with pytest.raises(LeaseHeld):
+            lease(exp).acquire()
+        assert LeaseInfo.decode(exp.read_bytes(LEASE)).age() < 2.0
+    assert not exp.is_file(LEASE)
+    with pytest.raises(LeaseLost):
+        a.renew()
+
+
+def test_hold_releases_when_the_block_raises(exp):
+    with pytest.raises(ZeroDivisionError):
+        with hold(exp, "exp1", log=lambda s: None):
+            1 / 0
+    assert not exp.is_file(LEASE)
+
+
+def test_racing_drivers_get_exactly_one_lease_locally(tmp_path):
+    """Eight threads create at once, then eight take over the stale lease at once: one winner each time."""
+    exp = Store.open(str(tmp_path)).sub("exp1")
+    for stale in (False, True):
+        if stale:
+            lease(exp, stale_after_s=0.2, heartbeat_s=0.1).acquire()
+            time.sleep(0.3)
+        wins, refused = [], []
+        gate = threading.Barrier(8)
+
+        def go():
+            mine = lease(exp)
+            gate.wait()
+            try:
+                wins.append(mine.acquire())
+            except LeaseHeld:
+                refused.append(mine)
+
+        threads = [threading.Thread(target=go) for _ in range(8)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert len(wins) == 1 and len(refused) == 7
+        assert exp.read_json(LEASE)["holder"] == wins[0].holder
+        wins[0].release()
+
+
+def test_timings_from_the_environment(monkeypatch):
+    assert timings() == (60.0, 10.0)
+    monkeypatch.setenv("RAYWALK_LEASE_STALE_AFTER_S", "3")
+    assert timings() == (3.0, 0.5)
+    monkeypatch.setenv("RAYWALK_LEASE_HEARTBEAT_S", "1")
+    assert timings() == (3.0, 1.0)
+    monkeypatch.setenv("RAYWALK_LEASE_STALE_AFTER_S", "soon")
+    with pytest.raises(ValueError, match="RAYWALK_LEASE_STALE_AFTER_S: 'soon' is invalid"):
+        timings()
+    with pytest.raises(ValueError, match="heartbeat"):
+        timings(stale_after_s=5, heartbeat_s=5)
+
+
+# ---- two real drivers on one experiment -------------------------------------------------
+
+def _cli(cfg_path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "raywalk.cli", "train", str(cfg_path), "--no-progress", *extra]
+
+
+def _config_file(tmp_path, name: str, **dotted) -> tuple:
+    cfg = tiny_config(tmp_path / "root", **dotted)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps(cfg.to_dict()))               # JSON is YAML
+    return cfg, path
+
+
+def _env(**extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return {**env, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def _wait_for(pred, proc, what: str, limit: float = 600) -> None:
+    deadline = time.time() + limit   # a bound on a hang, not a timing check
+    while time.time() < deadline:
+        if pred():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the driver ended before {what}:\n{proc.stdout.read().decode()[-3000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"never saw {what}")
+
+
+def test_a_second_driver_is_refused_while_the_first_runs_to_the_end(tmp_path):
+    cfg, path = _config_file(tmp_path, "a", **{"train.max_epochs": 2, "gate.rule": 1.0})
+    exp = tmp_path / "root" / cfg.experiment_id()
+    first = subprocess.Popen(_cli(path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(),
+                             start_new_session=True, cwd=tmp_path)
+    try:
+        _wait_for(lambda: (exp / LEASE).exists(), first, "its lease")
+        second = subprocess.run(_cli(path), capture_output=True, text=True, env=_env(), cwd=tmp_path,
+                                start_new_session=True, timeout=120)
+        assert first.poll() is None, "the first driver should still be running"
+        err = second.stderr.strip().splitlines()
+        assert second.returncode == 3, second.stdout + second.stderr
+        assert len(err) == 1 and f"experiment {cfg.experiment_id()} is already being run by another driver" in err[0]
+        assert f"pid {first.pid}" in err[0] and "last heartbeat" in err[0] and "started" in err[0]
+        assert "Ray" not in second.stdout + second.stderr         # refused before Ray started
+        out, _ = first.communicate(timeout=600)
+    finally:
+        kill_session(first.pid)
+        first.wait()
+    assert first.returncode == 0, out.decode()[-3000:]
+    assert json.loads((exp / "result.json").read_text())["epochs_trained"] == 2
+    assert not (exp / LEASE).exists()                           # released at the end
+
+
+def test_a_killed_drivers_stale_lease_is_taken_over_and_the_run_resumes(tmp_path):
+    cfg, path = _config_file(tmp_path, "b", **{"train.max_epochs": 2, "gate.rule": 1.0})
+    exp = tmp_path / "root" / cfg.experiment_id()
+    short = {"RAYWALK_LEASE_STALE_AFTER_S": "4"}
+    first = subprocess.Popen(_cli(path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(**short),
+                             start_new_session=True, cwd=tmp_path)
+    try:
+        _wait_for(lambda: (exp / "result.json").exists()
+                  and json.loads((exp / "result.json").read_text())["epochs_trained"] >= 1, first, "epoch 1")
+    finally:
+        kill_session(first.pid)                                  # SIGKILL: no release, the lease stays behind
+        first.wait()
+    held = json.loads((exp / LEASE).read_text())
+    assert held["pid"] == first.pid and held["stale_after_s"] == 4.0
+    while time.time() - held["heartbeat_unix"] < held["stale_after_s"] + 0.5:
+        time.sleep(0.2)
+    rerun = subprocess.run(_cli(path), capture_output=True, text=True, env=_env(), cwd=tmp_path,
+                           start_new_session=True, timeout=600)
+    out = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, out[-4000:]
+    assert f"taking over experiment {cfg.experiment_id()}" in out and f"pid {first.pid}" in out
+    assert "resuming from" in out and "epoch 1/2" not in out
+    assert json.loads((exp / "result.json").read_text())["epochs_trained"] == 2
+    assert not (exp / LEASE).exists()
