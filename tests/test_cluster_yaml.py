@@ -6,6 +6,7 @@ passes it), so the spot/on-demand, storage and version rules are checked here.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 import shlex
@@ -18,6 +19,7 @@ import yaml
 
 import ray
 from raywalk.storage import is_remote
+from raywalk.tune import DRIVER_RESOURCE
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
@@ -57,6 +59,11 @@ def raywalk_problems(cfg: dict) -> list[str]:
         out.append("head node must advertise CPU: 0 (no training on it)")
     if not any("--num-cpus=0" in c for c in cfg.get("head_start_ray_commands", [])):
         out.append("head_start_ray_commands must pass --num-cpus=0")
+    if head.get("resources", {}).get(DRIVER_RESOURCE, 0) < 1:
+        out.append(f"head node must declare {DRIVER_RESOURCE} (slots for sweep trial drivers, safe from spot reclaims)")
+    for name, nt in workers(cfg).items():
+        if nt.get("resources", {}).get(DRIVER_RESOURCE):
+            out.append(f"{name}: only the head may declare {DRIVER_RESOURCE} (workers are spot)")
     for name, nt in workers(cfg).items():
         market = nt["node_config"].get("InstanceMarketOptions", {})
         if market.get("MarketType") != "spot":
@@ -109,16 +116,35 @@ def test_follows_raywalks_rules(cluster):
     assert raywalk_problems(cluster) == []
 
 
+def test_a_cold_cluster_sweeps_at_the_width_it_can_grow_to(cluster):
+    """`raywalk tune` sizes trial concurrency from the autoscaler's node types, not the cold cluster's 0 CPUs."""
+    from raywalk.sweep import load_sweep
+    from raywalk.tune import capacity_from_autoscaling_config, concurrency
+
+    cap = capacity_from_autoscaling_config(cluster)
+    types = workers(cluster)
+    most_cpus = max(t["resources"].get("CPU", 0) for t in types.values())
+    assert cap["CPU"] == most_cpus * cluster["max_workers"]     # the global max_workers caps all types together
+    assert 0 < cap["GPU"] <= sum(t["max_workers"] * t["resources"].get("GPU", 0) for t in types.values())
+    sweep = load_sweep(str(ROOT / "configs" / "sweep_graph_sizes.yaml"))
+    k = concurrency(cap, sweep.points, on_head=True, driver_slots=cap[DRIVER_RESOURCE])
+    assert k >= len(sweep.points) > 1          # every point at once; a cold cluster's own CPUs (0) give 1
+    gpu_points = [dataclasses.replace(p, cfg=p.cfg.replace(**{"run.gpus_per_worker": 1.0})) for p in sweep.points]
+    assert concurrency(cap, gpu_points, on_head=True, driver_slots=cap[DRIVER_RESOURCE]) == int(cap["GPU"])
+
+
 def test_the_rules_catch_what_the_schema_lets_through(cluster):
     bad = copy.deepcopy(cluster)
     w = next(iter(workers(bad)))
     bad["available_node_types"][w]["node_config"]["InstanceMarketOptions"] = {"MarketTyp": "spot"}   # misspelt
     bad["available_node_types"][bad["head_node_type"]]["node_config"]["InstanceMarketOptions"] = {"MarketType": "spot"}
     bad["metadata"]["raywalk"]["storage"] = "results"
+    del bad["available_node_types"][bad["head_node_type"]]["resources"][DRIVER_RESOURCE]
     bad["setup_commands"] = [c.replace("torch==2.13.0", "torch") for c in bad["setup_commands"]]
     jsonschema.validate(bad, json.loads(SCHEMA.read_text()))          # the schema is happy...
     problems = " | ".join(raywalk_problems(bad))                       # ...raywalk is not
-    for needle in (f"{w}: worker must be spot", "head node must be on-demand", "remote URI", "'torch==2.13.0'"):
+    for needle in (f"{w}: worker must be spot", "head node must be on-demand", "remote URI", "'torch==2.13.0'",
+                   f"head node must declare {DRIVER_RESOURCE}"):
         assert needle in problems
 
 
