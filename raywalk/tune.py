@@ -5,29 +5,40 @@ trial is a function trainable that calls `trainer.train(cfg,
 callbacks=[TuneReportCallback()])`, which builds the TorchTrainer and calls
 `fit()`. Every trial writes `ROOT/{experiment_id}/result.json` exactly as
 `raywalk train` does; the sweep writes `ROOT/sweeps/{sweep_id}/summary.json`,
-`summary.csv`, `trials/{experiment_id}.json` (wall time, errors) and Tune's own
+`summary.csv`, `trials/{experiment_id}.json` (start, end, wall time, driver node,
+errors) and Tune's own
 directory `tune/`.
 
 Resources (why trials never deadlock on 2 CPUs and still fill a cluster):
-- a trial (the function trainable: corpus check, driver of one TorchTrainer)
-  reserves TRIAL_CPU = 0.1 CPU through `tune.with_resources`; its training
-  workers request their own `run.workers x run.cpus_per_worker` CPUs when the
-  TorchTrainer starts (Train V2 makes its own placement group);
-- so a trial needs `TRIAL_CPU + run.workers * run.cpus_per_worker` CPUs, and
-  DATA_CPU = 1 CPU is kept free for Ray Data's read tasks (SPEC §9: workers
-  holding every CPU starve the data pipeline);
-- `max_concurrent_trials` = --max-concurrent, else floor((cluster CPUs -
-  DATA_CPU) / largest trial need), at least 1: all of a big cluster, one or two
-  trials on a laptop;
+- a trial's driver (the function trainable: corpus check, driver of one
+  TorchTrainer) reserves, through `tune.with_resources`, one unit of the
+  custom resource DRIVER_RESOURCE when the cluster declares it (cluster.yaml's
+  head node does: drivers then live on the on-demand head, where spot reclaims
+  cannot take them, and Train V2 pins each trial's controller to its driver's
+  node), else 0.1 CPU (a laptop). Its training workers request their own
+  `run.workers x run.cpus_per_worker` CPUs (and GPUs) when the TorchTrainer
+  starts (Train V2 makes its own placement group);
+- one CPU is kept free for Ray Data's read tasks (SPEC §9: workers holding
+  every CPU starve the data pipeline);
+- `max_concurrent_trials` = --max-concurrent, else what the cluster can grow
+  to: for each resource a trial needs, floor((capacity - reserve) / need), at
+  most the head's driver slots, at least 1. Capacity comes from the autoscaler
+  (`autoscaler_capacity`: the cluster config it reported to the GCS, else the
+  config file the head's monitor runs with), so a cold cluster with no workers
+  yet still fans out; without an autoscaler (a laptop, a fixed cluster) it is
+  the cluster's resources now;
 - a local Ray started by the sweep gets enough logical CPUs for that many
-  trials plus DATA_CPU (`num_cpus` above the core count is bookkeeping, not
-  speed: the trials then share the cores).
-- corpora are built on the driver before the Tuner starts: a Tune trial's
-  placement group captures child tasks, so the 1-CPU corpus tasks could never
-  be scheduled inside a 0.1-CPU trial, and two points sharing a corpus (an
-  axis on model or gate keys) must not build it twice at once. The trial's
+  trials plus the data CPU (`num_cpus` above the core count is bookkeeping,
+  not speed: the trials then share the cores);
+- corpora are built on the sweep's driver before the Tuner starts: a Tune
+  trial's placement group captures child tasks, so the 1-CPU corpus tasks could
+  never be scheduled inside a trial's bundle, and two points sharing a corpus
+  (an axis on model or gate keys) must not build it twice at once. The trial's
   `train()` then finds and verifies the corpus, as a rerun of `raywalk train`
-  would.
+  would;
+- a trial whose driver or node is lost is retried by Tune (FailureConfig
+  max_failures = the largest run.max_failures, at least 1); the retry's
+  `train()` resumes the experiment from its checkpoints.
 
 Reruns: finished points (result.json passed/failed) are skipped before the
 Tuner is built (no trial at all); interrupted points get a trial whose
@@ -39,6 +50,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from .config import Config
@@ -47,6 +59,8 @@ from .sweep import Point, Sweep, build_summary, format_table, summary_row, to_cs
 
 TRIAL_CPU = 0.1
 DATA_CPU = 1.0
+DRIVER_RESOURCE = "raywalk_driver"   # declared by the head node in cluster.yaml
+DRIVER_UNIT = 1.0                    # what one trial driver takes of it
 
 Log = Callable[[str], None]
 
@@ -55,14 +69,104 @@ def _stderr(s: str) -> None:
     print(s, file=sys.stderr, flush=True)
 
 
-def trial_need(cfg: Config) -> float:
-    """CPUs one trial holds while training: its own reservation plus its training workers."""
-    return TRIAL_CPU + cfg.run.workers * cfg.run.cpus_per_worker
+def trial_need(cfg: Config, on_head: bool = False) -> dict[str, float]:
+    """Resources one trial holds while training: its driver's CPU (none on the head) plus its workers'."""
+    need = {"CPU": (0.0 if on_head else TRIAL_CPU) + cfg.run.workers * cfg.run.cpus_per_worker}
+    if cfg.run.gpus_per_worker > 0:
+        need["GPU"] = cfg.run.workers * cfg.run.gpus_per_worker
+    return need
+
+
+def trial_resources(on_head: bool) -> dict[str, float]:
+    """What a trial's driver reserves through tune.with_resources."""
+    return {"CPU": 0.0, DRIVER_RESOURCE: DRIVER_UNIT} if on_head else {"CPU": TRIAL_CPU}
+
+
+def concurrency(capacity: dict[str, float], points: list[Point] | tuple[Point, ...], on_head: bool = False,
+                driver_slots: float = 0.0) -> int:
+    """Trials that fit `capacity` at once: the scarcest resource decides, DATA_CPU stays free."""
+    k = math.inf
+    for r in {r for p in points for r in trial_need(p.cfg, on_head)}:
+        need = max(trial_need(p.cfg, on_head).get(r, 0.0) for p in points)
+        if need > 0:
+            free = capacity.get(r, 0.0) - (DATA_CPU if r == "CPU" else 0.0)
+            k = min(k, math.floor(free / need + 1e-9))
+    if on_head:
+        k = min(k, math.floor(driver_slots / DRIVER_UNIT + 1e-9))
+    return max(1, int(min(k, 1 << 30)))
 
 
 def default_concurrency(cluster_cpus: float, points: list[Point] | tuple[Point, ...]) -> int:
-    need = max(trial_need(p.cfg) for p in points)
-    return max(1, int(math.floor((cluster_cpus - DATA_CPU) / need + 1e-9)))
+    """A laptop's concurrency: its CPUs, drivers on CPU."""
+    return concurrency({"CPU": cluster_cpus, "GPU": math.inf}, points)
+
+
+def capacity_from_autoscaling_config(cfg: dict[str, Any]) -> dict[str, float]:
+    """Most of each resource a cluster config can grow to: the head plus, per resource, the worker
+    types richest in it, each up to its own max_workers and all together up to the global max_workers."""
+    types = cfg.get("available_node_types") or {}
+    head = cfg.get("head_node_type")
+    cap = {k: float(v) for k, v in (types.get(head, {}).get("resources") or {}).items()}
+    workers = [t for name, t in types.items() if name != head]
+    overall = cfg.get("max_workers")
+    for r in {r for t in workers for r in (t.get("resources") or {})}:
+        left = math.inf if overall is None else overall
+        for t in sorted(workers, key=lambda t: -float((t.get("resources") or {}).get(r, 0))):
+            n = min(t.get("max_workers", overall if overall is not None else 0), left)
+            cap[r] = cap.get(r, 0.0) + n * float((t.get("resources") or {}).get(r, 0))
+            left -= n
+    return cap
+
+
+def monitor_config_path(gcs_address: str, proc: Path = Path("/proc")) -> str | None:
+    """The --autoscaling-config of the autoscaler monitor serving this GCS, if it runs on this machine.
+
+    `ray start --head --autoscaling-config=F` starts `monitor.py --gcs-address=IP:PORT
+    --autoscaling-config=F`; `ray up` clusters use ~/ray_bootstrap_config.yaml. The GCS port
+    tells this cluster's monitor from another Ray's on the same machine.
+    """
+    port = gcs_address.rsplit(":", 1)[-1]
+    try:
+        entries = list(proc.iterdir())
+    except OSError:
+        return None
+    for d in entries:
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if not any(a.endswith("monitor.py") for a in argv):
+            continue
+        opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+        if opts.get("gcs-address", "").rsplit(":", 1)[-1] == port and opts.get("autoscaling-config"):
+            return os.path.expanduser(opts["autoscaling-config"])
+    return None
+
+
+def autoscaler_capacity() -> tuple[dict[str, float], str] | None:
+    """(capacity the cluster can grow to, where that came from), or None when no autoscaler runs."""
+    import ray
+    import ray._private.state as ray_state   # Ray Data reads the autoscaler's reported config the same way
+
+    try:
+        reported = ray_state.state.get_max_resources_from_cluster_config()
+    except Exception:
+        reported = None
+    if reported:
+        return {k: float(v) for k, v in reported.items()}, "the autoscaler's cluster config"
+    path = monitor_config_path(ray.get_runtime_context().gcs_address)
+    if path:
+        import yaml
+
+        try:
+            cfg = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError):
+            return None
+        if isinstance(cfg, dict) and cfg.get("available_node_types"):
+            return capacity_from_autoscaling_config(cfg), path
+    return None
 
 
 def sweep_dir(root: Store, sweep_id: str) -> Store:
@@ -79,7 +183,7 @@ def ensure_sweep_ray(sweep: Sweep, max_concurrent: int | None, verbose: bool) ->
     if ray.is_initialized():
         return False
     k = max_concurrent or default_concurrency(os.cpu_count() or 1, sweep.points)
-    need = k * max(trial_need(p.cfg) for p in sweep.points) + DATA_CPU
+    need = k * max(trial_need(p.cfg)["CPU"] for p in sweep.points) + DATA_CPU
     # ensure_ray sizes a local Ray for one run as workers*cpus_per_worker + 1 CPUs; ask it for `need`.
     probe = sweep.base.replace(**{"run.workers": 1, "run.cpus_per_worker": min(64.0, max(need - 1.0, 0.01)),
                                   "train.batch_size": 64})
@@ -103,15 +207,19 @@ def _trial(config: dict[str, Any], *, points: dict[str, dict[str, Any]], sweep_s
     def log(s: str) -> None:
         print(f"[{eid}] {s}", file=sys.stderr, flush=True)
 
+    import ray
+
+    base = {"experiment_id": eid, "trained_now": True, "started_at": time.time(),
+            "driver_node_id": ray.get_runtime_context().get_node_id()}
     t0 = time.perf_counter()
     try:
         r = trainer.train(cfg, callbacks=[TuneReportCallback()], progress=False, verbose=verbose, log=log)
     except BaseException as e:
-        rec_store.write_json(rec, {"experiment_id": eid, "wall_time_s": time.perf_counter() - t0,
-                                   "trained_now": True, "error": f"{type(e).__name__}: {e}"})
+        rec_store.write_json(rec, {**base, "finished_at": time.time(), "wall_time_s": time.perf_counter() - t0,
+                                   "error": f"{type(e).__name__}: {e}"})
         raise
     wall = time.perf_counter() - t0
-    rec_store.write_json(rec, {"experiment_id": eid, "wall_time_s": wall, "trained_now": True, "error": None})
+    rec_store.write_json(rec, {**base, "finished_at": time.time(), "wall_time_s": wall, "error": None})
     g = r["gate"]
     tune.report({"status": r["status"], "epochs_trained": r["epochs_trained"], "gate_passed": g["passed"],
                  "edge": g["final_edge_compliance"], "rule": g["final_rule_compliance"], "wall_time_s": wall,
@@ -156,12 +264,17 @@ def run_sweep(sweep: Sweep, *, storage: str | None = None, max_concurrent: int |
             import ray
             from ray import tune
 
-            cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
-            k_used = max_concurrent or default_concurrency(cluster_cpus, pending)
+            now = ray.cluster_resources()
+            on_head = now.get(DRIVER_RESOURCE, 0.0) >= DRIVER_UNIT
+            grown = autoscaler_capacity()
+            capacity, source = grown or (now, "the cluster now")
+            k_used = max_concurrent or concurrency(capacity, pending, on_head, now.get(DRIVER_RESOURCE, 0.0))
             k_used = min(k_used, len(pending))
-            log(f"up to {k_used} trial(s) at once; each holds {TRIAL_CPU} CPU + "
-                f"{pending[0].cfg.run.workers} worker(s) x {pending[0].cfg.run.cpus_per_worker} CPU "
-                f"(cluster: {cluster_cpus:g} CPUs)")
+            need = trial_need(pending[0].cfg, on_head)
+            where = f"on the head ({DRIVER_RESOURCE})" if on_head else f"on {TRIAL_CPU} CPU each"
+            log(f"up to {k_used} trial(s) at once; drivers {where}; a trial holds "
+                + ", ".join(f"{v:g} {r}" for r, v in need.items())
+                + f"; capacity {', '.join(f'{capacity.get(r, 0):g} {r}' for r in need)} from {source}")
             _prebuild_corpora(pending, root, log)
             for p in pending:   # a rerun of an interrupted sweep: forget the last attempt's error
                 if sd.is_file(f"trials/{p.experiment_id}.json"):
@@ -170,7 +283,7 @@ def run_sweep(sweep: Sweep, *, storage: str | None = None, max_concurrent: int |
             trainable = tune.with_resources(
                 tune.with_parameters(_trial, points={p.experiment_id: p.cfg.to_dict() for p in pending},
                                      sweep_store=sd.uri, verbose=verbose),
-                {"CPU": TRIAL_CPU})
+                trial_resources(on_head))
             tuner = tune.Tuner(
                 trainable,
                 param_space={"experiment_id": tune.grid_search([p.experiment_id for p in pending])},
@@ -179,7 +292,9 @@ def run_sweep(sweep: Sweep, *, storage: str | None = None, max_concurrent: int |
                 run_config=tune.RunConfig(
                     name="tune", storage_path=sd.path(), storage_filesystem=root.fs,   # as trainer.py does
                     verbose=None if verbose else 0,
-                    failure_config=tune.FailureConfig(max_failures=0),   # Train restarts workers itself
+                    # Train restarts lost workers itself; Tune restarts a lost driver, whose train() resumes.
+                    failure_config=tune.FailureConfig(max_failures=max(1, *(p.cfg.run.max_failures
+                                                                             for p in pending))),
                 ),
             )
             tuner.fit()
