@@ -1,2 +1,11 @@
 """raywalk: transformers trained on rule-keeping random walks over DCSBM graphs, on Ray Train."""
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `raywalk.load` without importing torch, pyarrow or ray on `import raywalk`
+    if name in ("load", "Experiment", "LoadError"):
+        from . import analysis
+
+        return getattr(analysis, name)
+    raise AttributeError(f"module 'raywalk' has no attribute {name!r}")

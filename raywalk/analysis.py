@@ -1,0 +1,216 @@
+"""One call from a notebook back to a finished experiment: `raywalk.load(where)`.
+
+    exp = raywalk.load("results/n64_w16_d64_L2_s42-445f0093")    # the gate checkpoint
+    maps = exp.model.attention_internals(torch.as_tensor(exp.eval_walks()[:8, :exp.config.w]))
+
+`where` is an experiment directory or its result.json, a local path or an
+s3:// URI. The corpus is looked for first at ROOT/corpora/<corpus_id>, ROOT
+being the experiment directory's parent (so a whole root copied to another
+machine still works), then at the location result.json records.
+
+The corpus is checked before use: its manifest must match the experiment's
+config, and the files this module reads (graph, eval split) must match their
+sizes and sha256. The train split is never read here, so it is not hashed.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .config import Config, ConfigError
+from .corpus import FORMAT_VERSION, Corpus
+from .graph import Graph, Jumpers
+from .model import GPT
+from .result import RESULT
+from .storage import Store, StorageError, check_uri, is_remote, join_uri, split_query
+
+
+_EPOCH_DIR = re.compile(r"^epoch_(\d{4,})$")
+
+
+class LoadError(ValueError):
+    """An experiment that cannot be loaded as asked; the message names what is missing."""
+
+
+@dataclass(frozen=True, eq=False)
+class Experiment:
+    """A trained experiment in memory, for the analysis phases."""
+    config: Config
+    """The experiment's typed config (from result.json)."""
+    result: dict[str, Any]
+    """result.json as a dict."""
+    model: GPT
+    """The GPT with the chosen checkpoint's weights, in eval mode, on the requested device."""
+    graph: Graph
+    """The DCSBM graph (adjacency via graph.adjacency(), block of each vertex via graph.block_of())."""
+    jumpers: Jumpers
+    """The jumper table: vertex, block, target_block, r."""
+    epoch: int
+    """The epoch whose checkpoint was loaded."""
+    checkpoint_uri: str
+    """Where that checkpoint is."""
+    corpus: Corpus
+    """The walk corpus the experiment was trained on."""
+
+    @property
+    def experiment_id(self) -> str:
+        return self.result["experiment_id"]
+
+    def eval_walks(self) -> np.ndarray:
+        """The held-out walks, (N, L) int64, in corpus order."""
+        return self.corpus.walks("eval")
+
+    def gate_starts(self) -> np.ndarray:
+        """The gate's start tokens, in the gate's order (gate.sequences of them)."""
+        return self.corpus.gate_starts(self.config.gate.sequences)
+
+
+def load(where: str | Path, checkpoint: str | int = "gate", device: str | torch.device = "cpu") -> Experiment:
+    """Load an experiment: config, result.json, model at `checkpoint`, graph, jumpers, corpus.
+
+    checkpoint: "gate" (the gate-pass checkpoint; refused for a run that never passed the
+    gate, which is not for SVD analysis), "latest" (the newest checkpoint that verifies),
+    or an epoch number.
+    """
+    try:
+        exp_uri = _experiment_uri(str(where))
+        exp = Store.open(exp_uri)
+    except StorageError as e:
+        raise LoadError(str(e)) from None
+    result = _read_result(exp)
+    eid = result.get("experiment_id", exp_uri)
+    try:
+        cfg = Config.from_dict(result["config"])
+    except (KeyError, ConfigError) as e:
+        raise LoadError(f"experiment {eid}: result.json holds no valid config ({e})") from None
+
+    state, name = _checkpoint(exp, result, eid, checkpoint)
+    if state.get("experiment_id", eid) != eid:
+        raise LoadError(f"experiment {eid}: checkpoint {exp.child_uri('checkpoints', name)} belongs to "
+                        f"experiment {state['experiment_id']}")
+    model = GPT.from_config(cfg)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        old = any(k.endswith(("q_proj.bias", "out_proj.bias")) for k in state["model"])
+        why = ("it has attention biases: it was trained before raywalk's attention projections became "
+               "bias-free; retrain it (raywalk train ... --fresh)" if old else str(e).splitlines()[0])
+        raise LoadError(f"experiment {eid}: checkpoint {name} does not fit the model: {why}") from None
+    model.eval().to(device)
+
+    corpus = _find_corpus(exp_uri, result, cfg, eid)
+    return Experiment(config=cfg, result=result, model=model, graph=corpus.graph(), jumpers=corpus.jumpers(),
+                      epoch=int(state["epoch"]), checkpoint_uri=exp.child_uri("checkpoints", name), corpus=corpus)
+
+
+# ---- where things are -------------------------------------------------------------
+
+def _experiment_uri(where: str) -> str:
+    """The experiment directory's URI, from the directory or its result.json."""
+    if is_remote(where):
+        check_uri(where)   # before any stripping: "s3://" must not become the local path "s3:"
+    base, query = split_query(where)
+    scheme, sep, path = base.rpartition("://")
+    path = path.rstrip("/") or "/"
+    if path.endswith("/" + RESULT) or path == RESULT:
+        path = path[: -len(RESULT)].rstrip("/") or "."
+    base = scheme + sep + path
+    return f"{base}?{query}" if query else base
+
+
+def _parent(uri: str) -> str:
+    base, query = split_query(uri)
+    if not is_remote(base):
+        return str(Path(base).resolve().parent)
+    parent = base.rstrip("/").rsplit("/", 1)[0]
+    return f"{parent}?{query}" if query else parent
+
+
+def _read_result(exp: Store) -> dict[str, Any]:
+    try:
+        found = exp.is_file(RESULT)
+    except OSError as e:
+        raise LoadError(f"cannot read {exp.child_uri(RESULT)}: {e}") from None
+    if not found:
+        raise LoadError(f"no experiment at {exp.uri}: {exp.child_uri(RESULT)} does not exist")
+    try:
+        r = exp.read_json(RESULT)
+    except ValueError as e:
+        raise LoadError(f"{exp.child_uri(RESULT)} is not valid JSON ({e})") from None
+    if not isinstance(r, dict):
+        raise LoadError(f"{exp.child_uri(RESULT)} is not a raywalk result (not a JSON object)")
+    return r
+
+
+def _checkpoint(exp: Store, result: dict[str, Any], eid: str, which: str | int) -> tuple[dict[str, Any], str]:
+    run = exp.sub("checkpoints")
+    on_disk = sorted(n for n in run.listdir() if _EPOCH_DIR.match(n))   # whole epochs (not mid-epoch saves)
+    have = ", ".join(str(int(_EPOCH_DIR.match(n).group(1))) for n in on_disk) or "none"
+    if which == "gate":
+        gate = result.get("gate") or {}
+        if not gate.get("passed") or gate.get("epoch") is None:
+            reason = (result.get("failure") or {}).get("reason") or f"status {result.get('status')!r}"
+            raise LoadError(f"experiment {eid} did not pass the sufficiency gate ({reason}); it is excluded from "
+                            f"SVD analysis. checkpoint='latest' or an epoch number loads it anyway "
+                            f"(epochs on disk: {have})")
+        name = ckpt.dir_name(int(gate["epoch"]))
+    elif which == "latest":
+        state, name = ckpt.find_resume_state(run, None, lambda s: warnings.warn(s, stacklevel=3))
+        if state is None:
+            raise LoadError(f"experiment {eid}: no usable checkpoint under {run.uri} (epochs on disk: {have})")
+        return state, name
+    elif isinstance(which, (int, np.integer)) and not isinstance(which, bool):
+        name = ckpt.dir_name(int(which))
+    else:
+        raise LoadError(f"checkpoint: {which!r} is invalid: must be 'gate', 'latest' or an epoch number")
+    if name not in on_disk:
+        raise LoadError(f"experiment {eid}: no checkpoint {run.child_uri(name)} (epochs on disk: {have}; "
+                        f"the last 3 and the gate checkpoint are kept)")
+    try:
+        return ckpt.read(run.sub(name)), name
+    except ckpt.CheckpointError as e:
+        raise LoadError(f"experiment {eid}: checkpoint {run.child_uri(name)} is unusable: {e}") from None
+
+
+def _find_corpus(exp_uri: str, result: dict[str, Any], cfg: Config, eid: str) -> Corpus:
+    cid = cfg.corpus_id()
+    tried = []
+    beside = join_uri(_parent(exp_uri), "corpora", cid)
+    recorded = (result.get("corpus") or {}).get("uri")
+    for uri in dict.fromkeys(u for u in (beside, recorded) if u):
+        try:
+            return _open_checked(Store.open(uri), cfg)
+        except (LoadError, OSError) as e:
+            tried.append(f"{uri} ({e})")
+    if not recorded:
+        tried.append("result.json records no corpus location")
+    raise LoadError(f"experiment {eid}: corpus {cid} not found: tried " + "; ".join(tried))
+
+
+def _open_checked(store: Store, cfg: Config) -> Corpus:
+    """The corpus at store if it is the config's; the files read here are checked against the manifest."""
+    if not store.is_file("manifest.json"):
+        raise LoadError("no manifest.json")
+    try:
+        m = store.read_json("manifest.json")
+    except ValueError as e:
+        raise LoadError(f"manifest.json is not valid JSON ({e})") from None
+    if m.get("format_version") != FORMAT_VERSION or m.get("config_hash") != cfg.corpus_id():
+        raise LoadError(f"manifest is for {m.get('config_hash')} (format {m.get('format_version')}), "
+                        f"not {cfg.corpus_id()}")
+    for rel in ["graph.parquet", *m["splits"]["eval"]["files"]]:
+        meta = m["checksums"].get(rel)
+        if meta is None or not store.is_file(rel):
+            raise LoadError(f"{rel} is missing")
+        data = store.read_bytes(rel)
+        if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise LoadError(f"{rel} does not match its size and sha256 in the manifest")
+    return Corpus(store, m)

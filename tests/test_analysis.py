@@ -1,0 +1,183 @@
+"""raywalk.load: a finished experiment back in memory, from a real (tiny) training run.
+
+One local Ray for the module trains two tiny experiments: one whose gate passes
+(thresholds at 0) and one that cannot pass (thresholds at 1), three epochs.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import raywalk
+from raywalk import checkpoint as ckpt
+from raywalk.compliance import RuleTable, check_sequences
+from raywalk.corpus import eval_size
+from raywalk.generate import greedy_generate
+from raywalk.storage import Store
+from tests.conftest import tiny_config
+from tests.s3server import s3_server  # noqa: F401  (fixture)
+
+
+@pytest.fixture(scope="module")
+def runs(local_ray, tmp_path_factory):
+    from raywalk.trainer import train
+
+    root = tmp_path_factory.mktemp("analysis") / "root"
+    quiet = dict(progress=False, log=lambda s: None)
+    passed = train(tiny_config(root, **{"gate.edge": 0.0, "gate.rule": 0.0}), **quiet)
+    failed = train(tiny_config(root, **{"gate.edge": 1.0, "gate.rule": 1.0, "seed": 4}), **quiet)
+    assert passed["status"] == "passed" and failed["status"] == "failed"
+    return {"root": root, "passed": passed, "failed": failed}
+
+
+def exp_dir(runs, which):
+    return runs["root"] / runs[which]["experiment_id"]
+
+
+def weights_equal(model, state) -> bool:
+    sd = model.state_dict()
+    return sd.keys() == state.keys() and all(torch.equal(sd[k], state[k]) for k in sd)
+
+
+def test_gate_model_reproduces_its_checkpoint_and_its_gate(runs):
+    d = exp_dir(runs, "passed")
+    exp = raywalk.load(d)
+    r = runs["passed"]
+    g = r["gate"]["epoch"]
+    assert exp.epoch == g and exp.checkpoint_uri.endswith(ckpt.dir_name(g))
+    assert exp.config.experiment_id() == r["experiment_id"] == exp.experiment_id
+    assert exp.result["status"] == "passed" and not exp.model.training
+    assert next(exp.model.parameters()).device.type == "cpu"
+    assert weights_equal(exp.model, ckpt.read(Store.open(str(d / "checkpoints" / ckpt.dir_name(g))))["model"])
+    # the same experiment through its result.json
+    again = raywalk.load(str(d / "result.json"))
+    assert again.epoch == g and weights_equal(again.model, exp.model.state_dict())
+
+    # model + gate starts + graph + jumpers give back the gate's own figures at that epoch
+    cfg = exp.config
+    starts = exp.gate_starts()
+    assert starts.shape == (cfg.gate.sequences,)
+    walks = exp.eval_walks()
+    assert walks.dtype == np.int64 and walks.shape == (eval_size(cfg), cfg.corpus.walk_length)
+    assert np.array_equal(starts, np.resize(walks[:, 0], cfg.gate.sequences))
+    seqs = greedy_generate(exp.model, torch.as_tensor(starts), cfg.corpus.walk_length, cfg.w)
+    c = check_sequences(seqs.numpy(), RuleTable.build(exp.graph, exp.jumpers))
+    assert c.edge == r["curves"]["edge_compliance"][g - 1] and c.rule == r["curves"]["rule_compliance"][g - 1]
+    assert c.rule_total == r["gate_history"]["n_rule_checks"][g - 1] > 0
+    assert exp.graph.n == cfg.graph.n and len(exp.jumpers) == cfg.graph.K * cfg.graph.n_jumpers_per_block
+
+
+def test_two_lines_reach_the_attention_internals(runs):
+    exp = raywalk.load(exp_dir(runs, "passed"))
+    cfg = exp.config
+    internals = exp.model.attention_internals(torch.as_tensor(exp.eval_walks()[:5, :cfg.w]))
+    H, dh = cfg.model.n_heads, cfg.model.d_model // cfg.model.n_heads
+    assert len(internals) == cfg.model.n_layers
+    for d in internals:
+        assert d["q"].shape == d["k"].shape == d["v"].shape == (5, H, cfg.w, dh)
+        assert d["scores"].shape == d["weights"].shape == (5, H, cfg.w, cfg.w)
+        assert torch.allclose(d["weights"].sum(-1), torch.ones(5, H, cfg.w))
+    assert exp.model.qk_circuits().shape == exp.model.ov_circuits().shape == (cfg.model.n_layers, H,
+                                                                               cfg.model.d_model, cfg.model.d_model)
+
+
+def test_failed_runs_are_refused_for_the_gate_but_load_by_epoch(runs):
+    d = exp_dir(runs, "failed")
+    eid = runs["failed"]["experiment_id"]
+    with pytest.raises(raywalk.LoadError, match=rf"experiment {eid} did not pass the sufficiency gate.*SVD"):
+        raywalk.load(d)
+    last = runs["failed"]["epochs_trained"]
+    assert last == runs["failed"]["config"]["train"]["max_epochs"] >= 3
+    latest = raywalk.load(d, checkpoint="latest")
+    assert latest.epoch == last
+    prev = raywalk.load(d, checkpoint=last - 1)
+    assert prev.epoch == last - 1
+    assert weights_equal(prev.model, ckpt.read(Store.open(str(d / "checkpoints" / ckpt.dir_name(last - 1))))["model"])
+    assert not weights_equal(prev.model, latest.model.state_dict())
+    kept = ", ".join(str(e) for e in range(last - 2, last + 1))   # num_to_keep=3, no gate checkpoint
+    with pytest.raises(raywalk.LoadError, match=rf"no checkpoint .*epoch_0099 \(epochs on disk: {kept};"):
+        raywalk.load(d, checkpoint=99)
+    for bad in ("best", True, 2.0):
+        with pytest.raises(raywalk.LoadError, match="checkpoint: .* must be 'gate', 'latest' or an epoch"):
+            raywalk.load(d, checkpoint=bad)
+
+
+def test_missing_things_are_named(tmp_path):
+    with pytest.raises(raywalk.LoadError, match=r"no experiment at .*nowhere.*result.json does not exist"):
+        raywalk.load(tmp_path / "nowhere")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "result.json").write_text("{torn")
+    with pytest.raises(raywalk.LoadError, match="result.json is not valid JSON"):
+        raywalk.load(tmp_path / "junk")
+    for uri in ("s3://", "s3:///result.json"):
+        with pytest.raises(raywalk.LoadError, match="malformed: no bucket"):
+            raywalk.load(uri)
+
+
+def test_a_copied_root_finds_its_own_corpus(runs, tmp_path):
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(runs["root"], copy)
+    exp = raywalk.load(copy / runs["passed"]["experiment_id"])
+    assert exp.corpus.uri.startswith(str(copy))
+    assert weights_equal(exp.model, raywalk.load(exp_dir(runs, "passed")).model.state_dict())
+
+
+def test_an_experiment_alone_falls_back_to_the_recorded_corpus(runs, tmp_path):
+    eid = runs["passed"]["experiment_id"]
+    alone = tmp_path / "alone" / eid
+    shutil.copytree(exp_dir(runs, "passed"), alone)
+    r = json.loads((alone / "result.json").read_text())
+    cid = r["config"] and raywalk.load(exp_dir(runs, "passed")).config.corpus_id()
+    corpus_uri = str(runs["root"] / "corpora" / cid)
+    assert r.get("corpus", {}).get("uri") in (None, corpus_uri)   # where the lead's writer records it
+    r["corpus"] = {"id": cid, "uri": corpus_uri}
+    (alone / "result.json").write_text(json.dumps(r))
+    assert raywalk.load(alone).corpus.uri == corpus_uri
+
+    r["corpus"]["uri"] = str(tmp_path / "gone")
+    (alone / "result.json").write_text(json.dumps(r))
+    with pytest.raises(raywalk.LoadError, match=rf"experiment {eid}: corpus {cid} not found: tried "
+                                                rf".*alone/corpora/{cid} \(no manifest.json\); .*gone"):
+        raywalk.load(alone)
+
+
+def test_latest_skips_a_torn_checkpoint(runs, tmp_path):
+    d = tmp_path / "root"
+    shutil.copytree(runs["root"], d)
+    last = runs["failed"]["epochs_trained"]
+    name = ckpt.dir_name(last)
+    state = d / runs["failed"]["experiment_id"] / "checkpoints" / name / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        exp = raywalk.load(d / runs["failed"]["experiment_id"], checkpoint="latest")
+    assert exp.epoch == last - 1 and any(name in str(x.message) for x in w)
+    with pytest.raises(raywalk.LoadError, match=f"{name} is unusable: .*truncated"):
+        raywalk.load(d / runs["failed"]["experiment_id"], checkpoint=last)
+
+
+def test_load_from_s3(runs, s3_server):
+    import pyarrow.fs as pafs
+
+    remote = Store.open(s3_server["uri"]("copied-root"))
+    pafs.copy_files(str(runs["root"]), remote.root, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=remote.fs)
+    eid = runs["passed"]["experiment_id"]
+    exp = raywalk.load(remote.child_uri(eid, "result.json"))
+    assert exp.corpus.uri.startswith("s3://") and exp.checkpoint_uri.endswith("scheme=http")
+    assert weights_equal(exp.model, raywalk.load(exp_dir(runs, "passed")).model.state_dict())
+    assert np.array_equal(exp.eval_walks(), raywalk.load(exp_dir(runs, "passed")).eval_walks())
+
+
+def test_import_raywalk_stays_light():
+    code = ("import sys, raywalk; assert 'torch' not in sys.modules and 'ray' not in sys.modules; "
+            "raywalk.load; assert 'ray' not in sys.modules, 'load pulled in ray'; print('ok')")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
