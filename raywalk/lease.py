@@ -19,9 +19,11 @@ The holder renews every `heartbeat_s` from a daemon thread; a second driver find
 live lease raises LeaseHeld naming the holder; one finding a stale lease (the holder
 was killed) takes it over with a one-line notice. Defaults: stale after 60 s, heartbeat
 every 10 s; `RAYWALK_LEASE_STALE_AFTER_S` overrides the first (the heartbeat follows at
-1/6 of it unless `RAYWALK_LEASE_HEARTBEAT_S` is set). The staleness test compares the
-reader's clock with the holder's: drivers of one study should run on hosts with
-synchronised clocks (the cluster's head runs them all).
+1/6 of it unless `RAYWALK_LEASE_HEARTBEAT_S` is set); `RAYWALK_LEASE_WAIT_S` makes a
+driver wait that long for a held lease to be freed or go stale before it gives up (for
+retried Tune trials: a trial's earlier driver may have died with its node). The
+staleness test compares the reader's clock with the holder's: drivers of one study
+should run on hosts with synchronised clocks (the cluster's head runs them all).
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ LOCK = "lease.lock"
 STALE_AFTER_S = 60.0
 ENV_STALE = "RAYWALK_LEASE_STALE_AFTER_S"
 ENV_HEARTBEAT = "RAYWALK_LEASE_HEARTBEAT_S"
+ENV_WAIT = "RAYWALK_LEASE_WAIT_S"
 
 Log = Callable[[str], None]
 
@@ -57,22 +60,23 @@ def _iso(t: float) -> str:
     return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def _env_seconds(name: str) -> float | None:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return None
+    try:
+        v = float(raw)
+    except ValueError:
+        v = float("nan")
+    if not v > 0:
+        raise ValueError(f"{name}: {raw!r} is invalid: must be a number of seconds > 0")
+    return v
+
+
 def timings(stale_after_s: float | None = None, heartbeat_s: float | None = None) -> tuple[float, float]:
     """(stale_after_s, heartbeat_s): arguments, else the environment, else 60 s and stale/6."""
-    def env(name: str) -> float | None:
-        raw = os.environ.get(name)
-        if raw in (None, ""):
-            return None
-        try:
-            v = float(raw)
-        except ValueError:
-            v = float("nan")
-        if not v > 0:
-            raise ValueError(f"{name}: {raw!r} is invalid: must be a number of seconds > 0")
-        return v
-
-    stale = stale_after_s if stale_after_s is not None else env(ENV_STALE) or STALE_AFTER_S
-    beat = heartbeat_s if heartbeat_s is not None else env(ENV_HEARTBEAT) or stale / 6
+    stale = stale_after_s if stale_after_s is not None else _env_seconds(ENV_STALE) or STALE_AFTER_S
+    beat = heartbeat_s if heartbeat_s is not None else _env_seconds(ENV_HEARTBEAT) or stale / 6
     if not 0 < beat < stale:
         raise ValueError(f"lease heartbeat: {beat} s is invalid: must be > 0 and below stale_after_s={stale}")
     return float(stale), float(beat)
@@ -325,8 +329,23 @@ class Lease:
         if cur is not None and cur.holder != self.holder and cur.live():
             raise LeaseHeld(self.experiment_id, cur, self.uri)
 
-    def acquire(self) -> "Lease":
-        """Take the lease, or take over a stale one; LeaseHeld if another driver holds it live."""
+    def acquire(self, wait_s: float | None = None) -> "Lease":
+        """Take the lease, or take over a stale one; LeaseHeld if another driver holds it live.
+
+        With `wait_s` > 0 (default: $RAYWALK_LEASE_WAIT_S, else 0), a held lease is polled until
+        it is released or goes stale, for at most that long (e.g. a retried Tune trial whose
+        earlier driver died with its node).
+        """
+        deadline = time.monotonic() + (wait_s if wait_s is not None else _env_seconds(ENV_WAIT) or 0.0)
+        while True:
+            try:
+                return self._acquire_once()
+            except LeaseHeld:
+                if time.monotonic() + self.heartbeat_s > deadline:
+                    raise
+                time.sleep(self.heartbeat_s)
+
+    def _acquire_once(self) -> "Lease":
         for _ in range(5):            # each round loses only to another driver's successful change
             info = self._stamp()
             token = self._backend.create(info.encode())
@@ -374,14 +393,15 @@ class Lease:
 
 @contextlib.contextmanager
 def hold(exp: Store, experiment_id: str, *, log: Log = _stderr, stale_after_s: float | None = None,
-         heartbeat_s: float | None = None) -> Iterator[Lease | None]:
-    """Hold the experiment's lease for the block: acquire (LeaseHeld if taken), heartbeat, release."""
+         heartbeat_s: float | None = None, wait_s: float | None = None) -> Iterator[Lease | None]:
+    """Hold the experiment's lease for the block: acquire (LeaseHeld if taken, after waiting up to
+    `wait_s` for it to be freed or go stale), heartbeat, release."""
     if not supported(exp):
         log(f"warning: no experiment lease on {exp.uri} (only local paths and s3:// have atomic conditional "
             f"writes here): a second driver on this experiment would not be refused")
         yield None
         return
-    lease = Lease(exp, experiment_id, stale_after_s=stale_after_s, heartbeat_s=heartbeat_s, log=log).acquire()
+    lease = Lease(exp, experiment_id, stale_after_s=stale_after_s, heartbeat_s=heartbeat_s, log=log).acquire(wait_s)
     stop = threading.Event()
 
     def beat() -> None:

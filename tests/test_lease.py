@@ -102,6 +102,17 @@ def test_a_stale_lease_is_taken_over_and_its_old_holder_cannot_renew_or_release_
     assert a.release() is False and exp.read_json(LEASE)["holder"] == b.holder
 
 
+def test_a_waiting_driver_takes_the_lease_once_it_goes_stale(exp, monkeypatch):
+    a = lease(exp, stale_after_s=2.0, heartbeat_s=0.5).acquire()
+    logs: list[str] = []
+    b = lease(exp, logs, heartbeat_s=0.5).acquire(wait_s=30)      # a (never renewed) goes stale meanwhile
+    assert exp.read_json(LEASE)["holder"] == b.holder and "taking over" in logs[0]
+    monkeypatch.setenv("RAYWALK_LEASE_WAIT_S", "1")
+    with pytest.raises(LeaseHeld):
+        lease(exp, heartbeat_s=0.5).acquire()                     # b is live for 60 s: waiting 1 s is not enough
+    assert a.release() is False
+
+
 def test_an_unreadable_lease_file_is_taken_over(exp):
     exp.write_bytes(LEASE, b"{not json")
     logs: list[str] = []
