@@ -1,46 +1,154 @@
-"""Preemption cost: time from a worker SIGKILL to the first training step after resume.
+"""Preemption cost on a local multi-node cluster: work redone with and without the reclaim notice,
+the cost of polling for notices, and kill -> first step again.
 
-    python benchmarks/resume.py [--config configs/quickstart.yaml] [--epoch 2] [--step 150]
+    python benchmarks/resume.py [--anchor] [--step 100] [--kill-after 3]
 
-Runs the config for (epoch) epochs with a fault injected: worker rank 0 SIGKILLs
-itself at (epoch, step). Ray restarts the worker group, which resumes from the
-checkpoint of epoch-1. Prints the kill-to-first-step time and the work lost (the
-steps of the interrupted epoch, redone from its start).
+A `ray.cluster_utils.Cluster` (0-CPU head, two 3-CPU worker nodes) runs the config for 2
+epochs (epochs cut to --max-steps for --anchor). Side by side:
+  * notice: at epoch 2 step --step the training worker's node is drained with reason
+    PREEMPTION (what the autoscaler does on a spot reclaim notice); the worker saves a
+    just-in-time checkpoint at its next poll; --kill-after seconds after that checkpoint
+    is on disk the node is killed. Work redone = steps done at the kill - the checkpoint's step;
+  * no notice: the node is killed --kill-after seconds after step --step. Work redone = steps
+    done at the kill (the epoch restarts from its beginning);
+  * polling: the same 2 epochs with run.preemption_check_steps = 0, 1 and the default, no
+    preemption: tokens/s side by side give the cost of one poll and the cost per step.
+Each kill also gives kill -> first training step of the restarted worker group.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from raywalk import checkpoint as ckpt  # noqa: E402
 from raywalk.config import Config  # noqa: E402
-from raywalk.faults import WorkerKill  # noqa: E402
+from raywalk.faults import Preempt  # noqa: E402
 from raywalk.trainer import train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def staged_kill(c, nodes, marker: Path, run_dir: Path, notice: bool, kill_after: float, out: dict) -> threading.Thread:
+    def run():
+        while not marker.exists():
+            time.sleep(0.05)
+        t_ready = time.time()
+        if notice:
+            while not any((p / ckpt.MANIFEST).exists() for p in run_dir.glob("epoch_*_step_*")):
+                time.sleep(0.05)
+            t_ready = time.time()
+        while time.time() - t_ready < kill_after:
+            time.sleep(0.05)
+        node_id = marker.read_text().split()[0]
+        victim = next(n for n in nodes if n.node_id == node_id)
+        out["progress"] = (Path(f"{marker}.progress").read_text().split())
+        out["killed_at"] = time.time()
+        c.remove_node(victim, allow_graceful=False)
+        nodes.remove(victim)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"))
-    ap.add_argument("--epoch", type=int, default=2)
-    ap.add_argument("--step", type=int, default=150)
+    ap.add_argument("--anchor", action="store_true", help="an anchor-shaped corpus (n=500, w=64, 50k walks)")
+    ap.add_argument("--max-steps", type=int, default=400, help="steps per epoch with --anchor")
+    ap.add_argument("--step", type=int, default=100, help="where in epoch 2 the reclaim happens")
+    ap.add_argument("--kill-after", type=float, default=3.0, help="seconds from notice checkpoint (or step) to kill")
     args = ap.parse_args()
+
+    from ray.cluster_utils import Cluster
+
+    from raywalk.ray_env import quiet_defaults
+
+    quiet_defaults()
+    import ray
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [c.add_node(num_cpus=3) for _ in range(2)]
+    c.wait_for_nodes()
+    ray.init(address=c.address, logging_level="WARNING")
     tmp = Path(tempfile.mkdtemp(prefix="raywalk-bench-resume-"))
-    cfg = Config.load(args.config, [f"run.storage={tmp}", f"train.max_epochs={args.epoch}", "gate.rule=1.0"])
-    marker = tmp / "killed"
-    t0 = time.time()
-    r = train(cfg, progress=False, hooks=WorkerKill(rank=0, epoch=args.epoch, step=args.step, marker=str(marker)))
-    wall = time.time() - t0
-    killed_at = float(marker.read_text().split()[1])
-    resumed = (tmp / "killed.resumed").read_text().split()
-    gap = float(resumed[0]) - killed_at
-    steps = r["steps_per_epoch"]
-    print(f"config {Path(args.config).name}: {steps} steps/epoch, killed at epoch {args.epoch} step {args.step}")
-    print(f"kill -> first step after resume: {gap:.1f}s (resumed at epoch {resumed[1]}, step {resumed[2]})")
-    print(f"work lost: {args.step} steps of epoch {args.epoch} redone ({args.step / steps:.0%} of an epoch)")
-    print(f"restarts recorded: {r['restarts']}; whole run {wall:.0f}s")
+    if args.anchor:
+        base = Config.load(ROOT / "configs" / "anchor.yaml", ["corpus.corpus_size=50000", "gate.sequences=8"])
+        max_steps = args.max_steps
+    else:
+        base = Config.load(ROOT / "configs" / "quickstart.yaml")
+        max_steps = None
+    base = base.replace(**{"train.max_epochs": 2, "gate.rule": 1.0, "run.storage": str(tmp / "corpus-root")})
+    default_every = base.run.preemption_check_steps
+    try:
+        # the shared corpus, built once
+        train(base.replace(**{"train.max_epochs": 1}), progress=False, max_steps_per_epoch=1, log=lambda s: None)
+
+        def run(label: str, hooks=None, **dotted):
+            store = tmp / label
+            store.mkdir()
+            (store / "corpora").symlink_to(tmp / "corpus-root" / "corpora")
+            cfg = base.replace(**{"run.storage": str(store), **dotted})
+            metrics = store / "metrics.jsonl"
+            t = time.time()
+            r = train(cfg, progress=False, hooks=hooks, max_steps_per_epoch=max_steps, log=lambda s: None,
+                      callbacks=[_Capture(str(metrics))])
+            return r, time.time() - t, [json.loads(x) for x in metrics.read_text().splitlines()], cfg
+
+        rows = []
+        for every in (0, 1, default_every):
+            r, wall, m, cfg = run(f"poll{every}", **{"run.preemption_check_steps": every})
+            tps = [x["tokens_per_second"] for x in m if "tokens_per_second" in x]
+            rows.append((every, sum(tps) / len(tps), r["steps_per_epoch"]))
+        print(f"config: {'anchor-shaped' if args.anchor else 'quickstart'}, {rows[0][2]} steps/epoch, 2 epochs")
+        print("\nnotice polling (no preemption)      tokens/s")
+        for every, tps, _ in rows:
+            print(f"  run.preemption_check_steps={every:<4d} {tps:12,.0f}")
+        base_tps, every1 = rows[0][1], rows[1][1]
+        step_s = base.train.batch_size * base.w / base_tps
+        poll_s = max(0.0, base.train.batch_size * base.w / every1 - step_s)
+        print(f"  one poll ~ {poll_s * 1000:.1f} ms against a {step_s * 1000:.1f} ms step: at every "
+              f"{default_every} steps {poll_s / default_every / step_s:.2%} of step time")
+
+        print("\npreemption at epoch 2 step", args.step)
+        for notice in (True, False):
+            label = "notice" if notice else "no-notice"
+            marker, out = tmp / f"{label}.marker", {}
+            run_dir = tmp / label / base.experiment_id() / ckpt.RUN_DIR
+            killer = staged_kill(c, nodes, marker, run_dir, notice, args.kill_after, out)
+            r, wall, m, cfg = run(label, hooks=Preempt(epoch=2, step=args.step, marker=str(marker), slow_s=0.0,
+                                                       notice=notice))
+            killer.join(timeout=60)
+            nodes.append(c.add_node(num_cpus=3))   # Ray starts nodes from the main thread only
+            (res,) = r["resumes"]
+            done_at_kill = int(out["progress"][1]) + 1
+            redone = done_at_kill - res["step"]
+            first = float(Path(f"{marker}.resumed").read_text().split()[0])
+            print(f"  {label:9s}: resumed from {res['checkpoint']} ({res['reason']}); steps done at the kill "
+                  f"{done_at_kill}, redone {redone} ({redone * step_s:.1f}s of training); kill -> first step "
+                  f"{first - out['killed_at']:.1f}s; whole run {wall:.0f}s")
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+class _Capture:
+    """A Ray Train callback appending every report's metrics to a file (built lazily: ray imported)."""
+
+    def __new__(cls, path: str):
+        import ray.train
+
+        class Capture(ray.train.UserCallback):
+            def after_report(self, run_context, metrics, checkpoint):
+                with open(path, "a") as f:
+                    f.write(json.dumps(metrics[0]) + "\n")
+
+        return Capture()
 
 
 if __name__ == "__main__":

@@ -23,15 +23,24 @@ from .storage import Store
 RUN_DIR = "checkpoints"        # ROOT/<experiment_id>/checkpoints: Ray's run directory (RunConfig.name)
 STATE = "state.pt"
 MANIFEST = "manifest.json"
-CKPT_RE = re.compile(r"^epoch_(\d{4,})$")
+CKPT_RE = re.compile(r"^epoch_(\d{4,})(?:_step_(\d{6,}))?$")   # epochs done (+ steps into the next)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is torn, tampered with, or not plain data."""
 
 
-def dir_name(epoch: int) -> str:
-    return f"epoch_{epoch:04d}"
+def dir_name(epoch: int, step: int = 0) -> str:
+    """epoch_NNNN after `epoch` whole epochs; epoch_NNNN_step_SSSSSS `step` steps into the next one."""
+    return f"epoch_{epoch:04d}" + (f"_step_{step:06d}" if step else "")
+
+
+def position(name: str) -> tuple[int, int]:
+    """(epochs done, steps into the next epoch) of a checkpoint directory name: its training order."""
+    m = CKPT_RE.match(name)
+    if m is None:
+        raise ValueError(f"not a checkpoint directory name: {name!r}")
+    return int(m.group(1)), int(m.group(2) or 0)
 
 
 def save(directory: str | Path, state: dict[str, Any]) -> None:
@@ -87,9 +96,9 @@ def read(store: Store) -> dict[str, Any]:
 
 def candidates(run: Store, latest: str | None) -> list[str]:
     """Checkpoint directory names to try, newest first: `latest`, then older epoch dirs."""
-    names = sorted((n for n in run.listdir() if CKPT_RE.match(n)), reverse=True)
+    names = sorted((n for n in run.listdir() if CKPT_RE.match(n)), key=position, reverse=True)
     if latest is not None:
-        names = [latest] + [n for n in names if n < latest]
+        names = [latest] + [n for n in names if position(n) < position(latest)]
     return names
 
 

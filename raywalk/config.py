@@ -111,8 +111,6 @@ class TrainConfig:
     """Cosine floor as a fraction of the peak LR, in [0, 1]."""
     max_epochs: int = 50
     """Epochs at most (the gate may stop earlier), 1..50."""
-    shuffle_buffer: int = 4096
-    """Windows in the per-worker shuffle buffer (reseeded from seed and epoch), 1..10000000."""
     precision: str = "fp32"
     """Training matmuls: "fp32", or "bf16" (autocast, fp32 master weights; opt-in, ~1.5x on CPUs with bf16)."""
 
@@ -125,8 +123,6 @@ class TrainConfig:
         _check(0.0 <= self.min_lr_ratio <= 1.0, f"{p}.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         _check(1 <= self.max_epochs <= 50, f"{p}.max_epochs", self.max_epochs,
                "must be in [1, 50] (the phase's training budget)")
-        _check(1 <= self.shuffle_buffer <= 10_000_000, f"{p}.shuffle_buffer", self.shuffle_buffer,
-               "must be in [1, 10000000]")
         _check(self.precision in ("fp32", "bf16"), f"{p}.precision", self.precision, 'must be "fp32" or "bf16"')
 
 
@@ -153,7 +149,11 @@ class RunConfig:
     storage: str = "results"
     """Storage root: a local path or a URI (s3://bucket/prefix) shared by the cluster."""
     max_failures: int = 3
-    """Worker-group restarts allowed (spot preemptions), 0..1000; Ray's own default is 0."""
+    """Worker-group restarts allowed after failures (a crash, a node lost without notice), 0..1000."""
+    max_preemptions: int = -1
+    """Restarts allowed after spot preemptions (a node drained with notice), counted apart; -1: unlimited."""
+    preemption_check_steps: int = 25
+    """Steps between polls for a spot reclaim notice (each poll is a barrier); 0 never polls."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per training worker, in (0, 64]."""
     gpus_per_worker: float = 0.0
@@ -168,6 +168,10 @@ class RunConfig:
         _check(isinstance(self.storage, str) and self.storage.strip() != "", f"{p}.storage", self.storage,
                "must be a non-empty path or URI")
         _check(0 <= self.max_failures <= 1000, f"{p}.max_failures", self.max_failures, "must be in [0, 1000]")
+        _check(-1 <= self.max_preemptions <= 1000, f"{p}.max_preemptions", self.max_preemptions,
+               "must be in [-1, 1000] (-1: unlimited)")
+        _check(0 <= self.preemption_check_steps <= 1_000_000, f"{p}.preemption_check_steps",
+               self.preemption_check_steps, "must be in [0, 1000000] (0: never)")
         _check(0 < self.cpus_per_worker <= 64, f"{p}.cpus_per_worker", self.cpus_per_worker, "must be in (0, 64]")
         g = self.gpus_per_worker
         _check(0 <= g <= 8, f"{p}.gpus_per_worker", g, "must be in [0, 8]")
@@ -243,9 +247,9 @@ class Config:
     def experiment_id(self) -> str:
         """Readable prefix + hash of everything that changes the trained model.
 
-        run.storage, run.max_failures, the per-worker resources, run.deterministic and
-        run.accelerator_type are operational and left out, so the same experiment is found
-        again from anywhere.
+        run.storage, the failure budgets, the per-worker resources, run.deterministic,
+        run.accelerator_type and run.preemption_check_steps are operational and left out,
+        so the same experiment is found again from anywhere.
         """
         d = self.to_dict()
         d["run"] = {"workers": self.run.workers}

@@ -5,6 +5,7 @@ import numpy as np
 import pyarrow as pa
 
 from .corpus import Corpus
+from .training import epoch_seed
 
 
 def windows_per_walk(walk_length: int, w: int) -> int:
@@ -45,6 +46,26 @@ def window_dataset(corpus: Corpus, w: int, materialize: bool = False):
         return ds.materialize() if materialize else ds
     finally:
         ctx.execution_options.preserve_order = keep
+
+
+def epoch_order(windows, seed: int, epoch: int):
+    """The windows in epoch `epoch`'s order: a fresh uniform permutation drawn from (seed, epoch).
+
+    Ray Data's all-to-all shuffle (it spills to disk when the corpus outgrows memory); an
+    integer seed makes it the same permutation on every execution, so a resumed epoch sees
+    exactly the batches the interrupted one did.
+    """
+    return windows.random_shuffle(seed=epoch_seed(seed, epoch, 0))
+
+
+def epoch_shard(windows, seed: int, epoch: int, rank: int, world: int):
+    """This rank's share of the epoch's order (rank 0 splits it once; every rank gets its iterator)."""
+    import ray
+    import ray.train.collective
+
+    # what travels is a reference (in a list, so it arrives as one), not the iterators themselves
+    ref = [ray.put(epoch_order(windows, seed, epoch).streaming_split(world, equal=True))] if rank == 0 else None
+    return ray.get(ray.train.collective.broadcast_from_rank_zero(ref)[0])[rank]
 
 
 def windows_per_epoch(corpus: Corpus, w: int) -> int:

@@ -67,3 +67,73 @@ class _FirstStepProbe:
             with open(self.path, "w") as f:
                 f.write(f"{time.time()} {epoch} {step}\n")
             self.done = True
+
+
+@dataclass(frozen=True)
+class Preempt:
+    """A spot reclaim, as a test stages it on a local multi-node cluster.
+
+    Just before step `step` of epoch `epoch`, rank `rank` drains its own node with reason
+    PREEMPTION and a `deadline_s` (what the autoscaler does on a reclaim notice; with
+    notice=False nothing is drained: a node about to vanish unannounced), writes its node
+    id to `marker`, then slows every further step by `slow_s`, so the test can kill the node
+    mid-epoch. With `kill_after_jit`, the worker SIGKILLs itself once a just-in-time
+    checkpoint is on disk and `settle_s` have passed (for Ray to register it).
+    """
+    epoch: int
+    step: int
+    marker: str
+    rank: int = 0
+    notice: bool = True
+    deadline_s: float = 120.0
+    slow_s: float = 0.4
+    kill_after_jit: bool = False
+    settle_s: float = 3.0
+
+    def for_worker(self, rank: int, checkpoints: Store) -> "_PreemptHook | _FirstStepProbe | None":
+        if os.path.exists(self.marker):   # after the reclaim: a normal run, timed from its first step
+            return _FirstStepProbe(f"{self.marker}.resumed") if rank == 0 else None
+        return _PreemptHook(self, checkpoints) if rank == self.rank else None
+
+
+@dataclass
+class _PreemptHook:
+    spec: Preempt
+    checkpoints: Store
+    started: bool = False
+    jit_seen_at: float | None = None
+
+    def before_step(self, epoch: int, step: int) -> None:
+        s = self.spec
+        if not self.started:
+            if (epoch, step) != (s.epoch, s.step):
+                return
+            self.started = True
+            import ray
+
+            node = ray.get_runtime_context().get_node_id()
+            if s.notice:
+                drain_node(ray.get_runtime_context().gcs_address, node, s.deadline_s)
+            with open(s.marker, "w") as f:
+                f.write(f"{node} {os.getpid()} {time.time()}\n")
+        with open(f"{s.marker}.progress", "w") as f:   # how far the doomed worker got, for benchmarks
+            f.write(f"{epoch} {step} {time.time()}\n")
+        time.sleep(s.slow_s)
+        if s.kill_after_jit:
+            if self.jit_seen_at is None and any("_step_" in n and self.checkpoints.is_file(f"{n}/{ckpt.MANIFEST}")
+                                                for n in self.checkpoints.listdir()):
+                self.jit_seen_at = time.time()
+            if self.jit_seen_at is not None and time.time() - self.jit_seen_at >= s.settle_s:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+def drain_node(gcs_address: str, node_id: str, deadline_s: float) -> None:
+    """Ask the GCS to drain a node for preemption, as the autoscaler does on a spot reclaim notice."""
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    ok, why = ray._raylet.GcsClient(address=gcs_address).drain_node(
+        node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), "raywalk test: spot reclaim",
+        int((time.time() + deadline_s) * 1000))
+    if not ok:
+        raise RuntimeError(f"drain of node {node_id} refused: {why}")

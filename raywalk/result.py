@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from . import __version__
-from .checkpoint import CKPT_RE, MANIFEST, RUN_DIR, dir_name
+from .checkpoint import CKPT_RE, MANIFEST, RUN_DIR, dir_name, position
 from .compliance import Compliance
 from .config import Config
 from .storage import Store
@@ -34,6 +34,29 @@ def record_worker_start(exp: Store, driver_token: str) -> tuple[int, int]:
     return count_restarts(exp), len(exp.listdir(f"attempts/{driver_token}")) - 1
 
 
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def record_notice(exp: Store, driver_token: str, attempt: int, notice: dict[str, Any]) -> None:
+    """A preemption notice seen by worker-group start `attempt` of this driver (read when the next one resumes)."""
+    exp.write_json(f"notices/{driver_token}/{attempt:04d}-{uuid.uuid4().hex[:8]}.json", notice)
+
+
+def noticed(exp: Store, driver_token: str, attempt: int) -> bool:
+    return any(n.startswith(f"{attempt:04d}-") for n in exp.listdir(f"notices/{driver_token}"))
+
+
+def record_resume(exp: Store, entry: dict[str, Any]) -> None:
+    """One resume, as its own file: written at once, so a kill right after cannot lose it."""
+    exp.write_json(f"resumes/{entry['at'].replace(':', '')}-{uuid.uuid4().hex[:8]}.json", entry)
+
+
+def list_resumes(exp: Store) -> list[dict[str, Any]]:
+    """Every resume of the experiment, oldest first."""
+    return [exp.read_json(f"resumes/{n}") for n in exp.listdir("resumes") if n.endswith(".json")]
+
+
 def count_restarts(exp: Store) -> int:
     # Each driver run starts its worker group once; every further start is a restart.
     return sum(max(0, len(exp.listdir(f"attempts/{t}")) - 1) for t in exp.listdir("attempts"))
@@ -41,7 +64,7 @@ def count_restarts(exp: Store) -> int:
 
 def checkpoint_info(exp: Store, gate_epoch: int | None) -> dict[str, Any]:
     run = exp.sub(RUN_DIR)
-    names = sorted(n for n in run.listdir() if CKPT_RE.match(n) and run.is_file(f"{n}/{MANIFEST}"))
+    names = sorted((n for n in run.listdir() if CKPT_RE.match(n) and run.is_file(f"{n}/{MANIFEST}")), key=position)
     gate_name = dir_name(gate_epoch) if gate_epoch else None
     return {"directory": run.uri, "kept": [run.child_uri(n) for n in names],
             "latest": run.child_uri(names[-1]) if names else None,
@@ -109,15 +132,30 @@ def compose(cfg: Config, experiment_id: str, curves: Any, last: Compliance | Non
 
 
 class ResultWriter:
-    """Rank 0's view: rewrites result.json after every epoch."""
+    """Rank 0's view: rewrites result.json after every epoch, and records resumes and notices as they happen."""
 
     def __init__(self, root: Store, experiment_id: str, cfg: Config, workers: int, device: str, driver_token: str,
                  corpus_uri: str):
         self.exp = root.sub(experiment_id)
-        self.experiment_id, self.cfg = experiment_id, cfg
+        self.experiment_id, self.cfg, self.driver_token = experiment_id, cfg, driver_token
         self.env = environment(workers, device)
         self.corpus = {"id": cfg.corpus_id(), "uri": corpus_uri}
         self.restarts, self.restarts_this_run = record_worker_start(self.exp, driver_token)
+
+    def resumed(self, checkpoint: str | None, epoch: int, step: int) -> dict[str, Any]:
+        """Record a resume: `epoch` is the epoch being trained (1-based), `step` the steps of it already done."""
+        if not self.restarts_this_run:
+            reason = "rerun"            # a new driver on an experiment with checkpoints
+        elif noticed(self.exp, self.driver_token, self.restarts_this_run - 1):
+            reason = "preemption"       # the previous worker group had a reclaim notice
+        else:
+            reason = "failure"
+        entry = {"reason": reason, "checkpoint": checkpoint, "epoch": epoch, "step": step, "at": utc_now()}
+        record_resume(self.exp, entry)
+        return entry
+
+    def notice(self, notice: dict[str, Any]) -> None:
+        record_notice(self.exp, self.driver_token, self.restarts_this_run, notice)
 
     def epoch_done(self, curves: Any, last: Compliance, gate_epoch: int | None, epoch: int, n_distinct: int,
                    steps_per_epoch: int, by_r: Any = None) -> None:
@@ -125,4 +163,5 @@ class ResultWriter:
         r = compose(self.cfg, self.experiment_id, curves, last, gate_epoch, epoch, n_distinct, steps_per_epoch,
                     self.exp, self.env, self.restarts, finished, by_r=by_r)
         r["corpus"] = self.corpus
+        r["resumes"] = list_resumes(self.exp)
         self.exp.write_json(RESULT, r)

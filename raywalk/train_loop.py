@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import tempfile
 import time
@@ -25,7 +26,8 @@ from .config import Config
 from .corpus import Corpus
 from .result import ResultWriter
 from .storage import Store
-from .training import (TrainingState, check_precision, epoch_end, epoch_seed, gather_rng, run_epoch,
+from .dataset import epoch_shard
+from .training import (TrainingState, check_precision, epoch_end, gather_epoch_losses, gather_rng, run_epoch,
                        set_determinism)
 
 
@@ -46,6 +48,8 @@ class WorkerSpec:
     """Optimizer steps per epoch, the same on every rank."""
     driver_token: str
     """Identifies this driver run, to count worker-group restarts under it."""
+    windows: Any
+    """The train split's (w+1)-token windows as a Ray Dataset (materialised, corpus order)."""
     progress: bool = True
     """Draw rank 0's per-epoch progress bar."""
     verbose: bool = False
@@ -78,6 +82,61 @@ def _restore(state: TrainingState, checkpoints: Store, rank: int, world: int, sa
     return name
 
 
+def _report(state: TrainingState, spec: WorkerSpec, rank: int, metrics: dict[str, Any]) -> str:
+    """Checkpoint the state where it stands (epoch end or mid-epoch) and report it; returns its name."""
+    import ray.train
+
+    mid = state.step > 0
+    losses = gather_epoch_losses(state) if mid else None   # collectives: every rank takes part
+    rng = gather_rng()
+    name = ckpt.dir_name(state.epoch, state.step)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            ckpt.save(tmp, state.state_dict(rng, spec.experiment_id, losses))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+    return name
+
+
+class NoticeWatch:
+    """Polls for a spot reclaim notice every `every` steps (the same steps on every rank: it is a
+    barrier) and, once per notice, saves and reports a just-in-time checkpoint at that step."""
+
+    def __init__(self, spec: WorkerSpec, rank: int, steps: int, checkpoints: Store, writer: ResultWriter | None,
+                 say):
+        self.spec, self.rank, self.steps, self.checkpoints, self.writer, self.say = \
+            spec, rank, steps, checkpoints, writer, say
+        # no watcher, no notices (ensure_ray turns it off for a laptop's embedded Ray): no polls
+        watching = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1") != "0"
+        self.every = spec.config.run.preemption_check_steps if watching else 0
+        self.seen: set = set()
+
+    def __call__(self, state: TrainingState) -> None:
+        if not self.every or state.step % self.every or state.step == self.steps:
+            return   # at the epoch's end the regular checkpoint follows at once
+        import ray.train
+
+        info = ray.train.get_preemption_info()
+        if info is None:
+            return
+        key = (tuple(info.preempted_node_ids), info.deadline_ms)
+        if key in self.seen:
+            return
+        self.seen.add(key)
+        left = (info.deadline_ms / 1000 - time.time()) if info.deadline_ms else None
+        name = _report(state, self.spec, self.rank, {"epoch": state.epoch, "step": state.step, "preemption": True})
+        if self.writer is not None:
+            self.writer.notice({"at_step": state.step, "epoch": state.epoch + 1, "checkpoint": name,
+                                "nodes": info.preempted_node_ids, "ranks": info.preempted_ranks,
+                                "deadline_ms": info.deadline_ms})
+        self.say(f"preemption notice: node(s) {', '.join(n[:8] for n in info.preempted_node_ids)} "
+                 f"(ranks {info.preempted_ranks}) reclaimed"
+                 + (f" in {left:.0f}s" if left is not None else "")
+                 + f"; just-in-time checkpoint {self.checkpoints.child_uri(name)} at epoch {state.epoch + 1} "
+                   f"step {state.step}; training on until the node goes")
+
+
 def train_loop_per_worker(spec: WorkerSpec) -> None:
     import ray.train
     import ray.train.torch
@@ -106,17 +165,17 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
     restored = _restore(state, checkpoints, rank, world, say)
     writer = ResultWriter(root, spec.experiment_id, cfg, world, device.type, spec.driver_token, spec.corpus_uri) \
         if rank == 0 else None
-    why = f"worker group restart {writer.restarts}" if writer and writer.restarts_this_run else "rerun"
-    if restored is not None:
-        say(f"{why}: resuming from {checkpoints.child_uri(restored)} (epoch {state.epoch} done), continuing at "
-            f"epoch {state.epoch + 1}")
-    elif writer and writer.restarts_this_run:
-        say(f"{why}: no checkpoint yet, starting at epoch 1")
+    if writer is not None and (restored is not None or writer.restarts_this_run):
+        r = writer.resumed(restored, state.epoch + 1, state.step)
+        at = f"continuing at epoch {state.epoch + 1}" + (f" step {state.step}" if state.step else "")
+        say(f"{r['reason']} (restart {writer.restarts}): " + (
+            f"resuming from {checkpoints.child_uri(restored)} (epoch {state.epoch} done), {at}" if restored
+            else "no checkpoint yet, starting at epoch 1"))
 
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     net = ray.train.torch.prepare_model(state.model) if distributed else state.model
     hooks = spec.hooks.for_worker(rank, checkpoints) if spec.hooks is not None else None
-    shard = ray.train.get_dataset_shard("train")
+    watch = NoticeWatch(spec, rank, spec.steps_per_epoch, checkpoints, writer, say)
     per_rank_batch = cfg.train.batch_size // world
     max_epochs = cfg.train.max_epochs
 
@@ -124,25 +183,17 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
         e, t0 = state.epoch, time.perf_counter()
         bar = tqdm(total=spec.steps_per_epoch, desc=f"epoch {e + 1}/{max_epochs}", unit="step") \
             if rank == 0 and spec.progress else None
-        batches = shard.iter_torch_batches(batch_size=per_rank_batch, dtypes=torch.long, drop_last=True,
-                                           local_shuffle_buffer_size=cfg.train.shuffle_buffer,
-                                           local_shuffle_seed=epoch_seed(cfg.seed, e, rank) % 2**31,
-                                           device=str(device))
-        run = run_epoch(state, batches, spec.steps_per_epoch, rank, net, hooks, bar)
+        batches = epoch_shard(spec.windows, cfg.seed, e, rank, world).iter_torch_batches(
+            batch_size=per_rank_batch, dtypes=torch.long, drop_last=True, device=str(device))
+        run = run_epoch(state, batches, spec.steps_per_epoch, rank, net, hooks, bar, after_step=watch)
         if bar is not None:
             bar.close()
         end = epoch_end(state, run, share, table)
-        rng = gather_rng()
         metrics = {"epoch": state.epoch, "loss": end.loss, "edge": end.comp.edge, "rule": end.comp.rule,
                    "rule_checks": end.comp.rule_total, "gate_passed": end.passed,
                    "train_seconds": run.train_seconds, "first_batch_seconds": run.first_batch_seconds,
                    "tokens_per_second": spec.steps_per_epoch * cfg.train.batch_size * cfg.w / run.train_seconds}
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                ckpt.save(tmp, state.state_dict(rng, spec.experiment_id))
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=ckpt.dir_name(state.epoch))
+        _report(state, spec, rank, metrics)
         if writer is not None:
             writer.epoch_done(state.curves, end.comp, state.gate_epoch, state.epoch, share.n_distinct,
                               spec.steps_per_epoch, by_r=end.by_r)

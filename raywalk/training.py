@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import numpy as np
 import torch
@@ -130,6 +130,8 @@ class TrainingState:
     curves: Curves
     epoch: int = 0                    # epochs finished
     gate_epoch: int | None = None     # the epoch whose gate passed
+    step: int = 0                     # steps of epoch `epoch + 1` already done (0 at an epoch boundary)
+    epoch_losses: torch.Tensor | None = None   # this rank's losses of those steps
 
     @classmethod
     def create(cls, cfg: Config, steps_per_epoch: int, device: torch.device | str = "cpu") -> "TrainingState":
@@ -152,9 +154,12 @@ class TrainingState:
     def done(self) -> bool:
         return self.gate_epoch is not None or self.epoch >= self.cfg.train.max_epochs
 
-    def state_dict(self, rng: list[dict[str, Any]], experiment_id: str) -> dict[str, Any]:
-        """Plain data for a checkpoint; `rng` holds every rank's RNG state, in rank order."""
-        return {"format": FORMAT, "epoch": self.epoch, "gate_epoch": self.gate_epoch,
+    def state_dict(self, rng: list[dict[str, Any]], experiment_id: str,
+                   epoch_losses: list[torch.Tensor] | None = None) -> dict[str, Any]:
+        """Plain data for a checkpoint. `rng`: every rank's RNG state, in rank order; mid-epoch,
+        `epoch_losses`: every rank's losses of the `step` steps done (the epoch-end mean needs them)."""
+        return {"format": FORMAT, "epoch": self.epoch, "gate_epoch": self.gate_epoch, "step": self.step,
+                "epoch_losses": epoch_losses if self.step else None,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "rng": rng, "curves": self.curves.state_dict(),
                 "experiment_id": experiment_id}
@@ -165,9 +170,12 @@ class TrainingState:
         self.optimizer.load_state_dict(s["optimizer"])   # casts to the parameters' device
         self.scheduler.load_state_dict(s["scheduler"])
         self.curves.load_state_dict(s["curves"])
-        self.epoch, self.gate_epoch = int(s["epoch"]), s["gate_epoch"]
+        self.epoch, self.gate_epoch, self.step = int(s["epoch"]), s["gate_epoch"], int(s.get("step", 0))
+        self.epoch_losses = s["epoch_losses"][rank] if self.step else None
         if len(s["rng"]) == world:
             set_rng_state(s["rng"][rank])
+        elif self.step:
+            raise ValueError(f"a mid-epoch checkpoint of {len(s['rng'])} ranks cannot resume {world} ranks")
 
 
 # ---- one epoch ---------------------------------------------------------------------
@@ -199,38 +207,63 @@ class EpochRun:
 
 
 def run_epoch(state: TrainingState, batches: Iterable[dict[str, torch.Tensor]], steps: int, rank: int = 0,
-              net: torch.nn.Module | None = None, hooks: Hooks | None = None, bar=None) -> EpochRun:
-    """Train epoch state.epoch + 1 over `batches` (dicts with "tokens" (B, w+1)), exactly `steps` steps.
+              net: torch.nn.Module | None = None, hooks: Hooks | None = None, bar=None,
+              after_step: Callable[[TrainingState], None] | None = None) -> EpochRun:
+    """Train epoch state.epoch + 1 over `batches` (dicts with "tokens" (B, w+1)) until `steps` steps are done.
 
-    `net` is what runs forward/backward (a DDP wrapper of state.model; default the model itself).
-    RNG streams are reseeded from (seed, epoch, rank), so the epoch does not depend on what ran before.
+    `batches` is the epoch's whole batch order. From a mid-epoch state (state.step > 0, RNG and
+    losses restored from a just-in-time checkpoint) the first state.step batches are skipped
+    unread by the model, so the epoch goes on exactly where it stopped. At an epoch start the
+    RNG streams are reseeded from (seed, epoch, rank). `net` runs forward/backward (a DDP wrapper
+    of state.model; default the model); `after_step(state)` follows every step.
     """
     cfg = state.cfg
     net = net or state.model
     device = state.device
-    epoch = state.epoch + 1
-    seed_all(epoch_seed(cfg.seed, state.epoch, rank))
-    bf16 = cfg.train.precision == "bf16"
+    epoch, start = state.epoch + 1, state.step
     losses = torch.zeros(steps, dtype=torch.float64, device=device)
+    if start == 0:
+        seed_all(epoch_seed(cfg.seed, state.epoch, rank))
+    else:
+        losses[:start] = state.epoch_losses.to(device)
+    state.epoch_losses = losses
+    bf16 = cfg.train.precision == "bf16"
     net.train()
     t0 = time.perf_counter()
-    t_first, step = None, 0
-    for batch in batches:
+    it = iter(batches)
+    t_first = None
+    for _ in range(start):   # done before the checkpoint: the same batches, no compute
+        next(it)
+    if bar is not None and start:
+        bar.update(start)
+    for batch in it:
         if t_first is None:
             t_first = time.perf_counter()
-        if step == steps:
+        if state.step == steps:
             break
         if hooks is not None:
-            hooks.before_step(epoch, step)
+            hooks.before_step(epoch, state.step)
         tok = batch["tokens"].to(device, non_blocking=True)
-        losses[step] = optimizer_step(net, state.optimizer, state.scheduler, tok, cfg.train.grad_clip, bf16)
-        step += 1
+        losses[state.step] = optimizer_step(net, state.optimizer, state.scheduler, tok, cfg.train.grad_clip, bf16)
+        state.step += 1
         if bar is not None:
             bar.update(1)
+        if after_step is not None:
+            after_step(state)
     sync(device)
-    if step != steps:
-        raise RuntimeError(f"rank {rank} saw {step} batches in epoch {epoch}, expected {steps}")
+    if state.step != steps:
+        raise RuntimeError(f"rank {rank} saw {state.step} batches in epoch {epoch}, expected {steps}")
     return EpochRun(losses, time.perf_counter() - t0, (t_first or t0) - t0)
+
+
+def gather_epoch_losses(state: TrainingState) -> list[torch.Tensor]:
+    """Every rank's losses of the steps done so far in this epoch (host copies, rank order)."""
+    mine = state.epoch_losses[: state.step]
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine.cpu()]
+    out = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, mine.contiguous())   # on the losses' device, like every collective here
+    return [t.cpu() for t in out]
 
 
 # ---- the end of an epoch -------------------------------------------------------------
@@ -286,6 +319,7 @@ def epoch_end(state: TrainingState, run: EpochRun, share: gate.GateShare, table:
     losses, comp, by_r = reduce_epoch(run.losses, comp, by_r)
     passed = gate.passes(comp, cfg.gate)
     state.epoch += 1
+    state.step, state.epoch_losses = 0, None
     if passed:
         state.gate_epoch = state.epoch
     c = state.curves

@@ -19,7 +19,7 @@ TINY = {
     "graph": {"n": 16, "K": 2, "p_in": 0.9, "p_out": 0.3, "n_jumpers_per_block": 1, "r_scales": [0.5, 1.0]},
     "corpus": {"walk_length": 15, "corpus_size": 1600, "shard_size": 512},
     "model": {"d_model": 16, "n_layers": 1, "n_heads": 1, "dropout": 0.0},
-    "train": {"batch_size": 64, "lr": 1.0e-2, "max_epochs": 5, "shuffle_buffer": 256},
+    "train": {"batch_size": 64, "lr": 1.0e-2, "max_epochs": 5},
     "gate": {"sequences": 64, "edge": 0.95, "rule": 0.80},
     "run": {"workers": 1, "storage": "results", "max_failures": 2, "cpus_per_worker": 1.0},
 }
@@ -30,13 +30,16 @@ def tiny_config(storage: str | Path, **dotted) -> Config:
     return cfg.replace(**dotted) if dotted else cfg
 
 
+EMPTY = "''"   # YAML for an empty string (a bare `key=` reads as null)
+
+
 def tiny_overrides(storage: str | Path, **dotted) -> list[str]:
     """`--set` arguments turning configs/quickstart.yaml into the tiny config."""
     cfg = tiny_config(storage, **dotted).to_dict()
     out = []
     for section, values in cfg.items():
         if isinstance(values, dict):
-            out += [f"{section}.{k}={v}" for k, v in values.items()]
+            out += [f"{section}.{k}={v if v != '' else EMPTY}" for k, v in values.items()]
         else:
             out.append(f"{section}={values}")
     return out

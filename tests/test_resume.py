@@ -83,7 +83,7 @@ def test_driver_sigkill_then_rerun_resumes_the_same_experiment(tmp_path, referen
     ref_cfg, ref = reference
     cfg = tiny_config(tmp_path, **LONG)
     result = tmp_path / cfg.experiment_id() / "result.json"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAYWALK_LEASE_STALE_AFTER_S": "3"}   # the killed driver's lease
     first = subprocess.Popen(_cli(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                              start_new_session=True, cwd=tmp_path)
     try:
@@ -101,6 +101,7 @@ def test_driver_sigkill_then_rerun_resumes_the_same_experiment(tmp_path, referen
     killed = json.loads(result.read_text())
     assert killed["epochs_trained"] == 2 and killed["status"] == "running"
 
+    time.sleep(3.5)                  # ...goes stale: the rerun takes it over (tests/test_lease.py)
     second = subprocess.run(_cli(tmp_path), capture_output=True, text=True, env=env, cwd=tmp_path,
                             start_new_session=True, timeout=400)
     out = second.stdout + second.stderr
@@ -167,3 +168,17 @@ def test_rng_state_roundtrips_as_plain_data():
     set_rng_state(restored)
     b = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(a[0], b[0]) and (a[1] == b[1]).all() and a[2] == b[2]
+
+
+def test_checkpoint_names_sort_in_training_order(tmp_path):
+    names = ["epoch_0002", "epoch_0001_step_000150", "epoch_0010", "epoch_0001", "epoch_0002_step_000003",
+             "epoch_0002_step_1000000"]
+    assert [ckpt.position(n) for n in names] == [(2, 0), (1, 150), (10, 0), (1, 0), (2, 3), (2, 1000000)]
+    assert ckpt.dir_name(1, 150) == "epoch_0001_step_000150" and ckpt.dir_name(3) == "epoch_0003"
+    for n in names:
+        ckpt.save(tmp_path / n, {"epoch": ckpt.position(n)[0], "model": {}})
+    run = Store.open(str(tmp_path))
+    assert ckpt.candidates(run, None) == ["epoch_0010", "epoch_0002_step_1000000", "epoch_0002_step_000003",
+                                          "epoch_0002", "epoch_0001_step_000150", "epoch_0001"]
+    # Ray's latest registered one first, then only older ones (a newer unregistered one is never used)
+    assert ckpt.candidates(run, "epoch_0002") == ["epoch_0002", "epoch_0001_step_000150", "epoch_0001"]

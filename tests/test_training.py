@@ -30,8 +30,8 @@ from raywalk.generate import greedy_generate, reference_generate
 from raywalk.model import GPT
 from raywalk.storage import Store
 from raywalk.train_loop import torch_threads
-from raywalk.training import (TrainingState, all_reduce_epoch, check_precision, epoch_end, reduce_epoch,
-                              rng_state, run_epoch)
+from raywalk.training import (TrainingState, all_reduce_epoch, check_precision, epoch_end, gather_epoch_losses,
+                              reduce_epoch, rng_state, run_epoch)
 from tests.conftest import tiny_config
 
 PKG = str(Path(__file__).resolve().parents[1] / "raywalk")
@@ -194,3 +194,47 @@ def test_science_modules_import_neither_ray_nor_storage():
             "print(bad)\nsys.exit(1 if bad else 0)\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("stop_at", [1, 40])
+def test_mid_epoch_resume_is_exact(corpus, stop_at):
+    """Stop inside epoch 2, checkpoint, restore into a fresh state: the finished epoch is identical."""
+    cfg, c = corpus
+    cfg = cfg.replace(**{"model.dropout": 0.1})          # RNG streams matter mid-epoch too
+    windows = walks_to_windows(c.walks("train"), cfg.w)
+    steps = len(windows) // 64
+    share = gate.share(c.gate_starts(cfg.gate.sequences), 0, 1)
+    table = c.rule_table()
+
+    def batches(epoch):
+        order = np.random.default_rng(epoch).permutation(len(windows))
+        return ({"tokens": torch.from_numpy(windows[order[i * 64:(i + 1) * 64]]).long()} for i in range(steps))
+
+    ref = TrainingState.create(cfg, steps)
+    for e in range(2):
+        epoch_end(ref, run_epoch(ref, batches(e), steps), share, table)
+
+    class Stop(Exception):
+        pass
+
+    def stop(state):
+        if state.epoch == 1 and state.step == stop_at:
+            raise Stop
+
+    a = TrainingState.create(cfg, steps)
+    epoch_end(a, run_epoch(a, batches(0), steps), share, table)
+    with pytest.raises(Stop):
+        run_epoch(a, batches(1), steps, after_step=stop)
+    buf = io.BytesIO()
+    torch.save(a.state_dict([rng_state()], "x", gather_epoch_losses(a)), buf)
+    saved = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    assert saved["step"] == stop_at and saved["epoch"] == 1 and len(saved["epoch_losses"][0]) == stop_at
+
+    torch.manual_seed(1234)                              # whatever ran before the resume
+    b = TrainingState.create(cfg, steps)
+    b.load_state_dict(saved)
+    epoch_end(b, run_epoch(b, batches(1), steps), share, table)
+    assert b.curves == ref.curves and (b.epoch, b.step) == (ref.epoch, ref.step) == (2, 0)
+    for k, v in ref.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k]), k
+    assert b.scheduler.state_dict() == ref.scheduler.state_dict()
