@@ -52,6 +52,28 @@ def _plain_worker_bars() -> None:
     mgr._raywalk_plain = True
 
 
+def pin_ray_address() -> None:
+    """Ray worker-process setup hook: point RAY_ADDRESS at the cluster this worker belongs to.
+
+    Ray Train's PlacementGroupCleaner (a detached actor in its own worker process)
+    finds its cluster for the state API from RAY_ADDRESS, else by scanning this
+    machine for GCS processes: with another Ray here that scan raises "Found
+    multiple active Ray instances" and the cleaner's thread dies. Never raises:
+    a failing hook would take the worker down.
+    """
+    try:
+        import ray
+
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    except Exception:
+        pass
+
+
+def job_runtime_env(env: dict[str, str]) -> dict:
+    """runtime_env for ray.init: quiet variables plus the address pin in every worker process."""
+    return {"env_vars": env, "worker_process_setup_hook": f"{__name__}.pin_ray_address"}
+
+
 def quiet_train_logging():
     import ray.train
 
@@ -72,16 +94,15 @@ def ensure_ray(cfg: Config, verbose: bool = False) -> None:
     env = worker_env(verbose)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], logging_level=level, log_to_driver=True,
-                 runtime_env={"env_vars": env} if env else None)
+                 runtime_env=job_runtime_env(env))
     else:
         # Training workers must not take every CPU, or Ray Data gets none and the pipeline stalls.
         need = cfg.run.workers * cfg.run.cpus_per_worker + 1
         if not verbose:
             env = {**env, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}   # no spot preemption on a laptop
         ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), logging_level=level,
-                 log_to_driver=True, runtime_env={"env_vars": env} if env else None)
-        # Ray Train's placement-group cleaner looks the cluster up by address; with another Ray
-        # running on this machine the lookup is ambiguous unless the address is pinned.
+                 log_to_driver=True, runtime_env=job_runtime_env(env))
+        # The driver's own address lookups (state API) get the same pin as the workers' (pin_ray_address).
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     if not verbose:
         import ray.data

@@ -1,0 +1,121 @@
+"""Ray Train's placement-group cleaner with another Ray on the machine (issue 11, item 4).
+
+The cleaner is a detached actor; its monitor thread asks the state API whether
+the Train controller still lives and resolves the cluster from RAY_ADDRESS,
+else by scanning the machine's GCS processes. With two Rays here that scan
+raises "Found multiple active Ray instances", the thread dies, and the actor
+stays up forever instead of releasing a dead driver's placement group.
+raywalk pins RAY_ADDRESS in every worker process (ray_env.pin_ray_address).
+
+Two `ray start --head` clusters (own ports, temp dirs and sessions, stopped by
+PID): `other` is just another Ray on the machine; `target` is the cluster a
+driver joins and is then SIGKILLed from.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import ROOT, kill_session, session_pids, tiny_overrides
+from test_jobs import LocalCluster, cli_env
+
+MULTI = "Found multiple active Ray instances"
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory):
+    c = LocalCluster(tmp_path_factory.mktemp("other"), num_cpus=1)
+    try:
+        c.wait_ready()
+        yield c
+    finally:
+        sid = c.proc.pid
+        c.stop()
+        assert session_pids(sid) == []
+
+
+@pytest.fixture(scope="module")
+def target(other, tmp_path_factory):
+    c = LocalCluster(tmp_path_factory.mktemp("target"), num_cpus=4)
+    try:
+        c.wait_ready()
+        yield c
+    finally:
+        sid = c.proc.pid
+        c.stop()
+        assert session_pids(sid) == []
+
+
+def train_cmd(storage, *sets: str) -> list[str]:
+    args = [s for s in tiny_overrides(storage) if not s.startswith("run.storage=") and not s.endswith("=")]
+    args += ["run.cpus_per_worker=0.5", "gate.sequences=32", *sets]
+    return ["raywalk", "train", "configs/quickstart.yaml", "--storage", str(storage), "--no-progress",
+            *[a for s in args for a in ("--set", s)]]
+
+
+def state(cluster: LocalCluster, what: str, *filters: str) -> list[dict]:
+    """`ray list WHAT` on the cluster, as a user would (the CLI, token auth on)."""
+    cmd = ["ray", "list", what, "--address", cluster.address, "--format", "json", "--detail", "--limit", "10000"]
+    for f in filters:
+        cmd += ["--filter", f]
+    p = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return json.loads(p.stdout)
+
+
+def test_embedded_run_with_another_ray_on_the_machine_has_a_working_cleaner(other, tmp_path):
+    env = cli_env()                       # no RAY_ADDRESS: raywalk starts its own (embedded) Ray
+    p = subprocess.Popen(train_cmd(tmp_path / "store", "train.max_epochs=1"), cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=400)
+    finally:
+        kill_session(p.pid)
+    assert p.returncode == 0, out[-4000:]
+    assert "result: " in out
+    assert MULTI not in out, out[-4000:]
+    assert "Traceback" not in out, out[-4000:]
+
+
+def test_sigkilled_driver_placement_groups_are_released_by_the_cleaner(target, tmp_path):
+    storage = tmp_path / "store"
+    env = cli_env(RAY_ADDRESS=f"127.0.0.1:{target.port}")
+    log = open(tmp_path / "driver.log", "w+")
+    p = subprocess.Popen(train_cmd(storage, "train.max_epochs=30"), cwd=ROOT, env=env, stdout=log,
+                         stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        pgs: list[dict] = []
+        while time.monotonic() < deadline and p.poll() is None:    # training has its placement group
+            log.seek(0)
+            if any(line.startswith("epoch 1/30 ") for line in log.read().splitlines()):
+                pgs = [g for g in state(target, "placement-groups") if g["state"] == "CREATED"]
+                if pgs:
+                    break
+            time.sleep(1)
+        log.seek(0)
+        assert pgs and p.poll() is None, log.read()[-4000:]
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+    finally:
+        kill_session(p.pid)
+        log.close()
+
+    ids = {g["placement_group_id"] for g in pgs}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        now = {g["placement_group_id"]: g["state"] for g in state(target, "placement-groups")}
+        cleaners = state(target, "actors", "class_name=PlacementGroupCleaner")
+        if all(now.get(i) == "REMOVED" for i in ids) and cleaners and all(a["state"] == "DEAD" for a in cleaners):
+            break
+        time.sleep(2)
+    assert all(now.get(i) == "REMOVED" for i in ids), now
+    # The cleaner saw the controller die, released the group and exited (a dead monitor thread never exits).
+    assert cleaners and all(a["state"] == "DEAD" for a in cleaners), cleaners
+    logs = "".join(f.read_text(errors="replace") for f in (target.temp_dir / "ray").glob("session_*/logs/worker-*"))
+    assert MULTI not in logs
