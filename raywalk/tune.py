@@ -198,7 +198,10 @@ def _trial(config: dict[str, Any], *, points: dict[str, dict[str, Any]], sweep_s
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from . import trainer
+    from .lease import ENV_WAIT, timings
 
+    # A Tune retry after a lost driver finds that driver's lease still fresh: wait for it to go stale.
+    os.environ.setdefault(ENV_WAIT, str(2 * timings()[0]))
     eid = config["experiment_id"]
     cfg = Config.from_dict(points[eid])
     rec_store = Store.open(sweep_store)
