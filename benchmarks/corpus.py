@@ -1,14 +1,29 @@
 """Graph build cost, compliant-walk throughput and corpus compliance at the anchor shape.
 
-Run: python benchmarks/corpus.py [--skip-full]
+Run: python benchmarks/corpus.py [--skip-full] [--skip-cluster]
+     python benchmarks/corpus.py --cluster-only [--tenfold-walks N]   (or --cold-only)
 
 Parts: graph build time and peak memory at n = 500, 2,000, 10,000; the sampler's
 walks/s in one process against a one-walk-at-a-time Python generator; then the
 whole anchor corpus (200,000 + 22,222 walks, written as Parquet) built by
 `build_corpus` as Ray tasks with 1 and with 2 shards in parallel.
+
+Cluster part (issue 11), `before` = the old driver (in-flight limit computed once
+from ray.available_resources(); every shard's bytes returned to the driver and
+written at the end), `after` = build_corpus today (all tasks submitted, each task
+writes its shard and returns path/size/sha256/stats):
+- peak driver memory (tracemalloc peak of Python allocations, and the growth of the
+  driver's peak RSS, VmHWM, during the build) for the anchor corpus and one 10x
+  larger (2,000,000 + 222,222 walks), each variant in a fresh process with its own
+  local Ray (2 CPUs);
+- a cold cluster: a head with 0 CPUs (ray.cluster_utils.Cluster), the build started,
+  the shard tasks it has submitted and the CPU demand the autoscaler sees
+  (autoscaler v2 get_cluster_status) before any node can run them; then a 2-CPU
+  worker node is added and the build runs to the end.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 import tracemalloc
@@ -82,6 +97,8 @@ def main() -> None:
     print(f"  speed ratio raywalk/naive: {fast / slow:.1f}x")
     if "--skip-full" not in sys.argv:
         full_corpus()
+    if "--skip-cluster" not in sys.argv:
+        cluster_part()
 
 
 def full_corpus() -> None:
@@ -108,5 +125,219 @@ def full_corpus() -> None:
               f"regenerated {s['train']['regenerated'] + s['eval']['regenerated']}")
 
 
+# ---- issue 11: the build on a cluster, before and after -------------------------------
+
+def before_mapper(max_in_flight=None):
+    """The old ray_mapper: its in-flight limit comes once from the CPUs available at the start."""
+    import ray
+
+    def run(fn, args):
+        remote = ray.remote(num_cpus=1)(fn)
+        shared = {id(a[k]): ray.put(a[k]) for a in args[:1] for k in range(3)}
+        limit = max_in_flight or max(1, int(ray.available_resources().get("CPU", 1)))
+        pending: dict = {}
+        for i, a in enumerate(args):
+            while len(pending) >= limit:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                yield pending.pop(done[0]), ray.get(done[0])
+            pending[remote.remote(*(shared.get(id(x), x) for x in a))] = i
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            yield pending.pop(done[0]), ray.get(done[0])
+
+    return run
+
+
+def build_before(cfg, root, mapper) -> int:
+    """The old build: shard bytes come back to the driver, all held until every shard is done, then written."""
+    import hashlib
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raywalk.corpus import make_shard, plan_shards, shard_rel
+
+    graph = build_graph(cfg.graph.n, cfg.graph.K, cfg.graph.p_in, cfg.graph.p_out, cfg.seed)
+    jumpers = place_jumpers(graph, cfg.graph.n_jumpers_per_block, cfg.graph.r_scales, cfg.w, cfg.seed)
+    table = RuleTable.build(graph, jumpers)
+    specs = plan_shards(cfg)
+    work = root.sub("corpora", f".building-{cfg.corpus_id()}")
+    checksums = {}
+    src, dst = graph.edges()
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"src": pa.array(src.astype(np.int32)), "dst": pa.array(dst.astype(np.int32))}), buf)
+    work.write_bytes("graph.parquet", buf.getvalue())
+    results = {}
+    for i, res in mapper(make_shard, [(graph, jumpers, table, s, cfg.seed, cfg.corpus.walk_length) for s in specs]):
+        results[i] = res
+    total = 0
+    for i, spec in enumerate(specs):
+        data, _ = results.pop(i)
+        work.write_bytes(shard_rel(spec), data)
+        checksums[shard_rel(spec)] = hashlib.sha256(data).hexdigest()
+        total += len(data)
+    work.write_json("manifest.json", {"checksums": checksums})
+    return total
+
+
+def _vm(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def measure_one(variant: str, corpus_size: int) -> None:
+    """In a fresh process: build with `variant` and print one JSON line of driver memory figures."""
+    import json
+    import shutil
+    import tempfile
+
+    from raywalk.config import Config
+    from raywalk.corpus import build_corpus, ray_mapper
+    from raywalk.ray_env import ensure_ray
+    from raywalk.storage import Store
+
+    cfg = Config.load(Path(__file__).resolve().parents[1] / "configs" / "anchor.yaml",
+                      [f"corpus.corpus_size={corpus_size}"])
+    ensure_ray(cfg)
+    tmp = tempfile.mkdtemp(prefix="raywalk-bench-mem-")
+    root = Store.open(tmp)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:   # reset the peak RSS (VmHWM) to the current RSS
+            f.write("5")
+        rss0 = _vm("VmRSS")
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        if variant == "before":
+            build_before(cfg, root, before_mapper())
+        else:
+            build_corpus(cfg, root, mapper=ray_mapper(), progress=False, log=lambda s: None)
+        dt = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        hwm = _vm("VmHWM")
+        size = sum(f.stat().st_size for f in Path(tmp).rglob("*.parquet"))
+        shards = sum(1 for _ in Path(tmp).rglob("part-*.parquet"))
+        print(json.dumps({"variant": variant, "walks": corpus_size + corpus_size // 9, "shards": shards,
+                          "corpus_bytes": size, "seconds": dt, "tracemalloc_peak": peak,
+                          "rss_before": rss0, "rss_peak": hwm}), flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def memory_part(tenfold: int) -> None:
+    import json
+    import subprocess
+
+    print("peak driver memory while building (each in a fresh process with its own local Ray):")
+    print(f"  {'corpus':>22} {'variant':>7} {'shards':>6} {'parquet':>9} {'time':>7} "
+          f"{'tracemalloc peak':>17} {'driver RSS growth':>18}")
+    for size in (200_000, tenfold):
+        for variant in ("before", "after"):
+            out = subprocess.run([sys.executable, __file__, "--measure", variant, str(size)], capture_output=True,
+                                 text=True, timeout=1800)
+            line = [x for x in out.stdout.splitlines() if x.startswith("{")]
+            if out.returncode or not line:
+                print(f"  {variant} {size}: failed\n{out.stderr[-2000:]}")
+                continue
+            r = json.loads(line[-1])
+            print(f"  {r['walks']:>16,} walks {r['variant']:>7} {r['shards']:>6} {r['corpus_bytes'] / 2**20:>7.0f}MiB "
+                  f"{r['seconds']:>6.0f}s {r['tracemalloc_peak'] / 2**20:>15.1f}MiB "
+                  f"{(r['rss_peak'] - r['rss_before']) / 2**20:>16.1f}MiB", flush=True)
+
+
+def cold_cluster_part() -> None:
+    """A 0-CPU head: how many shard tasks and how much CPU demand exist before any node can run them."""
+    import tempfile
+    import threading
+
+    import ray
+    from ray.autoscaler.v2.sdk import get_cluster_status
+    from ray.cluster_utils import Cluster
+
+    from raywalk.config import Config
+    from raywalk.corpus import build_corpus, plan_shards, ray_mapper
+    from raywalk.storage import Store
+
+    os.environ["RAY_SCHEDULER_EVENTS"] = "0"    # no "(autoscaler) cannot fulfill" lines: the cold head is the point
+    cfg = Config.load(Path(__file__).resolve().parents[1] / "configs" / "anchor.yaml")
+    n_shards = len(plan_shards(cfg))
+    print(f"cold cluster (head with 0 CPUs, no worker yet), anchor corpus = {n_shards} shards:")
+    for variant in ("before", "after"):
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+        try:
+            ray.init(address=cluster.address, logging_level="ERROR")
+            root = Store.open(tempfile.mkdtemp(prefix="raywalk-bench-cold-"))
+            submitted = []
+
+            def counting(mapper):
+                """The mapper, with every task submission counted (ray.remote wrapped while it runs)."""
+                def run(fn, args):
+                    real = ray.remote
+
+                    def remote(*a, **k):            # used as ray.remote(num_cpus=1)(fn)
+                        def apply(f):
+                            r = real(*a, **k)(f)
+
+                            class Counted:
+                                def remote(self, *x):
+                                    submitted.append(time.perf_counter())
+                                    return r.remote(*x)
+                            return Counted()
+                        return apply
+                    ray.remote = remote
+                    try:
+                        yield from mapper(fn, args)
+                    finally:
+                        ray.remote = real
+                return run
+
+            def build():
+                if variant == "before":
+                    build_before(cfg, root, counting(before_mapper()))
+                else:
+                    build_corpus(cfg, root, mapper=counting(ray_mapper()), progress=False, log=lambda s: None)
+
+            t = threading.Thread(target=build, daemon=True)
+            t.start()
+            demand, deadline = 0, time.time() + 60
+            while time.time() < deadline:     # until the demand the autoscaler sees stops growing
+                time.sleep(2)
+                st = get_cluster_status(cluster.address)
+                now = sum(b.count * b.bundle.get("CPU", 0) for d in st.resource_demands.ray_task_actor_demand
+                          for b in d.bundles_by_count)
+                if now and now == demand:
+                    break
+                demand = now
+            queued = len(submitted)
+            t0 = time.perf_counter()
+            cluster.add_node(num_cpus=2)
+            t.join()
+            print(f"  {variant:>6}: {queued:>3} of {n_shards} shard tasks submitted, autoscaler sees demand for "
+                  f"{demand:g} CPU(s); after a 2-CPU node joins, the build takes {time.perf_counter() - t0:.0f}s",
+                  flush=True)
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+
+
+def cluster_part() -> None:
+    tenfold = 2_000_000
+    if "--tenfold-walks" in sys.argv:
+        tenfold = int(sys.argv[sys.argv.index("--tenfold-walks") + 1])
+    memory_part(tenfold)
+    cold_cluster_part()
+
+
 if __name__ == "__main__":
-    main()
+    if "--measure" in sys.argv:
+        i = sys.argv.index("--measure")
+        measure_one(sys.argv[i + 1], int(sys.argv[i + 2]))
+    elif "--cluster-only" in sys.argv:
+        cluster_part()
+    elif "--cold-only" in sys.argv:
+        cold_cluster_part()
+    else:
+        main()
