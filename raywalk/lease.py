@@ -356,6 +356,9 @@ class Lease:
             if got is None:
                 continue              # released in between: try to create again
             cur = LeaseInfo.decode(got[0])
+            if cur is not None and cur.holder == self.holder:   # our write landed, its reply was lost
+                self.info, self._token = cur, got[1]
+                return self
             if cur is not None and cur.live():
                 raise LeaseHeld(self.experiment_id, cur, self.uri)
             token = self._backend.replace(info.encode(), got[1])
@@ -378,7 +381,11 @@ class Lease:
             info = self._stamp(self.info.started_at)
             token = self._backend.replace(info.encode(), self._token)
             if token is None:
-                cur = self.current()
+                got = self._backend.read()
+                cur = LeaseInfo.decode(got[0]) if got else None
+                if cur is not None and cur.holder == self.holder:   # a retried request whose first try landed
+                    self.info, self._token = cur, got[1]
+                    return
                 self._token = None
                 raise LeaseLost(f"lease on experiment {self.experiment_id} was taken over"
                                 + (f" by another driver ({cur.describe()})" if cur else " or removed"))
