@@ -104,6 +104,7 @@ def _cmd(storage: str) -> list[str]:
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
     env.update(CREDS)
+    env["RAYWALK_LEASE_STALE_AFTER_S"] = "3"   # the killed driver's lease goes stale 3 s after the kill
     return env
 
 
@@ -136,11 +137,14 @@ def test_run_on_s3_is_killed_and_resumes_from_the_bucket(s3, tmp_path):
     partial = json.loads(client.get_object(Bucket=BUCKET, Key=f"{exp_prefix}/result.json")["Body"].read())
     assert partial["status"] == "running" and partial["epochs_trained"] < 4, first[-2000:]
 
+    time.sleep(3.5)
     second = subprocess.run(_cmd(storage), cwd=cwd, env=_env(), capture_output=True, text=True, timeout=240,
                             start_new_session=True)
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-4000:]
     assert "corpus reused" in out, out[-3000:]
+    assert "taking over experiment" in out, out[-3000:]       # the killed driver's stale lease in the bucket
+    assert f"{exp_prefix}/lease.json" not in keys(client, exp_prefix)   # released at the end
     assert "resuming from s3://" in out, out[-3000:]
     assert "resuming" in out
     r = json.loads(client.get_object(Bucket=BUCKET, Key=f"{exp_prefix}/result.json")["Body"].read())
