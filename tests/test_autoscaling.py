@@ -1,0 +1,291 @@
+"""A sweep on a cold autoscaling cluster, on this machine (issue 11, item 5).
+
+The cluster is Ray's own fake multi-node autoscaler, set up as
+`ray.cluster_utils.AutoscalingCluster` does (its config; `RAY_FAKE_CLUSTER=1`
+and a 1 s autoscaler interval), but started and stopped here: its `start()` and
+`shutdown()` run `ray stop --force`, which ends every Ray on the machine. The
+head (`ray start --head --block`, own ports, temp dir and process session)
+has 0 CPUs and the `raywalk_driver` resource, as in cluster.yaml; one worker
+type (2 CPUs) scales from 0 to MAX_WORKERS. Worker nodes are raylets the
+autoscaler's monitor spawns on this machine, so they live in the head's
+session and are stopped with it, by PID.
+
+`raywalk tune` runs as a user would run it (a subprocess with RAY_ADDRESS set).
+From cold: the autoscaler adds nodes, the corpus shards run on them, two
+trials overlap, their drivers run on the head, and every point ends with its
+result.json. Then a second sweep, and the worker node hosting a training
+worker is SIGKILLed mid-trial (its raylet and everything under it): the sweep
+still completes every point, the killed run resumed from its checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, kill_session, session_pids
+from test_jobs import cli_env, free_ports
+
+FAKE_HEAD_NODE_ID = "f" * 51 + "00000"     # ray.autoscaler._private.fake_multi_node.node_provider
+WORKER_TYPE = "ray.worker.cpu"
+WORKER_CPUS = 2
+MAX_WORKERS = 3
+OBJECT_STORE = 80 * 2**20                    # per node; the tiny sweep needs almost none
+
+
+def autoscaling_config(gcs_port: int) -> dict:
+    """AutoscalingCluster._generate_config's result, written out: the example.yaml it starts from is not
+    shipped in the ray 2.60 wheel, and provider type `fake_multinode` loads it for defaults, so the
+    same FakeMultiNodeProvider is named as an `external` provider (whose defaults are built in)."""
+    return {
+        "cluster_name": "raywalk-fake",
+        "max_workers": MAX_WORKERS,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 5,           # nodes stay between the two sweeps
+        "provider": {
+            "type": "external",
+            "module": "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
+            "use_node_id_as_ip": True, "disable_node_updaters": True, "disable_launch_config_check": True,
+            "gcs_address": f"127.0.0.1:{gcs_port}",     # its default is port 6379: someone else's Ray
+        },
+        "head_node_type": "ray.head.default",
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0, "raywalk_driver": 1000}, "node_config": {},
+                                 "max_workers": 0},
+            WORKER_TYPE: {"resources": {"CPU": WORKER_CPUS, "object_store_memory": OBJECT_STORE},
+                          "node_config": {}, "min_workers": 0, "max_workers": MAX_WORKERS},
+        },
+        "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+    }
+
+
+def proc_info(pid: int) -> tuple[int, list[str]] | None:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return ppid, argv
+
+
+class FakeAutoscalingCluster:
+    def __init__(self, temp_dir: Path):
+        self.temp_dir = Path(temp_dir)
+        # Ray's own temp dir short: its socket paths must fit AF_UNIX's 107 bytes.
+        self.ray_dir = Path(tempfile.mkdtemp(prefix="rw-as-", dir="/tmp"))
+        ports = free_ports(9)
+        self.port, self.dashboard_port = ports[0], ports[1]
+        self.gcs = f"127.0.0.1:{self.port}"
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.config_file = self.temp_dir / "autoscaling.json"
+        self.config_file.write_text(json.dumps(autoscaling_config(self.port)))
+        self.log = open(self.temp_dir / "ray-start.log", "w+")
+        cmd = ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", f"--port={self.port}",
+               "--num-cpus=0", "--resources", json.dumps({"raywalk_driver": 1000}),
+               f"--autoscaling-config={self.config_file}", f"--object-store-memory={OBJECT_STORE}",
+               "--disable-usage-stats", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+               f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={ports[2]}",
+               f"--dashboard-agent-listen-port={ports[3]}", f"--dashboard-agent-grpc-port={ports[4]}",
+               f"--runtime-env-agent-port={ports[5]}", f"--metrics-export-port={ports[6]}",
+               f"--node-manager-port={ports[7]}", f"--object-manager-port={ports[8]}",
+               f"--temp-dir={self.ray_dir}"]
+        env = cli_env(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")   # as AutoscalingCluster.start
+        self.proc = subprocess.Popen(cmd, cwd=self.temp_dir, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            p = subprocess.run(["ray", "job", "list", "--address", self.address], env=cli_env(),
+                               capture_output=True, text=True, cwd=self.temp_dir)
+            if p.returncode == 0:
+                return
+            time.sleep(2)
+        self.log.seek(0)
+        raise RuntimeError(f"the fake autoscaling head did not come up:\n{self.log.read()[-3000:]}")
+
+    def worker_raylets(self) -> dict[int, str]:
+        """pid -> socket name of every worker node's raylet (the head's socket is `raylet`)."""
+        out = {}
+        for pid in session_pids(self.proc.pid):
+            info = proc_info(pid)
+            if info and info[1][0].endswith("/raylet"):
+                sock = next((a.split("=", 1)[1] for a in info[1] if a.startswith("--raylet_socket_name=")), "")
+                if not sock.endswith("/raylet"):
+                    out[pid] = sock
+        return out
+
+    def kill_node_of(self, proctitle_prefix: str) -> int | None:
+        """SIGKILL the worker node hosting a process titled `proctitle_prefix` (its raylet and all under it)."""
+        raylets = self.worker_raylets()
+        for pid in session_pids(self.proc.pid):
+            info = proc_info(pid)
+            if info and info[1][0].startswith(proctitle_prefix) and info[0] in raylets:
+                node = info[0]
+                victims = [node] + [p for p in session_pids(self.proc.pid) if (proc_info(p) or (0,))[0] == node]
+                for v in victims:
+                    try:
+                        os.kill(v, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                return node
+        return None
+
+    def stop(self) -> None:
+        sid = self.proc.pid
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        kill_session(sid)        # the monitor's fake worker nodes are in this session too
+        self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.ray_dir, ignore_errors=True)
+
+    def state(self, what: str, *filters: str) -> list[dict]:
+        cmd = ["ray", "list", what, "--address", self.address, "--format", "json", "--detail", "--limit", "10000"]
+        for f in filters:
+            cmd += ["--filter", f]
+        p = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert p.returncode == 0, p.stdout + p.stderr
+        return json.loads(p.stdout)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = FakeAutoscalingCluster(tmp_path_factory.mktemp("autoscaling"))
+    try:
+        c.wait_ready()
+        yield c
+    finally:
+        sid = c.proc.pid
+        c.stop()
+        assert session_pids(sid) == [], "processes of the autoscaling cluster survived"
+
+
+class NodeWatch:
+    """Samples the worker raylets while a sweep runs: when each node appeared (seconds from start)."""
+
+    def __init__(self, cluster: FakeAutoscalingCluster):
+        self.cluster, self.seen, self.t0 = cluster, {}, time.monotonic()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for pid in self.cluster.worker_raylets():
+                self.seen.setdefault(pid, round(time.monotonic() - self.t0, 1))
+            self.stop.wait(0.5)
+
+    def done(self) -> dict[int, float]:
+        self.stop.set()
+        self.thread.join()
+        return self.seen
+
+
+def write_sweep(path: Path, name: str, **train) -> Path:
+    sweep = yaml.safe_load((ROOT / "configs" / "sweep_tiny.yaml").read_text())
+    sweep["name"] = name
+    sweep["base"]["train"].update(train)
+    sweep["base"]["gate"]["sequences"] = 32
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def tune(cluster: FakeAutoscalingCluster, sweep: Path, storage: Path, log: Path) -> subprocess.Popen:
+    f = open(log, "w")
+    return subprocess.Popen(["raywalk", "tune", str(sweep), "--storage", str(storage)], cwd=ROOT,
+                            env=cli_env(RAY_ADDRESS=cluster.gcs), stdout=f, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def finish(p: subprocess.Popen, log: Path, timeout: float) -> str:
+    try:
+        p.wait(timeout=timeout)
+    finally:
+        kill_session(p.pid)
+    return log.read_text()
+
+
+def results(storage: Path, sweep_file: Path) -> tuple[list[dict], dict[str, dict]]:
+    from raywalk.sweep import load_sweep
+
+    sweep = load_sweep(str(sweep_file))
+    rows = []
+    for p in sweep.points:
+        f = storage / p.experiment_id / "result.json"
+        assert f.is_file(), f"no result.json for point {p.index} ({p.experiment_id})"
+        rows.append(json.loads(f.read_text()))
+    trials = {p.experiment_id: json.loads((storage / "sweeps" / sweep.sweep_id / "trials" /
+                                           f"{p.experiment_id}.json").read_text()) for p in sweep.points}
+    return rows, trials
+
+
+def test_sweep_from_cold_scales_out_and_survives_a_lost_node(cluster, tmp_path):
+    storage = tmp_path / "store"
+    assert cluster.worker_raylets() == {}, "not cold: worker nodes before the sweep"
+
+    # 1. From cold.
+    sweep1 = write_sweep(tmp_path / "sweep1.yaml", "cold", max_epochs=2)
+    t0 = time.monotonic()
+    watch = NodeWatch(cluster)
+    p = tune(cluster, sweep1, storage, tmp_path / "tune1.log")
+    out = finish(p, tmp_path / "tune1.log", timeout=420)
+    nodes = watch.done()
+    wall1 = time.monotonic() - t0
+    assert p.returncode == 0, out[-5000:]
+    assert "up to 2 trial(s) at once" in out and str(cluster.config_file) in out, out[-3000:]
+    rows, trials = results(storage, sweep1)
+    assert all(r["status"] in ("passed", "failed") for r in rows)
+    assert len(nodes) >= 2, f"the autoscaler added {len(nodes)} node(s)"
+    starts = [t["started_at"] for t in trials.values()]
+    ends = [t["finished_at"] for t in trials.values()]
+    assert max(starts) < min(ends), f"trials did not overlap: {trials}"
+    assert {t["driver_node_id"] for t in trials.values()} == {FAKE_HEAD_NODE_ID}, trials
+    shards = cluster.state("tasks", "name=write_shard")
+    assert shards and all(t["node_id"] and t["node_id"] != FAKE_HEAD_NODE_ID for t in shards), shards
+    overlap = min(ends) - max(starts)
+
+    # 2. A worker node is lost mid-trial; the sweep still finishes every point.
+    sweep2 = write_sweep(tmp_path / "sweep2.yaml", "lost-node", max_epochs=4, lr=2.0e-3)
+    t1 = time.monotonic()
+    log2 = tmp_path / "tune2.log"
+    p = tune(cluster, sweep2, storage, log2)
+    from raywalk.sweep import load_sweep
+
+    exps = [storage / q.experiment_id / "checkpoints" for q in load_sweep(str(sweep2)).points]
+    killed = None
+    try:
+        deadline = time.monotonic() + 300
+        while killed is None and time.monotonic() < deadline and p.poll() is None:
+            if any(any(d.glob("epoch_0001*")) for d in exps if d.is_dir()):    # a checkpoint to resume from
+                killed = cluster.kill_node_of("ray::RayTrainWorker")
+            time.sleep(0.5)
+        assert killed is not None, log2.read_text()[-3000:]
+        out2 = finish(p, log2, timeout=420)
+    finally:
+        kill_session(p.pid)
+    wall2 = time.monotonic() - t1
+    assert p.returncode == 0, out2[-5000:]
+    rows2, _ = results(storage, sweep2)
+    assert all(r["status"] in ("passed", "failed") for r in rows2)
+    assert all(r["epochs_trained"] == (r["gate"]["epoch"] or 4) for r in rows2)
+    assert sum(r["restarts"] for r in rows2) >= 1, [r["restarts"] for r in rows2]
+
+    print(f"\n[autoscaling] sweep 1 from cold: {wall1:.0f}s, worker nodes added at {sorted(nodes.values())} s, "
+          f"trials overlapped {overlap:.0f}s; sweep 2 with a node killed: {wall2:.0f}s")
