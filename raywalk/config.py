@@ -152,8 +152,8 @@ class RunConfig:
     """Worker-group restarts allowed after failures (a crash, a node lost without notice), 0..1000."""
     max_preemptions: int = -1
     """Restarts allowed after spot preemptions (a node drained with notice), counted apart; -1: unlimited."""
-    preemption_check_steps: int = 25
-    """Steps between polls for a spot reclaim notice (each poll is a barrier); 0 never polls."""
+    preemption_check_steps: int = 100
+    """Steps between polls for a spot reclaim notice (each poll is a ~14 ms barrier); 0 never polls."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per training worker, in (0, 64]."""
     gpus_per_worker: float = 0.0
