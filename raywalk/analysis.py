@@ -108,7 +108,7 @@ def load(where: str | Path, checkpoint: str | int = "gate", device: str | torch.
 
     corpus = _find_corpus(exp_uri, result, cfg, eid)
     return Experiment(config=cfg, result=result, model=model, graph=corpus.graph(), jumpers=corpus.jumpers(),
-                      epoch=int(state["epoch"]), checkpoint_uri=exp.child_uri("checkpoints", name), corpus=corpus)
+                      epoch=int(state["epoch"]), checkpoint_uri=exp.child_uri(ckpt.RUN_DIR, name), corpus=corpus)
 
 
 # ---- where things are -------------------------------------------------------------
@@ -151,7 +151,7 @@ def _read_result(exp: Store) -> dict[str, Any]:
 
 
 def _checkpoint(exp: Store, result: dict[str, Any], eid: str, which: str | int) -> tuple[dict[str, Any], str]:
-    run = exp.sub("checkpoints")
+    run = exp.sub(ckpt.RUN_DIR)
     on_disk = sorted(n for n in run.listdir() if _EPOCH_DIR.match(n))   # whole epochs (not mid-epoch saves)
     have = ", ".join(str(int(_EPOCH_DIR.match(n).group(1))) for n in on_disk) or "none"
     if which == "gate":

@@ -14,30 +14,13 @@ from raywalk.lease import LEASE, Lease, LeaseHeld, LeaseInfo, LeaseLost, hold, t
 from raywalk.storage import Store
 from tests.conftest import kill_session, tiny_config
 
-BUCKET = "raywalk-lease"
-CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-         "AWS_EC2_METADATA_DISABLED": "true"}
+from tests.s3server import s3_server  # noqa: E402,F401  (the fixture)
 
 
 @pytest.fixture(scope="module")
-def s3_uri():
-    """A real S3-compatible server (moto, threaded, in this process) with a bucket; yields a URI maker."""
-    moto_server = pytest.importorskip("moto.server")
-    import boto3
-
-    old = {k: os.environ.get(k) for k in CREDS}
-    os.environ.update(CREDS)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    _, port = server.get_host_and_port()
-    boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1").create_bucket(Bucket=BUCKET)
-    yield lambda prefix: f"s3://{BUCKET}/{prefix}?endpoint_override=127.0.0.1:{port}&scheme=http"
-    server.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+def s3_uri(s3_server):
+    """A URI maker for a bucket on a real S3-compatible server (moto, threaded, in this process)."""
+    return s3_server["uri"]
 
 
 @pytest.fixture(params=["local", "s3"])

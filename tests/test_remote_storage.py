@@ -16,34 +16,14 @@ import pytest
 
 from conftest import QUICKSTART, kill_session, tiny_overrides
 
-moto_server = pytest.importorskip("moto.server")
-boto3 = pytest.importorskip("boto3")
-
 from raywalk.storage import Store, join_uri, split_query  # noqa: E402
-
-BUCKET = "raywalk-test"
-CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-         "AWS_EC2_METADATA_DISABLED": "true"}
+from tests.s3server import BUCKET, CREDS, s3_server  # noqa: E402,F401  (s3_server: the fixture)
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
+def s3(s3_server):
     """A real S3-compatible server (moto, threaded, in this process) and a bucket in it."""
-    old = {k: os.environ.get(k) for k in CREDS}
-    os.environ.update(CREDS)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    _, port = server.get_host_and_port()
-    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
-    client.create_bucket(Bucket=BUCKET)
-    yield {"port": port, "client": client,
-           "uri": lambda prefix: f"s3://{BUCKET}/{prefix}?endpoint_override=127.0.0.1:{port}&scheme=http"}
-    server.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    return s3_server
 
 
 def keys(client, prefix: str) -> list[str]:
