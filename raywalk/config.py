@@ -95,6 +95,10 @@ class ModelConfig:
         _check(0.0 <= self.dropout < 1.0, f"{p}.dropout", self.dropout, "must be in [0, 1)")
 
 
+DATA_PATHS = ("auto", "resident", "stream")
+OPERATIONAL_TRAIN_KEYS = ("data", "data_budget", "compile")   # not part of the experiment id
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = 64
@@ -113,6 +117,12 @@ class TrainConfig:
     """Epochs at most (the gate may stop earlier), 1..50."""
     precision: str = "fp32"
     """Training matmuls: "fp32", or "bf16" (autocast, fp32 master weights; opt-in, ~1.5x on CPUs with bf16)."""
+    data: str = "auto"
+    """Epoch data path: "resident" (all windows in one tensor on the worker's device), "stream" (Ray Data), or "auto"."""
+    data_budget: float = 0.5
+    """auto keeps the windows resident when they take at most this share of the device's free memory, in (0, 1]."""
+    compile: bool = False
+    """torch.compile the training step (CUDA graphs on a GPU); first steps pay the compile time."""
 
     def validate(self, p: str = "train") -> None:
         _check(1 <= self.batch_size <= 65536, f"{p}.batch_size", self.batch_size, "must be in [1, 65536]")
@@ -124,6 +134,8 @@ class TrainConfig:
         _check(1 <= self.max_epochs <= 50, f"{p}.max_epochs", self.max_epochs,
                "must be in [1, 50] (the phase's training budget)")
         _check(self.precision in ("fp32", "bf16"), f"{p}.precision", self.precision, 'must be "fp32" or "bf16"')
+        _check(self.data in DATA_PATHS, f"{p}.data", self.data, 'must be "auto", "resident" or "stream"')
+        _check(0.0 < self.data_budget <= 1.0, f"{p}.data_budget", self.data_budget, "must be in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -152,8 +164,10 @@ class RunConfig:
     """Worker-group restarts allowed after failures (a crash, a node lost without notice), 0..1000."""
     max_preemptions: int = -1
     """Restarts allowed after spot preemptions (a node drained with notice), counted apart; -1: unlimited."""
-    preemption_check_steps: int = 100
-    """Steps between polls for a spot reclaim notice (each poll is a ~14 ms barrier); 0 never polls."""
+    preemption_check_seconds: float = 5.0
+    """Seconds between polls for a spot reclaim notice (each poll is a ~14 ms barrier), in [0, 3600]; 0 never polls."""
+    preemption_check_steps: int = 0
+    """A fixed number of steps between polls instead (tests); 0 uses preemption_check_seconds."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per training worker, in (0, 64]."""
     gpus_per_worker: float = 0.0
@@ -171,7 +185,9 @@ class RunConfig:
         _check(-1 <= self.max_preemptions <= 1000, f"{p}.max_preemptions", self.max_preemptions,
                "must be in [-1, 1000] (-1: unlimited)")
         _check(0 <= self.preemption_check_steps <= 1_000_000, f"{p}.preemption_check_steps",
-               self.preemption_check_steps, "must be in [0, 1000000] (0: never)")
+               self.preemption_check_steps, "must be in [0, 1000000] (0: by run.preemption_check_seconds)")
+        _check(0.0 <= self.preemption_check_seconds <= 3600, f"{p}.preemption_check_seconds",
+               self.preemption_check_seconds, "must be in [0, 3600] (0: never)")
         _check(0 < self.cpus_per_worker <= 64, f"{p}.cpus_per_worker", self.cpus_per_worker, "must be in (0, 64]")
         g = self.gpus_per_worker
         _check(0 <= g <= 8, f"{p}.gpus_per_worker", g, "must be in [0, 8]")
@@ -247,12 +263,14 @@ class Config:
     def experiment_id(self) -> str:
         """Readable prefix + hash of everything that changes the trained model.
 
-        run.storage, the failure budgets, the per-worker resources, run.deterministic,
-        run.accelerator_type and run.preemption_check_steps are operational and left out,
-        so the same experiment is found again from anywhere.
+        Every run key but workers, and train.data / data_budget / compile, are operational and
+        left out, so the same experiment is found again from anywhere (the data path a run took
+        is recorded with it and kept on resume).
         """
         d = self.to_dict()
         d["run"] = {"workers": self.run.workers}
+        for k in OPERATIONAL_TRAIN_KEYS:
+            del d["train"][k]
         g, m = self.graph, self.model
         return f"n{g.n}_w{self.w}_d{m.d_model}_L{m.n_layers}_s{self.seed}-{_digest(d)}"
 

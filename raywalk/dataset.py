@@ -1,9 +1,16 @@
 """Ray Data over the train split: each walk becomes floor(L / (w+1)) windows of w+1 tokens."""
 from __future__ import annotations
 
+import itertools
+import os
+from dataclasses import dataclass, replace
+
 import numpy as np
 import pyarrow as pa
+import torch
 
+from .batches import fill_windows, token_dtype
+from .config import ConfigError, TrainConfig
 from .corpus import Corpus
 from .training import epoch_seed
 
@@ -70,3 +77,90 @@ def epoch_shard(windows, seed: int, epoch: int, rank: int, world: int):
 
 def windows_per_epoch(corpus: Corpus, w: int) -> int:
     return corpus.manifest["splits"]["train"]["walks"] * windows_per_walk(corpus.manifest["walk_length"], w)
+
+
+# ---- the data path: resident on the device, or streamed by Ray Data -------------------
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for the resident windows: the GPU's free memory, or the host's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _size(b: float) -> str:
+    for unit, k in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if b >= k:
+            return f"{b / k:.1f} {unit}"
+    return f"{b:.0f} B"
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """Which data path a worker takes, and why (train.data, memory, or the run's recorded choice)."""
+    path: str                 # "resident" | "stream"
+    why: str
+    nbytes: int               # the windows in the resident dtype
+    dtype: torch.dtype
+    device: torch.device
+    fits: bool | None = None  # auto only: within the budget on this rank (every rank must agree)
+
+    def agreed(self, every_rank_fits: bool) -> "DataPlan":
+        return self if every_rank_fits else replace(self, path="stream", why="another rank has too little memory")
+
+    def describe(self) -> str:
+        if self.path == "resident":
+            return (f"resident on {self.device}, {_size(self.nbytes)} {str(self.dtype).removeprefix('torch.')}"
+                    f" ({self.why})")
+        return f"streaming ({self.why})"
+
+
+def plan_data(train: TrainConfig, n_windows: int, width: int, n_vertices: int, device: torch.device,
+              recorded: str | None = None, free: int | None = None) -> DataPlan:
+    """The path for this run: a recorded one (resume, rerun) is kept; else train.data decides.
+
+    Both paths draw a fresh uniform permutation per epoch, but not the same one, so a run
+    never switches: a resume that cannot keep the resident windows is refused.
+    """
+    dtype = token_dtype(n_vertices)
+    nbytes = n_windows * width * (torch.iinfo(dtype).bits // 8)
+    free = free_memory(device) if free is None else free
+    budget = train.data_budget * free
+    plan = lambda path, why, fits=None: DataPlan(path, why, nbytes, dtype, device, fits)   # noqa: E731
+    if recorded == "stream":
+        return plan("stream", "kept from the run's first start")
+    if recorded == "resident" or train.data == "resident":
+        if nbytes > free:
+            field = "the run's recorded data path" if recorded else "train.data"
+            raise ConfigError(f"{field}: 'resident' is invalid on {device}: the windows take {_size(nbytes)}, "
+                              f"more than the {_size(free)} free there"
+                              + ("; resume on a worker with more memory (the path a run took is kept so its "
+                                 "epoch order never changes)" if recorded else "; use train.data=stream or auto"))
+        return plan("resident", "kept from the run's first start" if recorded else "train.data=resident")
+    if train.data == "stream":
+        return plan("stream", "train.data=stream")
+    fits = nbytes <= budget
+    if fits:
+        return plan("resident", f"within budget {_size(budget)}", fits)
+    return plan("stream", f"windows {_size(nbytes)} > budget {_size(budget)}", fits)
+
+
+def load_resident(windows, n_windows: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The window dataset, read once in corpus order, as one (N, w+1) tensor on the device."""
+    chunks = (b["tokens"] for b in windows.iter_batches(batch_size=65536, batch_format="numpy"))
+    return fill_windows(chunks, n_windows, width, dtype, device)
+
+
+def epoch_stream(windows, cfg, epoch: int, start: int, rank: int, world: int, device: torch.device):
+    """The streaming path: this rank's batches of the epoch's Ray Data shuffle, from step `start` on
+    (the skipped ones are read, not trained on: a Ray Data iterator cannot seek)."""
+    it = epoch_shard(windows, cfg.seed, epoch, rank, world).iter_torch_batches(
+        batch_size=cfg.train.batch_size // world, dtypes=torch.long, drop_last=True, device=str(device))
+    return (b["tokens"] for b in itertools.islice(it, start, None))

@@ -161,7 +161,9 @@ class GPT(nn.Module):
         logits = self.head(self.ln_f(x))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            # = F.cross_entropy, from ops with deterministic CUDA kernels (nll_loss has none)
+            logp = F.log_softmax(logits.flatten(0, 1).float(), dim=-1)
+            loss = -logp.gather(1, targets.reshape(-1, 1)).mean()
         return logits, loss
 
     def next_logits(self, idx, kv: KVCache | None = None):

@@ -158,10 +158,14 @@ class ResultWriter:
         record_notice(self.exp, self.driver_token, self.restarts_this_run, notice)
 
     def epoch_done(self, curves: Any, last: Compliance, gate_epoch: int | None, epoch: int, n_distinct: int,
-                   steps_per_epoch: int, by_r: Any = None) -> None:
+                   steps_per_epoch: int, by_r: Any = None, timing: Any = None, data: str | None = None) -> None:
         finished = gate_epoch is not None or epoch >= self.cfg.train.max_epochs
         r = compose(self.cfg, self.experiment_id, curves, last, gate_epoch, epoch, n_distinct, steps_per_epoch,
                     self.exp, self.env, self.restarts, finished, by_r=by_r)
         r["corpus"] = self.corpus
         r["resumes"] = list_resumes(self.exp)
+        if data is not None:
+            r["data_path"] = data
+        if timing is not None:   # seconds per epoch (see README "The timing block"); not curves
+            r["timing"] = timing.state_dict()
         self.exp.write_json(RESULT, r)

@@ -26,9 +26,10 @@ from .config import Config
 from .corpus import Corpus
 from .result import ResultWriter
 from .storage import Store
-from .dataset import epoch_shard
-from .training import (TrainingState, check_precision, epoch_end, gather_epoch_losses, gather_rng, run_epoch,
-                       set_determinism)
+from .batches import ResidentWindows
+from .dataset import DataPlan, epoch_stream, load_resident, plan_data
+from .training import (TrainingState, check_precision, compiled, epoch_end, gather_epoch_losses, gather_rng,
+                       run_epoch, set_determinism)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class WorkerSpec:
     """Identifies this driver run, to count worker-group restarts under it."""
     windows: Any
     """The train split's (w+1)-token windows as a Ray Dataset (materialised, corpus order)."""
+    n_windows: int = 0
+    """How many windows that dataset holds (the resident path's tensor rows)."""
     progress: bool = True
     """Draw rank 0's per-epoch progress bar."""
     verbose: bool = False
@@ -82,39 +85,82 @@ def _restore(state: TrainingState, checkpoints: Store, rank: int, world: int, sa
     return name
 
 
-def _report(state: TrainingState, spec: WorkerSpec, rank: int, metrics: dict[str, Any]) -> str:
-    """Checkpoint the state where it stands (epoch end or mid-epoch) and report it; returns its name."""
+def _report(state: TrainingState, spec: WorkerSpec, rank: int, metrics: dict[str, Any],
+            upload_async: bool = False) -> str:
+    """Checkpoint the state where it stands (epoch end or mid-epoch) and report it; returns its name.
+
+    With `upload_async` (an epoch checkpoint bound for remote storage) Ray uploads it in a
+    background thread and registers it only once uploaded, so a resume never sees half of
+    one (and the manifest check stays). A just-in-time checkpoint is always synchronous:
+    it must be in storage before the node goes.
+    """
     import ray.train
 
     mid = state.step > 0
     losses = gather_epoch_losses(state) if mid else None   # collectives: every rank takes part
     rng = gather_rng()
     name = ckpt.dir_name(state.epoch, state.step)
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            ckpt.save(tmp, state.state_dict(rng, spec.experiment_id, losses))
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+    mode = ray.train.CheckpointUploadMode.ASYNC if upload_async else ray.train.CheckpointUploadMode.SYNC
+    tmp = tempfile.mkdtemp(prefix="raywalk-ckpt-")   # Ray deletes it after the upload
+    checkpoint = None
+    if rank == 0:
+        ckpt.save(tmp, state.state_dict(rng, spec.experiment_id, losses))
+        checkpoint = ray.train.Checkpoint.from_directory(tmp)
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name, checkpoint_upload_mode=mode,
+                     delete_local_checkpoint_after_upload=True if checkpoint is not None else None)
+    if checkpoint is None:
+        os.rmdir(tmp)
     return name
 
 
 class NoticeWatch:
-    """Polls for a spot reclaim notice every `every` steps (the same steps on every rank: it is a
-    barrier) and, once per notice, saves and reports a just-in-time checkpoint at that step."""
+    """Polls for a spot reclaim notice and, once per notice, saves and reports a just-in-time
+    checkpoint at that step.
+
+    A poll is a barrier, so every rank must poll at the same steps. The cadence is in seconds
+    (run.preemption_check_seconds; Ray's watcher refreshes every 5 s, faster gains nothing),
+    turned into steps once per epoch: after CALIBRATE steps the ranks agree, in one tiny
+    all-reduce, on the slowest rank's step time. run.preemption_check_steps > 0 fixes the
+    cadence in steps instead.
+    """
+    CALIBRATE = 16
 
     def __init__(self, spec: WorkerSpec, rank: int, steps: int, checkpoints: Store, writer: ResultWriter | None,
                  say):
         self.spec, self.rank, self.steps, self.checkpoints, self.writer, self.say = \
             spec, rank, steps, checkpoints, writer, say
+        run = spec.config.run
         # no watcher, no notices (ensure_ray turns it off for a laptop's embedded Ray): no polls
         watching = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1") != "0"
-        self.every = spec.config.run.preemption_check_steps if watching else 0
+        self.fixed = run.preemption_check_steps
+        self.seconds = run.preemption_check_seconds if watching and not self.fixed else 0.0
+        self.active = watching and bool(self.fixed or self.seconds)
+        self.every, self.calibrate_at, self.t0 = self.fixed, None, 0.0
         self.seen: set = set()
 
+    def start_epoch(self, start: int) -> None:
+        if not self.fixed:
+            self.every, self.calibrate_at = 0, start + self.CALIBRATE
+
     def __call__(self, state: TrainingState) -> None:
-        if not self.every or state.step % self.every or state.step == self.steps:
+        step = state.step
+        if self.calibrate_at is not None:
+            if step == self.calibrate_at - self.CALIBRATE:
+                self.t0 = time.perf_counter()
+            elif step == self.calibrate_at:
+                self.every = self._agree(state, (time.perf_counter() - self.t0) / self.CALIBRATE)
+                self.calibrate_at = None
+        if not self.every or step % self.every or step == self.steps:
             return   # at the epoch's end the regular checkpoint follows at once
+        self.poll(state)
+
+    def _agree(self, state: TrainingState, per_step: float) -> int:
+        t = torch.tensor([per_step], dtype=torch.float64, device=state.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return max(1, round(self.seconds / max(float(t.item()), 1e-9)))
+
+    def poll(self, state: TrainingState) -> None:
         import ray.train
 
         info = ray.train.get_preemption_info()
@@ -137,10 +183,29 @@ class NoticeWatch:
                    f"step {state.step}; training on until the node goes")
 
 
-def train_loop_per_worker(spec: WorkerSpec) -> None:
+class Progress:
+    """rank 0's tqdm bar, redrawn a few times a second at most (never per step)."""
+    EVERY_S = 0.25
+
+    def __init__(self, bar, start: int):
+        self.bar, self.shown, self.next = bar, start, time.perf_counter() + self.EVERY_S
+        if start:
+            bar.update(start)
+
+    def __call__(self, state: TrainingState) -> None:
+        now = time.perf_counter()
+        if now >= self.next:
+            self.bar.update(state.step - self.shown)
+            self.shown, self.next = state.step, now + self.EVERY_S
+
+    def close(self, state: TrainingState) -> None:
+        self.bar.update(state.step - self.shown)
+        self.bar.close()
+
+
+def _setup(spec: WorkerSpec):
     import ray.train
     import ray.train.torch
-    from ray.experimental.tqdm_ray import tqdm
 
     cfg = spec.config
     if not spec.verbose:
@@ -154,7 +219,42 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
     check_precision(cfg.train.precision, device)
     set_determinism(cfg.run.deterministic)
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if rank == 0 else (lambda s: None)
+    return rank, world, device, say
 
+
+def _agree_fits(fits: bool, device: torch.device) -> bool:
+    """The resident path only where it fits on every rank."""
+    t = torch.tensor([int(fits)], dtype=torch.int64, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def _data(spec: WorkerSpec, state: TrainingState, rank: int, world: int, say):
+    """Choose the data path (once per run: a restored choice is kept) and make its batch source."""
+    cfg = spec.config
+    plan: DataPlan = plan_data(cfg.train, spec.n_windows, cfg.w + 1, cfg.graph.n, state.device,
+                               recorded=state.data_path)
+    if plan.path == "resident" and plan.fits is not None:
+        plan = plan.agreed(_agree_fits(plan.fits, state.device))
+    state.data_path = plan.path
+    say(f"data: {plan.describe()}")
+    if plan.path == "stream":
+        return lambda epoch, start: epoch_stream(spec.windows, cfg, epoch, start, rank, world, state.device)
+    t = time.perf_counter()
+    resident = ResidentWindows(load_resident(spec.windows, spec.n_windows, cfg.w + 1, plan.dtype, state.device),
+                               cfg.seed, cfg.train.batch_size, rank, world)
+    say(f"data: {spec.n_windows:,} windows loaded in {time.perf_counter() - t:.1f}s")
+    return lambda epoch, start: resident.epoch(epoch, start, spec.steps_per_epoch)
+
+
+def train_loop_per_worker(spec: WorkerSpec) -> None:
+    import ray.train
+    import ray.train.torch
+    from ray.experimental.tqdm_ray import tqdm
+
+    cfg = spec.config
+    rank, world, device, say = _setup(spec)
     root = Store.open(cfg.run.storage)
     checkpoints = root.sub(spec.experiment_id, ckpt.RUN_DIR)
     corpus = Corpus(Store.open(spec.corpus_uri), spec.corpus_manifest)
@@ -171,32 +271,45 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
         say(f"{r['reason']} (restart {writer.restarts}): " + (
             f"resuming from {checkpoints.child_uri(restored)} (epoch {state.epoch} done), {at}" if restored
             else "no checkpoint yet, starting at epoch 1"))
+    batches = _data(spec, state, rank, world, say)
 
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     net = ray.train.torch.prepare_model(state.model) if distributed else state.model
+    if cfg.train.compile:
+        net = compiled(net, device)
     hooks = spec.hooks.for_worker(rank, checkpoints) if spec.hooks is not None else None
     watch = NoticeWatch(spec, rank, spec.steps_per_epoch, checkpoints, writer, say)
-    per_rank_batch = cfg.train.batch_size // world
     max_epochs = cfg.train.max_epochs
+    upload_async = not root.local
+    previous_end = None
 
     while not state.done:
         e, t0 = state.epoch, time.perf_counter()
-        bar = tqdm(total=spec.steps_per_epoch, desc=f"epoch {e + 1}/{max_epochs}", unit="step") \
-            if rank == 0 and spec.progress else None
-        batches = epoch_shard(spec.windows, cfg.seed, e, rank, world).iter_torch_batches(
-            batch_size=per_rank_batch, dtypes=torch.long, drop_last=True, device=str(device))
-        run = run_epoch(state, batches, spec.steps_per_epoch, rank, net, hooks, bar, after_step=watch)
-        if bar is not None:
-            bar.close()
+        callbacks = []
+        if hooks is not None:
+            callbacks.append(lambda st: hooks.before_step(st.epoch + 1, st.step))
+        if watch.active:
+            watch.start_epoch(state.step)
+            callbacks.append(watch)
+        progress = Progress(tqdm(total=spec.steps_per_epoch, desc=f"epoch {e + 1}/{max_epochs}", unit="step"),
+                            state.step) if rank == 0 and spec.progress else None
+        if progress is not None:
+            callbacks.append(progress)
+        run = run_epoch(state, batches(e, state.step), spec.steps_per_epoch, rank, net, callbacks, previous_end)
+        if progress is not None:
+            progress.close(state)
         end = epoch_end(state, run, share, table)
         metrics = {"epoch": state.epoch, "loss": end.loss, "edge": end.comp.edge, "rule": end.comp.rule,
                    "rule_checks": end.comp.rule_total, "gate_passed": end.passed,
                    "train_seconds": run.train_seconds, "first_batch_seconds": run.first_batch_seconds,
                    "tokens_per_second": spec.steps_per_epoch * cfg.train.batch_size * cfg.w / run.train_seconds}
-        _report(state, spec, rank, metrics)
+        t = time.perf_counter()
+        _report(state, spec, rank, metrics, upload_async=upload_async)
+        state.timing.checkpoint_seconds.append(time.perf_counter() - t)
         if writer is not None:
             writer.epoch_done(state.curves, end.comp, state.gate_epoch, state.epoch, share.n_distinct,
-                              spec.steps_per_epoch, by_r=end.by_r)
+                              spec.steps_per_epoch, by_r=end.by_r, timing=state.timing, data=state.data_path)
         say(f"epoch {state.epoch}/{max_epochs}  loss {end.loss:.3f}  edge {end.comp.edge:.3f}  "
             f"rule {end.comp.rule:.3f}  gate {'PASS' if end.passed else 'no'}  "
             f"{time.perf_counter() - t0:.0f}s")
+        previous_end = run.ended

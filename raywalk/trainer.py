@@ -125,7 +125,7 @@ def _train_leased(cfg: Config, root: Store, exp_id: str, *, verbose: bool, progr
     spec = WorkerSpec(config=cfg, experiment_id=exp_id, corpus_uri=corpus.uri, corpus_manifest=corpus.manifest,
                       gate_starts=tuple(corpus.gate_starts(cfg.gate.sequences).tolist()), steps_per_epoch=steps,
                       driver_token=uuid.uuid4().hex, progress=progress, verbose=verbose, hooks=hooks,
-                      windows=window_dataset(corpus, cfg.w, materialize=True))
+                      windows=window_dataset(corpus, cfg.w, materialize=True), n_windows=n_windows)
     trainer = TorchTrainer(
         functools.partial(train_loop_per_worker, spec),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.workers, use_gpu=use_gpu,

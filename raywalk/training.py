@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -121,6 +121,31 @@ class Curves:
 
 
 @dataclass
+class Timing:
+    """Seconds per epoch, outside `curves` (the phase document allows no other curves)."""
+    train_seconds: list[float] = field(default_factory=list)        # first step to last, synchronised
+    gate_seconds: list[float] = field(default_factory=list)
+    checkpoint_seconds: list[float] = field(default_factory=list)   # save + report (+ upload when synchronous)
+    seam_seconds: list[float | None] = field(default_factory=list)  # last step of e to first of e+1; None: restarted
+
+    def state_dict(self) -> dict:
+        return {k: list(v) for k, v in self.__dict__.items()}
+
+    def load_state_dict(self, s: dict | None, epochs: int) -> None:
+        # unknown entries are None: checkpoints from before timing existed, and the checkpoint's
+        # own save time (measured after it was written)
+        for k in self.__dict__:
+            v = list((s or {}).get(k, []))
+            n = max(0, epochs - 1) if k == "seam_seconds" else epochs
+            setattr(self, k, v[:n] + [None] * (n - len(v)))
+
+    def seam(self, epochs_done: int, started: float, previous_end: float | None) -> None:
+        """At the first step of an epoch: the seam since the last step of the one before (None: restarted)."""
+        if epochs_done >= 1 and len(self.seam_seconds) == epochs_done - 1:
+            self.seam_seconds.append(None if previous_end is None else started - previous_end)
+
+
+@dataclass
 class TrainingState:
     """Model, optimizer, scheduler, curves and progress of one run, on one device."""
     cfg: Config
@@ -132,6 +157,8 @@ class TrainingState:
     gate_epoch: int | None = None     # the epoch whose gate passed
     step: int = 0                     # steps of epoch `epoch + 1` already done (0 at an epoch boundary)
     epoch_losses: torch.Tensor | None = None   # this rank's losses of those steps
+    timing: Timing = field(default_factory=Timing)
+    data_path: str | None = None      # "resident" | "stream": chosen once, kept on every resume
 
     @classmethod
     def create(cls, cfg: Config, steps_per_epoch: int, device: torch.device | str = "cpu") -> "TrainingState":
@@ -139,9 +166,11 @@ class TrainingState:
         with torch.device("cpu"):
             model = GPT.from_config(cfg)
         model.to(device)
-        # built after the move: AdamW's state follows the parameters' device
+        # built after the move: AdamW's state follows the parameters' device. fused on CUDA: one
+        # kernel per step instead of a few per parameter group (foreach is CPU's fastest)
+        fused = torch.device(device).type == "cuda"
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                betas=(0.9, 0.95), foreach=True)
+                                betas=(0.9, 0.95), fused=fused or None, foreach=None if fused else True)
         sched = make_scheduler(opt, cfg.train.max_epochs * steps_per_epoch, cfg.train.warmup_frac,
                                cfg.train.min_lr_ratio)
         return cls(cfg, model, opt, sched, Curves())
@@ -162,7 +191,7 @@ class TrainingState:
                 "epoch_losses": epoch_losses if self.step else None,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "rng": rng, "curves": self.curves.state_dict(),
-                "experiment_id": experiment_id}
+                "timing": self.timing.state_dict(), "data_path": self.data_path, "experiment_id": experiment_id}
 
     def load_state_dict(self, s: dict[str, Any], rank: int = 0, world: int = 1) -> None:
         """Restore in place; tensors land on this state's device (CPU-loaded checkpoints included)."""
@@ -172,6 +201,8 @@ class TrainingState:
         self.curves.load_state_dict(s["curves"])
         self.epoch, self.gate_epoch, self.step = int(s["epoch"]), s["gate_epoch"], int(s.get("step", 0))
         self.epoch_losses = s["epoch_losses"][rank] if self.step else None
+        self.timing.load_state_dict(s.get("timing"), self.epoch)
+        self.data_path = s.get("data_path", "stream")   # checkpoints from before the resident path streamed
         if len(s["rng"]) == world:
             set_rng_state(s["rng"][rank])
         elif self.step:
@@ -180,10 +211,8 @@ class TrainingState:
 
 # ---- one epoch ---------------------------------------------------------------------
 
-class Hooks(Protocol):
-    """Probes for tests and benchmarks, called by run_epoch (faults.py has the ones raywalk ships)."""
-
-    def before_step(self, epoch: int, step: int) -> None: ...
+StepCallback = Callable[["TrainingState"], None]
+"""Called before every step with the state (state.step = steps done): progress, notice polls, test probes."""
 
 
 def optimizer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, tok: torch.Tensor,
@@ -193,34 +222,44 @@ def optimizer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, to
         _, loss = model(tok[:, :-1], tok[:, 1:])
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
     opt.step()
     sched.step()
     return loss.detach()
 
 
+def compiled(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """train.compile: the forward (and with it, through AOTAutograd, the backward) compiled;
+    on CUDA with CUDA graphs, where launch overhead bounds a small model's step."""
+    return torch.compile(net, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
+
+
 @dataclass(frozen=True)
 class EpochRun:
     losses: torch.Tensor        # (steps,) float64 on the model's device
-    train_seconds: float        # synchronised: device work included
-    first_batch_seconds: float  # until the data stream delivered its first batch
+    train_seconds: float        # first step to last step, synchronised: device work included
+    first_batch_seconds: float  # from the call until the first batch was in hand
+    started: float              # perf_counter() when the first step began
+    ended: float                # perf_counter() when the last step's work was done
 
 
-def run_epoch(state: TrainingState, batches: Iterable[dict[str, torch.Tensor]], steps: int, rank: int = 0,
-              net: torch.nn.Module | None = None, hooks: Hooks | None = None, bar=None,
-              after_step: Callable[[TrainingState], None] | None = None) -> EpochRun:
-    """Train epoch state.epoch + 1 over `batches` (dicts with "tokens" (B, w+1)) until `steps` steps are done.
+def run_epoch(state: TrainingState, batches: Iterable[torch.Tensor], steps: int, rank: int = 0,
+              net: torch.nn.Module | None = None, callbacks: Iterable[StepCallback] = (),
+              previous_end: float | None = None) -> EpochRun:
+    """Train epoch state.epoch + 1 until `steps` steps are done.
 
-    `batches` is the epoch's whole batch order. From a mid-epoch state (state.step > 0, RNG and
-    losses restored from a just-in-time checkpoint) the first state.step batches are skipped
-    unread by the model, so the epoch goes on exactly where it stopped. At an epoch start the
-    RNG streams are reseeded from (seed, epoch, rank). `net` runs forward/backward (a DDP wrapper
-    of state.model; default the model); `after_step(state)` follows every step.
+    `batches` yields this rank's (B, w+1) int64 token windows on the model's device, from
+    step state.step on: after a just-in-time checkpoint (state.step > 0, RNG and losses
+    restored) the epoch goes on exactly where it stopped. At an epoch start the RNG streams
+    are reseeded from (seed, epoch, rank). `net` runs forward/backward (a DDP wrapper or a
+    compiled state.model; default the model). The loop does the step and nothing else:
+    every callback runs before every step, so there should be few and cheap ones.
+    `previous_end`: when the last epoch's last step ended in this process (for the seam).
     """
     cfg = state.cfg
     net = net or state.model
     device = state.device
-    epoch, start = state.epoch + 1, state.step
+    start = state.step
     losses = torch.zeros(steps, dtype=torch.float64, device=device)
     if start == 0:
         seed_all(epoch_seed(cfg.seed, state.epoch, rank))
@@ -228,32 +267,26 @@ def run_epoch(state: TrainingState, batches: Iterable[dict[str, torch.Tensor]], 
         losses[:start] = state.epoch_losses.to(device)
     state.epoch_losses = losses
     bf16 = cfg.train.precision == "bf16"
+    opt, sched, clip = state.optimizer, state.scheduler, cfg.train.grad_clip
+    callbacks = tuple(callbacks)
     net.train()
     t0 = time.perf_counter()
     it = iter(batches)
-    t_first = None
-    for _ in range(start):   # done before the checkpoint: the same batches, no compute
-        next(it)
-    if bar is not None and start:
-        bar.update(start)
-    for batch in it:
-        if t_first is None:
-            t_first = time.perf_counter()
-        if state.step == steps:
-            break
-        if hooks is not None:
-            hooks.before_step(epoch, state.step)
-        tok = batch["tokens"].to(device, non_blocking=True)
-        losses[state.step] = optimizer_step(net, state.optimizer, state.scheduler, tok, cfg.train.grad_clip, bf16)
+    tok = next(it, None)
+    started = time.perf_counter()
+    if start == 0:
+        state.timing.seam(state.epoch, started, previous_end)
+    while tok is not None and state.step < steps:
+        for cb in callbacks:
+            cb(state)
+        losses[state.step] = optimizer_step(net, opt, sched, tok, clip, bf16)
         state.step += 1
-        if bar is not None:
-            bar.update(1)
-        if after_step is not None:
-            after_step(state)
+        tok = next(it, None) if state.step < steps else None
     sync(device)
+    ended = time.perf_counter()
     if state.step != steps:
-        raise RuntimeError(f"rank {rank} saw {state.step} batches in epoch {epoch}, expected {steps}")
-    return EpochRun(losses, time.perf_counter() - t0, (t_first or t0) - t0)
+        raise RuntimeError(f"rank {rank} saw {state.step} batches in epoch {state.epoch + 1}, expected {steps}")
+    return EpochRun(losses, ended - started, started - t0, started, ended)
 
 
 def gather_epoch_losses(state: TrainingState) -> list[torch.Tensor]:
@@ -313,10 +346,13 @@ class EpochEnd:
 
 
 def epoch_end(state: TrainingState, run: EpochRun, share: gate.GateShare, table: RuleTable) -> EpochEnd:
-    """Gate this rank's share, reduce over ranks, and record the epoch in the state's curves."""
+    """Gate this rank's share, reduce over ranks, and record the epoch in the state's curves and timing."""
     cfg = state.cfg
+    t = time.perf_counter()
     comp, by_r = gate.evaluate(state.model, share, table, cfg.corpus.walk_length, cfg.w)
     losses, comp, by_r = reduce_epoch(run.losses, comp, by_r)
+    state.timing.train_seconds.append(run.train_seconds)
+    state.timing.gate_seconds.append(time.perf_counter() - t)
     passed = gate.passes(comp, cfg.gate)
     state.epoch += 1
     state.step, state.epoch_losses = 0, None

@@ -26,6 +26,7 @@ from raywalk.compliance import Compliance, JumpLengthCounts
 from raywalk.config import ConfigError
 from raywalk.corpus import build_corpus
 from raywalk.dataset import walks_to_windows
+from raywalk.batches import ResidentWindows, token_dtype
 from raywalk.generate import greedy_generate, reference_generate
 from raywalk.model import GPT
 from raywalk.storage import Store
@@ -91,14 +92,18 @@ def corpus(tmp_path_factory):
     return cfg, c
 
 
+def resident(cfg, corpus, device="cpu"):
+    """The train windows on the resident path, as a worker holds them."""
+    windows = torch.from_numpy(walks_to_windows(corpus.walks("train"), cfg.w)).to(token_dtype(cfg.graph.n))
+    return ResidentWindows(windows.to(device), cfg.seed, cfg.train.batch_size)
+
+
 def one_epoch(cfg, corpus, device="cpu"):
     """One epoch of exactly what a worker runs: train steps, gate, reduction, checkpoint state."""
-    windows = walks_to_windows(corpus.walks("train"), cfg.w)
-    steps = len(windows) // cfg.train.batch_size
-    order = np.random.default_rng(0).permutation(len(windows))
-    batches = ({"tokens": torch.from_numpy(windows[order[i * 64:(i + 1) * 64]]).long()} for i in range(steps))
+    feed = resident(cfg, corpus, device)
+    steps = feed.steps()
     state = TrainingState.create(cfg, steps, device)
-    run = run_epoch(state, batches, steps)
+    run = run_epoch(state, feed.epoch(0), steps)
     share = gate.share(corpus.gate_starts(cfg.gate.sequences), 0, 1)
     end = epoch_end(state, run, share, corpus.rule_table())
     return state, end, state.state_dict([rng_state()], "x")
@@ -188,7 +193,7 @@ def test_threads_follow_the_reserved_cpus():
 def test_science_modules_import_neither_ray_nor_storage():
     code = ("import sys\n"
             "import raywalk.graph, raywalk.walks, raywalk.compliance, raywalk.model, raywalk.generate, "
-            "raywalk.gate, raywalk.schedule, raywalk.training\n"
+            "raywalk.gate, raywalk.schedule, raywalk.training, raywalk.batches\n"
             "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.') "
             "or m in ('raywalk.storage', 'pyarrow.fs'))\n"
             "print(bad)\nsys.exit(1 if bad else 0)\n")
@@ -201,14 +206,13 @@ def test_mid_epoch_resume_is_exact(corpus, stop_at):
     """Stop inside epoch 2, checkpoint, restore into a fresh state: the finished epoch is identical."""
     cfg, c = corpus
     cfg = cfg.replace(**{"model.dropout": 0.1})          # RNG streams matter mid-epoch too
-    windows = walks_to_windows(c.walks("train"), cfg.w)
-    steps = len(windows) // 64
+    feed = resident(cfg, c)
+    steps = feed.steps()
     share = gate.share(c.gate_starts(cfg.gate.sequences), 0, 1)
     table = c.rule_table()
 
-    def batches(epoch):
-        order = np.random.default_rng(epoch).permutation(len(windows))
-        return ({"tokens": torch.from_numpy(windows[order[i * 64:(i + 1) * 64]]).long()} for i in range(steps))
+    def batches(epoch, start=0):
+        return feed.epoch(epoch, start)
 
     ref = TrainingState.create(cfg, steps)
     for e in range(2):
@@ -224,7 +228,7 @@ def test_mid_epoch_resume_is_exact(corpus, stop_at):
     a = TrainingState.create(cfg, steps)
     epoch_end(a, run_epoch(a, batches(0), steps), share, table)
     with pytest.raises(Stop):
-        run_epoch(a, batches(1), steps, after_step=stop)
+        run_epoch(a, batches(1), steps, callbacks=[stop])
     buf = io.BytesIO()
     torch.save(a.state_dict([rng_state()], "x", gather_epoch_losses(a)), buf)
     saved = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
@@ -233,8 +237,9 @@ def test_mid_epoch_resume_is_exact(corpus, stop_at):
     torch.manual_seed(1234)                              # whatever ran before the resume
     b = TrainingState.create(cfg, steps)
     b.load_state_dict(saved)
-    epoch_end(b, run_epoch(b, batches(1), steps), share, table)
+    epoch_end(b, run_epoch(b, batches(1, b.step), steps), share, table)   # reads nothing it skips
     assert b.curves == ref.curves and (b.epoch, b.step) == (ref.epoch, ref.step) == (2, 0)
     for k, v in ref.model.state_dict().items():
         assert torch.equal(v, b.model.state_dict()[k]), k
     assert b.scheduler.state_dict() == ref.scheduler.state_dict()
+    assert len(b.timing.train_seconds) == len(b.timing.gate_seconds) == 2 and len(ref.timing.seam_seconds) == 1
