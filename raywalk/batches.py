@@ -44,15 +44,17 @@ class ResidentWindows:
     def steps(self) -> int:
         return len(self.windows) // self.batch_size
 
+    CHUNK = 128   # batches gathered and widened by one pair of ops: per-op overhead, not bytes, bounds a batch
+
     def epoch(self, epoch: int, start: int = 0, steps: int | None = None) -> Iterator[torch.Tensor]:
         """This rank's (B/world, w+1) int64 batches of epoch `epoch` (0-based), from step `start` on."""
         steps = self.steps() if steps is None else steps
-        perm = epoch_permutation(len(self.windows), self.seed, epoch).to(self.windows.device, non_blocking=True)
-        b = self.batch_size // self.world
-        lo = self.rank * b
-        for s in range(start, steps):
-            i = s * self.batch_size + lo
-            yield self.windows[perm[i:i + b]].long()
+        B, b = self.batch_size, self.batch_size // self.world
+        perm = epoch_permutation(len(self.windows), self.seed, epoch)[: steps * B].view(steps, B)
+        mine = perm[:, self.rank * b:(self.rank + 1) * b].to(self.windows.device, non_blocking=True)
+        for s0 in range(start, steps, self.CHUNK):
+            rows = torch.index_select(self.windows, 0, mine[s0:s0 + self.CHUNK].reshape(-1))   # 3x w[idx] on CPU
+            yield from rows.long().view(-1, b, self.windows.size(1)).unbind(0)
 
 
 def fill_windows(chunks, n_windows: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -61,7 +63,7 @@ def fill_windows(chunks, n_windows: int, width: int, dtype: torch.dtype, device:
     at = 0
     for c in chunks:
         c = np.asarray(c)
-        out[at:at + len(c)] = torch.from_numpy(c.astype(np.int32, copy=False)).to(device).to(dtype)
+        out[at:at + len(c)] = torch.from_numpy(np.require(c, np.int32, ["W"])).to(device).to(dtype)
         at += len(c)
     if at != n_windows:
         raise ValueError(f"the window dataset gave {at} windows, the corpus manifest says {n_windows}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 from .config import Config
 
@@ -50,6 +51,40 @@ def _plain_worker_bars() -> None:
 
     mgr.process_state_update = plain
     mgr._raywalk_plain = True
+
+
+# Error-level lines Ray prints that say nothing a user can act on. Ray Train's PreemptionCallback
+# creates its PreemptionWatcher actor with max_restarts=-1 and the worker actors' handles as
+# constructor arguments; an actor handle carries an ObjectRef (distributed ref counting), so
+# those arguments go by reference through the object store, and the core worker logs that
+# once per worker group (ray-project/ray#53727). Measured here: an actor made with
+# max_restarts=-1 logs it for a handle in its arguments and not for a small plain dict.
+_NOISE = re.compile(r"Actor with class name: 'PreemptionWatcher' and ID: '\w+' has constructor arguments in the "
+                    r"object store and max_restarts > 0")
+
+
+def _drop_noise() -> None:
+    """Filter _NOISE out of the worker log lines Ray forwards to this driver's console.
+
+    Private Ray API (ray._private.ray_logging's dispatcher): Ray has no public hook to filter
+    forwarded worker lines; the line comes from the controller's process, not ours.
+    """
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    with dispatcher._lock:
+        handlers = dispatcher.handlers
+        if any(name == "raywalk_quiet" for name, _ in handlers):
+            return
+
+        def wrap(handle):
+            def quiet(data):
+                lines = [ln for ln in data.get("lines", []) if not _NOISE.search(ln)]
+                if lines:
+                    handle({**data, "lines": lines})
+            return quiet
+
+        dispatcher.handlers = [(name, wrap(h)) if name == "ray_print_logs" else (name, h) for name, h in handlers]
+        dispatcher.handlers.append(("raywalk_quiet", lambda data: None))
 
 
 def pin_ray_address() -> None:
@@ -110,3 +145,4 @@ def ensure_ray(cfg: Config, verbose: bool = False) -> None:
         ray.data.DataContext.get_current().enable_progress_bars = False
         logging.getLogger("ray").setLevel(logging.WARNING)
         _plain_worker_bars()
+        _drop_noise()
