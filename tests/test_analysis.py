@@ -280,3 +280,24 @@ def test_export_refuses_a_failed_run_for_the_gate(runs, tmp_path, capsys):
     m = raywalk.load(d, checkpoint="latest").export(out)
     assert m["checkpoint"] == {**m["checkpoint"], "requested": "latest", "epoch": last}
     assert m["figures"]["gate"]["passed"] is False
+
+
+def test_plot_of_a_real_run_has_whole_epochs_and_the_jump_lengths(runs, tmp_path):
+    from raywalk.cli import main
+    from raywalk.plot import run_figure
+
+    r = runs["passed"]
+    png = tmp_path / "c.png"
+    assert main(["plot", str(exp_dir(runs, "passed") / "result.json"), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = run_figure(r)
+    loss, comp, per_r = fig.axes[:3]
+    fig.canvas.draw()
+    assert all(float(t).is_integer() for t in comp.get_xticks())
+    rows = r["gate"]["by_jump_length"]
+    assert rows and len(per_r.patches) == len(rows)   # one bar per r
+    labels = [t.get_text() for t in per_r.get_xticklabels()]
+    assert labels == [f"r={x['r']}\n{x['r_over_w']:.2g}w\nn={x['rule_checks']}" for x in rows]
+    hatched = [bool(b.get_hatch()) for b in per_r.patches[:len(rows)]]
+    assert hatched == [x["beyond_window"] for x in rows]
+    assert r["gate"]["rule_threshold"] in [ln.get_ydata()[0] for ln in per_r.get_lines()]
