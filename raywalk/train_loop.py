@@ -27,6 +27,7 @@ from .corpus import Corpus
 from .result import ResultWriter
 from .storage import Store
 from .dataset import epoch_shard
+from .trackers import open_trackers   # issue 16
 from .training import (TrainingState, check_precision, epoch_end, gather_epoch_losses, gather_rng, run_epoch,
                        set_determinism)
 
@@ -172,6 +173,9 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
             f"resuming from {checkpoints.child_uri(restored)} (epoch {state.epoch} done), {at}" if restored
             else "no checkpoint yet, starting at epoch 1"))
 
+    # issue 16 (trackers): rank 0 streams result.json's curves to run.trackers
+    tracking = open_trackers(cfg, root, spec.experiment_id, state.curves) if rank == 0 else None
+
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     net = ray.train.torch.prepare_model(state.model) if distributed else state.model
     hooks = spec.hooks.for_worker(rank, checkpoints) if spec.hooks is not None else None
@@ -197,6 +201,10 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
         if writer is not None:
             writer.epoch_done(state.curves, end.comp, state.gate_epoch, state.epoch, share.n_distinct,
                               spec.steps_per_epoch, by_r=end.by_r)
+        if tracking is not None:   # issue 16: after the checkpoint and result.json; logs what is new
+            tracking.epoch_end(state.curves)
         say(f"epoch {state.epoch}/{max_epochs}  loss {end.loss:.3f}  edge {end.comp.edge:.3f}  "
             f"rule {end.comp.rule:.3f}  gate {'PASS' if end.passed else 'no'}  "
             f"{time.perf_counter() - t0:.0f}s")
+    if tracking is not None:   # issue 16
+        tracking.close()
