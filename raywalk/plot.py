@@ -28,8 +28,10 @@ def run_figure(result: dict[str, Any]):
     b.axhline(g["rule_threshold"], ls="--", c="C1", lw=0.8, label=f"rule gate {g['rule_threshold']}")
     if g["epoch"]:
         b.axvline(g["epoch"], c="k", lw=0.6, ls=":", label=f"passed at epoch {g['epoch']}")
-    b.xaxis.set_major_locator(MaxNLocator(integer=True))   # epochs are whole: no 1.5, 2.5 ticks
-    b.set(xlabel="epoch", ylabel="compliance", ylim=(0, 1.02), title=f"gate: {result['status']}")
+    # epochs are whole: no 1.5, 2.5 ticks, even for a run of one or two epochs
+    b.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    b.set(xlabel="epoch", ylabel="compliance", ylim=(0, 1.02), xlim=(0.5, max(1, len(epochs)) + 0.5),
+          title=f"gate: {result['status']}")
     b.legend(loc="lower right", fontsize=8)
     _by_jump_length(j, result)
     fig.suptitle(result["experiment_id"], fontsize=9)
