@@ -2,6 +2,7 @@
 
     exp = raywalk.load("results/n64_w16_d64_L2_s42-445f0093")    # the gate checkpoint
     maps = exp.model.attention_internals(torch.as_tensor(exp.eval_walks()[:8, :exp.config.w]))
+    exp.export("handoff/")    # the same, as files for the study's own analysis code (raywalk.export)
 
 `where` is an experiment directory or its result.json, a local path or an
 s3:// URI. The corpus is looked for first at ROOT/corpora/<corpus_id>, ROOT
@@ -59,6 +60,8 @@ class Experiment:
     """Where that checkpoint is."""
     corpus: Corpus
     """The walk corpus the experiment was trained on."""
+    requested: str | int = "gate"
+    """The checkpoint as asked for: "gate", "latest" or an epoch number."""
 
     @property
     def experiment_id(self) -> str:
@@ -71,6 +74,13 @@ class Experiment:
     def gate_starts(self) -> np.ndarray:
         """The gate's start tokens, in the gate's order (gate.sequences of them)."""
         return self.corpus.gate_starts(self.config.gate.sequences)
+
+    def export(self, out: str | Path, format: str = "reference", overwrite: bool = False) -> dict[str, Any]:
+        """Write model, graph, jumpers, gate starts and eval walks for the study's analysis code
+        (see raywalk.export); returns the manifest. A non-empty `out` is refused unless overwrite."""
+        from .export import export
+
+        return export(self, str(out), format, overwrite, self.requested)
 
 
 def load(where: str | Path, checkpoint: str | int = "gate", device: str | torch.device = "cpu") -> Experiment:
@@ -108,7 +118,8 @@ def load(where: str | Path, checkpoint: str | int = "gate", device: str | torch.
 
     corpus = _find_corpus(exp_uri, result, cfg, eid)
     return Experiment(config=cfg, result=result, model=model, graph=corpus.graph(), jumpers=corpus.jumpers(),
-                      epoch=int(state["epoch"]), checkpoint_uri=exp.child_uri(ckpt.RUN_DIR, name), corpus=corpus)
+                      epoch=int(state["epoch"]), checkpoint_uri=exp.child_uri(ckpt.RUN_DIR, name), corpus=corpus,
+                      requested=checkpoint)
 
 
 # ---- where things are -------------------------------------------------------------

@@ -176,6 +176,8 @@ class RunConfig:
     """Deterministic GPU kernels, so a resumed run on the same GPU model repeats an uninterrupted one."""
     accelerator_type: str = ""
     """GPU model every worker must have (Ray's accelerator type, e.g. "A10G"); "" takes any GPU."""
+    trackers: tuple[str, ...] = ()
+    """Where rank 0 also streams result.json's curves while training: any of tensorboard, mlflow."""
 
     def validate(self, p: str = "run") -> None:
         _check(1 <= self.workers <= 64, f"{p}.workers", self.workers, "must be in [1, 64]")
@@ -195,6 +197,12 @@ class RunConfig:
         _check(not (0 < g < 1 and self.workers > 1), f"{p}.gpus_per_worker", g,
                f"a fraction of a GPU with {p}.workers={self.workers} could put two ranks on one GPU, which NCCL "
                f"refuses: use 1 GPU per worker, or one worker")
+        from .trackers import TRACKERS   # light: no tracker library is imported
+
+        for t in self.trackers:
+            _check(t in TRACKERS, f"{p}.trackers", list(self.trackers), f"each must be one of {', '.join(TRACKERS)}")
+        _check(len(set(self.trackers)) == len(self.trackers), f"{p}.trackers", list(self.trackers),
+               "names a tracker twice")
         _check(self.accelerator_type == "" or g > 0, f"{p}.accelerator_type", self.accelerator_type,
                f"needs {p}.gpus_per_worker > 0")
 
@@ -241,6 +249,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["graph"]["r_scales"] = list(self.graph.r_scales)
+        d["run"]["trackers"] = list(self.run.trackers)
         return d
 
     def replace(self, **dotted: Any) -> "Config":
@@ -263,7 +272,8 @@ class Config:
     def experiment_id(self) -> str:
         """Readable prefix + hash of everything that changes the trained model.
 
-        Every run key but workers, and train.data / data_budget / compile, are operational and
+        Every run key but workers (storage, failure budgets, resources, determinism, accelerator
+        type, notice polls, trackers), and train.data / data_budget / compile, are operational and
         left out, so the same experiment is found again from anywhere (the data path a run took
         is recorded with it and kept on resume).
         """
@@ -310,6 +320,9 @@ def _coerce(name: str, typ: Any, value: Any) -> Any:
     if typ is str:
         _check(isinstance(value, str), name, value, "must be a string")
         return value
+    if typ == tuple[str, ...]:
+        _check(isinstance(value, (list, tuple)), name, value, "must be a list of names")
+        return tuple(_coerce(name, str, v) for v in value)
     if typ == tuple[float, ...]:
         _check(isinstance(value, (list, tuple)), name, value, "must be a list of numbers")
         return tuple(_coerce(name, float, v) for v in value)

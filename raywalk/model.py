@@ -12,11 +12,16 @@ hs = h*d_head:(h+1)*d_head
 
     W_Q^h = q_proj.weight[hs].T     (d_model, d_head), likewise W_K^h, W_V^h
     W_O^h = out_proj.weight[:, hs].T (d_head, d_model)
-    q^h = x W_Q^h,   scores^h = x W_Q^h W_K^hᵀ xᵀ / √d_head   (x = ln_1 of the residual stream)
+    q^h = x W_Q^h,   scores^h = x W_Q^h W_K^hᵀ xᵀ · (1/√d_head)   (x = ln_1 of the residual stream)
     attention output = Σ_h weights^h x W_V^h W_O^h
 
 `qk_circuits()` returns W_Q^h W_K^hᵀ and `ov_circuits()` returns W_V^h W_O^h,
 both (n_layers, n_heads, d_model, d_model) in this row-vector convention.
+
+Scores are scaled by multiplying with 1/√d_head (not dividing by √d_head), on the
+explicit path and in SDPA (its `scale=`): that is what the study's reference model
+does, and the two differ by an ulp wherever √d_head is not a power of two
+(d_head 32, 128), which would break bit-identity of exported models.
 """
 import math
 
@@ -71,7 +76,8 @@ class SelfAttention(nn.Module):
         # a single query sees every key; otherwise queries and keys are aligned and the mask is causal
         p = self.dropout if self.training else 0.0
         if internals is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=q.size(2) > 1, dropout_p=p)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=q.size(2) > 1, dropout_p=p,
+                                               scale=1.0 / math.sqrt(q.size(-1)))
         else:
             if kv is not None or last_only:
                 raise ValueError("attention internals need the full causal pass (no cache, every query)")
@@ -82,12 +88,13 @@ class SelfAttention(nn.Module):
     @staticmethod
     def _explicit(x, q, k, v, p, internals):
         """What SDPA computes, step by step, keeping every intermediate."""
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+        qkt = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))   # multiply: see the module doc
         T = q.size(2)
         future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(future, float("-inf"))
+        scores = qkt.masked_fill(future, float("-inf"))   # the softmax input
         weights = scores.softmax(-1)
-        internals.append({"x": x, "q": q, "k": k, "v": v, "scores": scores, "weights": weights})
+        internals.append({"x": x, "q": q, "k": k, "v": v, "scores": scores, "weights": weights,
+                          "qkt_svd": qkt.masked_fill(future, 0.0)})
         return F.dropout(weights, p, training=p > 0) @ v
 
 
@@ -185,7 +192,10 @@ class GPT(nn.Module):
         """One dict per layer from a forward pass over idx (B, T), T <= block_size:
 
         q, k, v   (B, H, T, d_head)  the heads of x W_Q, x W_K, x W_V
-        scores    (B, H, T, T)       q·kᵀ/√d_head, future positions -inf
+        scores    (B, H, T, T)       q·kᵀ/√d_head, future positions -inf: the softmax input
+        qkt_svd   (B, H, T, T)       q·kᵀ/√d_head, future positions ZERO: the study's SVD target
+                                     (the reference's `qkt`); never feed `scores` to an SVD, the
+                                     -inf entries shift stable rank by 0.7-2.2
         weights   (B, H, T, T)       softmax(scores): the attention the forward pass applies
         x         (B, T, d_model)    the layer's ln_1 output, which the projections read
 

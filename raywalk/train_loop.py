@@ -30,6 +30,7 @@ from .batches import ResidentWindows
 from .dataset import DataPlan, epoch_stream, load_resident, plan_data
 from .training import (TrainingState, check_precision, compiled, epoch_end, gather_epoch_losses, gather_rng,
                        run_epoch, set_determinism)
+from .trackers import open_trackers
 
 
 @dataclass(frozen=True)
@@ -273,6 +274,9 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
             else "no checkpoint yet, starting at epoch 1"))
     batches = _data(spec, state, rank, world, say)
 
+    # rank 0 streams result.json's curves to run.trackers
+    tracking = open_trackers(cfg, root, spec.experiment_id, state.curves) if rank == 0 else None
+
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     net = ray.train.torch.prepare_model(state.model) if distributed else state.model
     if cfg.train.compile:
@@ -309,7 +313,11 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
         if writer is not None:
             writer.epoch_done(state.curves, end.comp, state.gate_epoch, state.epoch, share.n_distinct,
                               spec.steps_per_epoch, by_r=end.by_r, timing=state.timing, data=state.data_path)
+        if tracking is not None:   # after the checkpoint and result.json; logs what is new
+            tracking.epoch_end(state.curves)
         say(f"epoch {state.epoch}/{max_epochs}  loss {end.loss:.3f}  edge {end.comp.edge:.3f}  "
             f"rule {end.comp.rule:.3f}  gate {'PASS' if end.passed else 'no'}  "
             f"{time.perf_counter() - t0:.0f}s")
         previous_end = run.ended
+    if tracking is not None:
+        tracking.close()

@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Any, Callable
 
-from . import lease, ray_env
+from . import lease, ray_env, trackers
 from .checkpoint import RUN_DIR
 from .config import Config, ConfigError
 from .dataset import windows_per_walk
@@ -93,6 +93,7 @@ def train(cfg: Config, *, fresh: bool = False, verbose: bool = False, progress: 
     if steps_per_epoch(cfg, planned) < 1:   # refuse before any cluster resources are taken
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is invalid: the corpus gives only {planned} "
                           f"windows of w+1 tokens, fewer than one batch per worker")
+    trackers.check(cfg.run.trackers, cfg.run.storage)   # a missing tracker package: refused before Ray starts
     with lease.hold(root.sub(exp_id), exp_id, log=log):   # one driver per experiment: LeaseHeld if another runs it
         return _train_leased(cfg, root, exp_id, verbose=verbose, progress=progress, hooks=hooks,
                              callbacks=callbacks, max_steps_per_epoch=max_steps_per_epoch, log=log)

@@ -192,7 +192,7 @@ def ensure_sweep_ray(sweep: Sweep, max_concurrent: int | None, verbose: bool) ->
 
 
 def _trial(config: dict[str, Any], *, points: dict[str, dict[str, Any]], sweep_store: str,
-           verbose: bool) -> None:
+           verbose: bool, sweep_id: str = "", grids: dict[str, dict[str, Any]] | None = None) -> None:
     """One Tune trial = one raywalk experiment (train() builds the TorchTrainer and calls fit())."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -209,6 +209,10 @@ def _trial(config: dict[str, Any], *, points: dict[str, dict[str, Any]], sweep_s
 
     def log(s: str) -> None:
         print(f"[{eid}] {s}", file=sys.stderr, flush=True)
+
+    if "mlflow" in cfg.run.trackers and grids:   # the MLflow run tags its sweep and grid point (trackers.py)
+        from .trackers import SWEEP_FILE
+        Store.open(cfg.run.storage).sub(eid).write_json(SWEEP_FILE, {"sweep_id": sweep_id, "grid": grids[eid]})
 
     import ray
 
@@ -285,7 +289,8 @@ def run_sweep(sweep: Sweep, *, storage: str | None = None, max_concurrent: int |
                                   {"experiment_id": p.experiment_id, "wall_time_s": None, "error": None})
             trainable = tune.with_resources(
                 tune.with_parameters(_trial, points={p.experiment_id: p.cfg.to_dict() for p in pending},
-                                     sweep_store=sd.uri, verbose=verbose),
+                                     sweep_store=sd.uri, verbose=verbose, sweep_id=sweep.sweep_id,
+                                     grids={p.experiment_id: p.grid for p in pending}),
                 trial_resources(on_head))
             tuner = tune.Tuner(
                 trainable,

@@ -18,9 +18,11 @@ from raywalk.storage import Store
 from raywalk.trainer import train
 from raywalk.training import rng_state, set_rng_state
 from tests.conftest import QUICKSTART, kill_session, tiny_config, tiny_overrides
+from tests.test_trackers import expected, mlflow_runs, mlflow_scalars, tb_scalars
 
 # Never passes (rule must be > 1.0), so every run trains exactly max_epochs: comparable curves.
 LONG = {"run.workers": 2, "gate.rule": 1.0, "train.max_epochs": 3}
+TRACKED = {"run.trackers": ["tensorboard", "mlflow"]}   # issue 16: streamed curves across the kills
 quiet = dict(progress=False, log=lambda s: None)
 
 
@@ -43,9 +45,17 @@ def reference(tmp_path_factory, local_ray):
     return cfg, r
 
 
+def check_tracked(root: Path, r: dict) -> None:
+    """TensorBoard's and MLflow's own readers give back result.json's curves: every point once."""
+    eid = r["experiment_id"]
+    assert tb_scalars(root / eid / "tensorboard") == expected(r["curves"], f32=True)
+    c, runs = mlflow_runs(root, eid)
+    assert len(runs) == 1 and mlflow_scalars(c, runs[0].info.run_id) == expected(r["curves"], f32=False)
+
+
 def test_worker_sigkill_mid_epoch_continues_bit_for_bit(tmp_path, reference):
     ref_cfg, ref = reference
-    cfg = tiny_config(tmp_path, **LONG)
+    cfg = tiny_config(tmp_path, **LONG, **TRACKED)
     marker = tmp_path / "killed"
     logs: list[str] = []
     r = train(cfg, progress=False, log=logs.append,
@@ -55,6 +65,7 @@ def test_worker_sigkill_mid_epoch_continues_bit_for_bit(tmp_path, reference):
     assert comparable(r) == comparable(ref)
     a, b = final_weights(r), final_weights(ref)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    check_tracked(tmp_path, r)
 
 
 def test_torn_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, reference, capfd):
@@ -74,7 +85,7 @@ def test_torn_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, refere
 
 def _cli(storage: Path) -> list[str]:
     args = [sys.executable, "-m", "raywalk.cli", "train", str(QUICKSTART), "--no-progress"]
-    for o in tiny_overrides(storage, **LONG):
+    for o in tiny_overrides(storage, **LONG, **TRACKED):
         args += ["--set", o]
     return args
 
@@ -112,6 +123,7 @@ def test_driver_sigkill_then_rerun_resumes_the_same_experiment(tmp_path, referen
     assert comparable(r) == comparable(ref)
     a, b = final_weights(r), final_weights(ref)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    check_tracked(tmp_path, r)   # the killed driver's run continued by the rerun, nothing twice
 
     # --fresh starts over, and says where the earlier run went
     third = subprocess.run(_cli(tmp_path) + ["--fresh"], capture_output=True, text=True, env=env, cwd=tmp_path,
@@ -121,6 +133,8 @@ def test_driver_sigkill_then_rerun_resumes_the_same_experiment(tmp_path, referen
     assert len(moved) == 1 and (moved[0] / "result.json").exists()
     assert f"moved the earlier run to {moved[0]}" in third.stdout + third.stderr
     assert comparable(json.loads(result.read_text())) == comparable(ref)
+    check_tracked(tmp_path, json.loads(result.read_text()))   # a new MLflow run; the old one kept aside
+    assert len(mlflow_runs(tmp_path, f"{cfg.experiment_id()} (superseded)")[1]) == 1
 
 
 class Sneaky:

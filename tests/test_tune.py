@@ -79,7 +79,9 @@ def test_the_autoscaling_config_is_found_from_this_clusters_monitor(tmp_path):
 
 @pytest.mark.usefixtures("local_ray")
 def test_two_point_sweep_then_rerun_trains_nothing(tmp_path):
-    sweep = parse_sweep(tiny_sweep(tmp_path / "results"))
+    spec = tiny_sweep(tmp_path / "results")
+    spec["base"]["run"]["trackers"] = ["mlflow"]   # each trial's MLflow run carries its sweep and grid point
+    sweep = parse_sweep(spec)
     summary = run_sweep(sweep, max_concurrent=2, log=lambda s: None)
     root = Store.open(str(tmp_path / "results"))
     sd = root.sub("sweeps", sweep.sweep_id)
@@ -108,6 +110,14 @@ def test_two_point_sweep_then_rerun_trains_nothing(tmp_path):
     assert failing.experiment_id in [e["experiment_id"] for e in disk["excluded_from_svd"]]
     excluded = {e["experiment_id"] for e in disk["excluded_from_svd"]}
     assert excluded == {eid for eid, r in results.items() if not r["svd_eligible"]}
+
+    from tests.test_trackers import mlflow_runs
+    for p in sweep.points:
+        c, runs = mlflow_runs(tmp_path / "results", p.experiment_id)
+        assert len(runs) == 1 and runs[0].data.tags["raywalk.sweep_id"] == sweep.sweep_id
+        assert runs[0].data.tags["raywalk.grid.graph.n"] == str(p.grid["graph.n"])
+        steps = sorted(m.step for m in c.get_metric_history(runs[0].info.run_id, "train_loss"))
+        assert steps == list(range(1, len(results[p.experiment_id]["curves"]["train_loss"]) + 1))
 
     rows = read_csv(sd.read_bytes("summary.csv").decode())
     assert [c["experiment_id"] for c in rows] == [r["experiment_id"] for r in disk["rows"]]

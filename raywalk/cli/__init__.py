@@ -1,11 +1,11 @@
-"""`raywalk` command line: one module per verb (corpus, train, tune, plot)."""
+"""`raywalk` command line: one module per verb (corpus, train, tune, plot, ls, export)."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
 
-VERBS = ("corpus", "train", "tune", "plot", "ls")
+VERBS = ("corpus", "train", "tune", "plot", "ls", "export")
 
 
 class InputError(ValueError):

@@ -29,6 +29,9 @@ def run(args: argparse.Namespace) -> int:
     from ..trainer import train
 
     Store.open(cfg.run.storage).check_writable()   # before Ray starts
+    from ..trackers import check
+
+    check(cfg.run.trackers, cfg.run.storage)       # a tracker not installed: refused, with the pip command
 
     from ..lease import LeaseHeld
 

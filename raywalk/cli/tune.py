@@ -37,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
     from ..tune import print_summary, run_sweep
 
     Store.open(args.storage or sweep.base.run.storage).check_writable()   # before Ray starts
+    from ..trackers import check
+
+    for p in sweep.points:
+        check(p.cfg.run.trackers, args.storage or p.cfg.run.storage)
     summary = run_sweep(sweep, storage=args.storage, max_concurrent=args.max_concurrent, verbose=args.verbose)
     print_summary(summary, Store.open(args.storage or sweep.base.run.storage).uri)
     return 0 if all(r["status"] in ("passed", "failed") for r in summary["rows"]) else 1

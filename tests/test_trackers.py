@@ -1,0 +1,104 @@
+"""run.trackers without Ray: the curves streamed epoch by epoch, read back with each library's reader.
+
+The Ray runs that stream for real (and across kills) are in tests/test_resume.py; these check the
+bookkeeping that makes a resume neither skip nor repeat a point, and the refusals.
+"""
+from __future__ import annotations
+
+import importlib.util
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from raywalk import trackers
+from raywalk.config import ConfigError
+from raywalk.storage import Store
+from tests.conftest import QUICKSTART, tiny_config
+
+
+def tb_scalars(d) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar under d, by tag, as TensorBoard's own reader gives them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(d), size_guidance={"scalars": 0})
+    ea.Reload()
+    return {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
+
+
+def mlflow_runs(root, eid):
+    import os
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow import MlflowClient
+
+    c = MlflowClient(tracking_uri=f"file://{root}/mlruns")
+    x = c.get_experiment_by_name("raywalk")
+    return c, c.search_runs([x.experiment_id], filter_string=f"tags.`raywalk.experiment_id` = '{eid}'")
+
+
+def mlflow_scalars(c, run_id) -> dict[str, list[tuple[int, float]]]:
+    return {k: sorted((m.step, m.value) for m in c.get_metric_history(run_id, k)) for k in trackers.CURVES}
+
+
+def expected(curves: dict, f32: bool) -> dict[str, list[tuple[int, float]]]:
+    """result.json's curves as (step, value): steps 1.. for the loss, epochs 1.. for compliance."""
+    cast = (lambda v: float(np.float32(v))) if f32 else float
+    return {k: [(i + 1, cast(v)) for i, v in enumerate(curves[k])] for k in trackers.CURVES}
+
+
+def curves_at(full: dict, epochs: int, spe: int) -> SimpleNamespace:
+    return SimpleNamespace(train_loss=full["train_loss"][:epochs * spe],
+                           edge_compliance=full["edge_compliance"][:epochs],
+                           rule_compliance=full["rule_compliance"][:epochs])
+
+
+def test_streamed_epoch_by_epoch_and_resumed_without_repeats(tmp_path):
+    cfg = tiny_config(tmp_path, **{"run.trackers": ["tensorboard", "mlflow"]})
+    root, eid, spe = Store.open(str(tmp_path)), cfg.experiment_id(), 1300   # > one MLflow batch per epoch
+    rng = np.random.default_rng(0)
+    full = {"train_loss": rng.random(4 * spe).tolist(), "edge_compliance": [0.5, 0.6, 0.7, 0.8],
+            "rule_compliance": [0.1, 0.2, 0.3, 0.4]}
+    t = trackers.open_trackers(cfg, root, eid, curves_at(full, 0, spe))
+    for e in (1, 2):
+        t.epoch_end(curves_at(full, e, spe))
+    t.epoch_end(curves_at(full, 2, spe))   # nothing new: nothing written
+    # a kill after epoch 3's checkpoint but before its tracker write; the restart restores epoch 3
+    t = trackers.open_trackers(cfg, root, eid, curves_at(full, 3, spe))
+    t.epoch_end(curves_at(full, 4, spe))   # backfills epoch 3 with epoch 4
+    t.close()
+    assert tb_scalars(tmp_path / eid / "tensorboard") == expected(full, f32=True)
+    c, runs = mlflow_runs(tmp_path, eid)
+    assert len(runs) == 1 and mlflow_scalars(c, runs[0].info.run_id) == expected(full, f32=False)
+    r = c.get_run(runs[0].info.run_id)
+    assert r.info.status == "FINISHED" and r.data.params["model.d_model"] == "16"
+    assert r.info.run_name == eid and "lr" not in str(list(r.data.metrics))   # only result.json's curves
+
+    # a rerun from scratch (--fresh) gets a new MLflow run; the old one is kept, marked superseded
+    t = trackers.open_trackers(cfg, root, eid, curves_at(full, 0, spe))
+    t.epoch_end(curves_at(full, 1, spe))
+    c, runs = mlflow_runs(tmp_path, eid)
+    assert len(runs) == 1 and mlflow_scalars(c, runs[0].info.run_id) == expected(curves_at(full, 1, spe).__dict__,
+                                                                                 f32=False)
+    _, old = mlflow_runs(tmp_path, f"{eid} (superseded)")
+    assert len(old) == 1 and old[0].info.status == "KILLED"
+
+
+def test_refused_before_ray_with_the_install_command(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match=r"run.trackers: \['wandb'\] is invalid: each must be one of "
+                                          r"tensorboard, mlflow"):
+        tiny_config(tmp_path, **{"run.trackers": ["wandb"]})
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda m, *a: None if m == "mlflow" else real(m, *a))
+    with pytest.raises(trackers.TrackerError, match=r"'mlflow' needs the mlflow package, which is not installed: "
+                                                    r"pip install 'raywalk\[mlflow\]'"):
+        trackers.check(("mlflow",), str(tmp_path))
+    from raywalk.cli import main
+
+    assert main(["train", str(QUICKSTART), "--set", "run.trackers=[mlflow]",
+                 "--set", f"run.storage={tmp_path}"]) == 2
+    assert not any(tmp_path.iterdir())   # nothing created, Ray never started
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(trackers.TrackerError, match="needs MLFLOW_TRACKING_URI"):
+        trackers.check(("mlflow",), "s3://bucket/root")
