@@ -257,7 +257,7 @@ def run_epoch(state: TrainingState, batches: Iterable[torch.Tensor], steps: int,
     `previous_end`: when the last epoch's last step ended in this process (for the seam).
     """
     cfg = state.cfg
-    net = net or state.model
+    net = state.model if net is None else net
     device = state.device
     start = state.step
     losses = torch.zeros(steps, dtype=torch.float64, device=device)

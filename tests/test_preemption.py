@@ -157,10 +157,19 @@ def test_worker_killed_right_after_a_just_in_time_checkpoint_resumes_from_it(clu
     assert res["checkpoint"] == ckpt.dir_name(1, res["step"])
 
 
-def test_a_plain_worker_kill_is_a_failure_resume(cluster, reference, tmp_path):
-    """No notice, no node lost: a crashed worker; resumed from the epoch checkpoint, recorded as a failure."""
-    cfg = tiny_config(tmp_path, **LONG)
+# auto with a budget no corpus fits in: the streaming path (Ray Data's shuffle, split across ranks)
+STREAM = {**LONG, "train.data_budget": 1e-9}
+
+
+def test_a_plain_worker_kill_on_the_streaming_path_is_a_failure_resume(cluster, reference, tmp_path):
+    """No notice, no node lost: a crashed worker, on the streaming path that `auto` chose because the
+    windows exceed the budget; resumed from the epoch checkpoint, recorded as a failure, exact."""
+    ref = train(tiny_config(tmp_path / "ref", **STREAM), progress=False, log=lambda s: None)
+    assert ref["data_path"] == "stream" and reference["data_path"] == "resident"
+    assert ref["curves"] != reference["curves"]    # another (equally uniform) permutation per epoch
+    cfg = tiny_config(tmp_path / "killed", **STREAM)
     r = train(cfg, progress=False, log=lambda s: None,
-              hooks=WorkerKill(rank=1, epoch=2, step=3, marker=str(tmp_path / "killed")))
-    assert_identical(r, reference)
+              hooks=WorkerKill(rank=1, epoch=2, step=3, marker=str(tmp_path / "killed.marker")))
+    assert r["data_path"] == "stream"
+    assert_identical(r, ref)
     assert [(x["reason"], x["checkpoint"], x["step"]) for x in r["resumes"]] == [("failure", "epoch_0001", 0)]
