@@ -1,15 +1,19 @@
 """The GPU path, measured on a machine with a CUDA GPU (prints one line and exits 0 without one).
 
-    python benchmarks/gpu.py [--steps 200] [--storage DIR] [--skip-kill]
+    PYTHONPATH=. python benchmarks/gpu.py [--walks 200000] [--storage DIR] [--quick] [--ray]
 
-At the anchor shape (vocab 500, d_model 128, 4 layers, w 64, batch 64) on an
-anchor-shaped corpus (50,000 walks of 256), side by side in one run:
-  * training tokens/s: raywalk's epoch runner without Ray, and raywalk's worker
-    loop under TorchTrainer (1 worker, 1 GPU), each fp32 / bf16 x deterministic on / off;
-  * the gate's generation: 1000 greedy sequences of 256 tokens, seconds;
-  * greedy tokens on the GPU equal `reference_generate`'s for a sample of starts;
-  * a 2-epoch `raywalk train` on the GPU with the worker SIGKILLed mid-epoch 2, its curves
-    and final weights compared with an uninterrupted run's (run.deterministic on).
+Without Ray (the lent GPU machine has none): on the anchor (vocab 500, d_model 128, 4
+layers, w 64, batch 64; 200,000 walks of 256 = 600,000 windows, 9,375 steps per epoch),
+side by side in one run:
+  * the resident feed alone: batches/s on the GPU, and the one-off load;
+  * framework overhead: raywalk's epoch runner (training.run_epoch on the resident path)
+    against a bare loop of the same model and optimizer over an in-memory tensor;
+  * an anchor epoch, train + gate (1000 greedy sequences of 256 tokens), seconds, for
+    compile off/on x deterministic on/off (goal: <= 10 s on one H100/H200);
+  * determinism: two runs of 200 steps from one state give identical losses with
+    run.deterministic on; greedy tokens equal reference_generate's on a sample.
+With --ray (and Ray installed): the same epoch under TorchTrainer, resident and streaming.
+--quick cuts every epoch to 1,000 steps (and scales the epoch time up).
 """
 from __future__ import annotations
 
@@ -22,97 +26,113 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--storage", help="where corpora and runs go (default: a temp dir)")
-    ap.add_argument("--skip-kill", action="store_true", help="leave out the killed-worker comparison")
+    ap.add_argument("--walks", type=int, default=200_000)
+    ap.add_argument("--storage", help="where the corpus goes (default: a temp dir; reused when there)")
+    ap.add_argument("--quick", action="store_true", help="1,000-step epochs")
+    ap.add_argument("--ray", action="store_true", help="also the TorchTrainer rows (needs Ray)")
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script's logic on a CPU")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("benchmarks/gpu.py: no CUDA GPU on this machine; nothing measured")
         return
 
-    from benchmarks.train import anchor_shaped, plain_loop, under_ray
-    from raywalk.corpus import build_corpus, ray_mapper
+    from benchmarks.pace import bare_loop
+    from raywalk import gate
+    from raywalk.batches import ResidentWindows, token_dtype
+    from raywalk.config import Config
+    from raywalk.corpus import build_corpus
     from raywalk.dataset import walks_to_windows
     from raywalk.generate import greedy_generate, reference_generate
-    from raywalk.ray_env import ensure_ray
     from raywalk.storage import Store
-    from raywalk.training import TrainingState, run_epoch, set_determinism, sync
+    from raywalk.training import TrainingState, compiled, epoch_end, run_epoch, set_determinism, sync
 
-    tmp = Path(args.storage or tempfile.mkdtemp(prefix="raywalk-bench-gpu-"))
-    cfg = anchor_shaped(str(tmp)).replace(**{"run.gpus_per_worker": 1.0, "run.cpus_per_worker": 2.0})
-    name, cap = torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0)
-    print(f"GPU: {name} (compute capability {cap[0]}.{cap[1]}); torch {torch.__version__}")
-    ensure_ray(cfg)
-    corpus, _ = build_corpus(cfg, Store.open(str(tmp)), mapper=ray_mapper(), progress=False)
-    windows = walks_to_windows(corpus.walks("train"), cfg.w)
-
-    rows = []
-    bf16_ok = cap[0] >= 8
-    for precision in ("fp32", "bf16") if bf16_ok else ("fp32",):
-        for det in (True, False):
-            c = cfg.replace(**{"train.precision": precision, "run.deterministic": det})
-            set_determinism(det)
-            whole, steady = plain_loop(c, windows, args.steps, device="cuda")
-            rows.append((f"epoch runner, no Ray, {precision}, deterministic {'on' if det else 'off'}", whole, steady))
-            whole, steady, first = under_ray(c, 1, args.steps, tmp, tag=f"{precision}-{det}")
-            rows.append((f"TorchTrainer 1 GPU, {precision}, deterministic {'on' if det else 'off'}", whole, steady))
-    set_determinism(True)
-    print(f"\ntraining, {args.steps} steps each (steady leaves out the first step)")
-    print(f"{'':58s} {'tokens/s':>12s} {'steady':>12s}")
-    for label, whole, steady in rows:
-        print(f"{label:58s} {whole:12,.0f} {steady:12,.0f}")
-    if not bf16_ok:
-        print("bf16 not measured: this GPU has no native bf16 (raywalk refuses train.precision=bf16 on it)")
-
-    # the gate's generation, on a model trained for one short epoch so trajectories are not trivial
-    state = TrainingState.create(cfg, args.steps, "cuda")
-    batches = ({"tokens": torch.from_numpy(windows[i * 64:(i + 1) * 64]).long()} for i in range(args.steps))
-    run_epoch(state, batches, args.steps)
-    starts = torch.from_numpy(corpus.gate_starts(cfg.gate.sequences))
-    state.model.eval()
-    sync(state.device)
+    tmp = args.storage or tempfile.mkdtemp(prefix="raywalk-bench-gpu-")
+    cfg = Config.load(ROOT / "configs" / "anchor.yaml", [f"run.storage={tmp}", f"corpus.corpus_size={args.walks}",
+                                                         "gate.rule=1.0"])
+    dev = torch.device(args.device, 0) if args.device == "cuda" else torch.device(args.device)
+    if dev.type == "cuda":
+        name, cap = torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0)
+        print(f"GPU: {name} (compute capability {cap[0]}.{cap[1]}); torch {torch.__version__}")
     t = time.perf_counter()
-    seqs = greedy_generate(state.model, starts, cfg.corpus.walk_length, cfg.w)
-    sync(state.device)
-    gen = time.perf_counter() - t
-    sample = starts[:: max(1, len(starts) // 32)]
-    ref = reference_generate(state.model, sample, cfg.corpus.walk_length, cfg.w)
-    same = torch.equal(ref, greedy_generate(state.model, sample, cfg.corpus.walk_length, cfg.w))
-    print(f"\ngate generation: {len(starts)} x {cfg.corpus.walk_length} tokens in {gen:.2f}s "
-          f"({seqs.shape[0] * seqs.shape[1] / gen:,.0f} tokens/s); greedy == reference_generate on "
-          f"{len(sample)} starts: {same}")
+    corpus, _ = build_corpus(cfg, Store.open(tmp), progress=False, log=lambda s: None)   # no Ray: in-process
+    print(f"corpus: {time.perf_counter() - t:.0f}s")
+    t = time.perf_counter()
+    host = torch.from_numpy(walks_to_windows(corpus.walks("train"), cfg.w)).to(token_dtype(cfg.graph.n))
+    feed = ResidentWindows(host.to(dev), cfg.seed, cfg.train.batch_size)
+    sync(dev)
+    load = time.perf_counter() - t
+    full = feed.steps()
+    steps = min(full, 1000) if args.quick else full
+    table, share = corpus.rule_table(), gate.share(corpus.gate_starts(cfg.gate.sequences), 0, 1)
 
-    if not args.skip_kill:
-        kill_comparison(tmp)
+    sync(dev)
+    t = time.perf_counter()
+    k = sum(1 for _ in feed.epoch(0, steps=steps))
+    sync(dev)
+    print(f"\nresident feed on {dev}: {k / (time.perf_counter() - t):,.0f} batches/s "
+          f"({feed.nbytes / 1e6:.0f} MB int16, loaded in {load:.2f}s)")
+
+    set_determinism(True)
+    with torch.device(dev):
+        bare = bare_loop(cfg, steps)   # the same model and AdamW, in-memory batches
+    s = TrainingState.create(cfg, full, dev)
+    r = run_epoch(s, feed.epoch(0, steps=steps), steps)
+    print(f"framework overhead, eager, deterministic: run_epoch {steps / r.train_seconds:,.0f} steps/s, bare "
+          f"loop {bare:,.0f} steps/s, ratio {steps / r.train_seconds / bare:.2f}")
+
+    print(f"\nanchor epoch ({full:,} steps{'; timed on ' + format(steps, ',') if steps < full else ''}) + gate "
+          f"({cfg.gate.sequences} sequences of {cfg.corpus.walk_length})")
+    print(f"{'compile':>8s} {'determ.':>8s} {'train s':>9s} {'gate s':>7s} {'epoch s':>8s} {'steps/s':>9s}")
+    for comp in (False, True):
+        for det in (True, False):
+            set_determinism(det)
+            s = TrainingState.create(cfg, full, dev)
+            net = compiled(s.model, dev) if comp else None
+            if comp:   # compile and capture outside the clock (a run pays it once)
+                run_epoch(s, feed.epoch(1, steps=20), 20, net=net)
+                s = TrainingState.create(cfg, full, dev)
+            r = run_epoch(s, feed.epoch(0, steps=steps), steps, net=net)
+            s.step = full   # as if the epoch ran whole
+            run = type(r)(torch.zeros(full, dtype=torch.float64, device=dev), r.train_seconds * full / steps,
+                          r.first_batch_seconds, r.started, r.ended)
+            epoch_end(s, run, share, table)
+            tr, g = s.timing.train_seconds[-1], s.timing.gate_seconds[-1]
+            print(f"{'on' if comp else 'off':>8s} {'on' if det else 'off':>8s} {tr:9.2f} {g:7.2f} {tr + g:8.2f} "
+                  f"{steps / r.train_seconds:9,.0f}")
+
+    set_determinism(True)
+    a, b = (TrainingState.create(cfg, full, dev) for _ in range(2))
+    la, lb = (run_epoch(x, feed.epoch(0, steps=200), 200).losses for x in (a, b))
+    starts = torch.from_numpy(corpus.gate_starts(cfg.gate.sequences))[::31]
+    same = torch.equal(greedy_generate(a.model, starts, cfg.corpus.walk_length, cfg.w),
+                       reference_generate(a.model, starts, cfg.corpus.walk_length, cfg.w))
+    print(f"\ndeterministic on: two 200-step runs identical {torch.equal(la, lb)}; greedy == reference_generate "
+          f"on {len(starts)} starts: {same}")
+
+    if args.ray:
+        under_ray(cfg, tmp, steps)
 
 
-def kill_comparison(tmp: Path) -> None:
-    """2 epochs of the quickstart on the GPU, uninterrupted and with the worker killed mid-epoch 2."""
-    from raywalk.checkpoint import read
-    from raywalk.config import Config
-    from raywalk.faults import WorkerKill
-    from raywalk.storage import Store
+def under_ray(cfg, tmp: str, steps: int) -> None:
+    """One epoch under TorchTrainer (1 worker, 1 GPU) per data path, from result.json's timing."""
     from raywalk.trainer import train
 
-    root = Path(__file__).resolve().parents[1]
-    base = Config.load(root / "configs" / "quickstart.yaml", [
-        "train.max_epochs=2", "gate.rule=1.0", "run.gpus_per_worker=1", "run.cpus_per_worker=2",
-        "run.deterministic=true"])
-    runs = {}
-    for label, hooks in (("uninterrupted", None),
-                         ("killed", WorkerKill(rank=0, epoch=2, step=100, marker=str(tmp / "killed")))):
-        cfg = base.replace(**{"run.storage": str(tmp / f"kill-{label}")})
-        t = time.perf_counter()
-        runs[label] = (train(cfg, progress=False, hooks=hooks, log=lambda s: None), time.perf_counter() - t)
-    (a, ta), (b, tb) = runs["uninterrupted"], runs["killed"]
-    wa, wb = (read(Store.open(r["checkpoints"]["latest"]))["model"] for r in (a, b))
-    same_w = all(torch.equal(wa[k], wb[k]) for k in wa)
-    print(f"\nkilled worker (epoch 2, step 100): restarts {b['restarts']}, curves identical "
-          f"{a['curves'] == b['curves']}, final weights identical {same_w}; {ta:.0f}s vs {tb:.0f}s")
+    print("\nTorchTrainer, 1 GPU, one epoch")
+    for data in ("resident", "stream"):
+        c = cfg.replace(**{"run.gpus_per_worker": 1.0, "run.cpus_per_worker": 4.0, "train.max_epochs": 1,
+                           "train.data": data, "run.storage": f"{tmp}/ray-{data}"})
+        Path(f"{tmp}/ray-{data}").mkdir(parents=True, exist_ok=True)
+        if not Path(f"{tmp}/ray-{data}/corpora").exists():
+            Path(f"{tmp}/ray-{data}/corpora").symlink_to(Path(tmp) / "corpora")
+        r = train(c, progress=False, max_steps_per_epoch=steps, log=lambda s: None)
+        t = r["timing"]
+        print(f"  {data:<9s} train {t['train_seconds'][0]:.2f}s ({steps / t['train_seconds'][0]:,.0f} steps/s), "
+              f"gate {t['gate_seconds'][0]:.2f}s, checkpoint {t['checkpoint_seconds'][0]:.2f}s")
 
 
 if __name__ == "__main__":

@@ -239,13 +239,13 @@ def _data(spec: WorkerSpec, state: TrainingState, rank: int, world: int, say):
     if plan.path == "resident" and plan.fits is not None:
         plan = plan.agreed(_agree_fits(plan.fits, state.device))
     state.data_path = plan.path
-    say(f"data: {plan.describe()}")
     if plan.path == "stream":
+        say(f"data: {plan.describe()}")
         return lambda epoch, start: epoch_stream(spec.windows, cfg, epoch, start, rank, world, state.device)
     t = time.perf_counter()
     resident = ResidentWindows(load_resident(spec.windows, spec.n_windows, cfg.w + 1, plan.dtype, state.device),
                                cfg.seed, cfg.train.batch_size, rank, world)
-    say(f"data: {spec.n_windows:,} windows loaded in {time.perf_counter() - t:.1f}s")
+    say(f"data: {plan.describe()}, loaded in {time.perf_counter() - t:.1f}s")
     return lambda epoch, start: resident.epoch(epoch, start, spec.steps_per_epoch)
 
 
