@@ -11,7 +11,7 @@ epochs (epochs cut to --max-steps for --anchor). Side by side:
     is on disk the node is killed. Work redone = steps done at the kill - the checkpoint's step;
   * no notice: the node is killed --kill-after seconds after step --step. Work redone = steps
     done at the kill (the epoch restarts from its beginning);
-  * polling: the same 2 epochs with run.preemption_check_steps = 0, 1 and the default, no
+  * polling: the same 2 epochs never polling, polling every step, and every 5 s (the default), no
     preemption: tokens/s side by side give the cost of one poll and the cost per step.
 Each kill also gives kill -> first training step of the restarted worker group.
 """
@@ -84,7 +84,7 @@ def main() -> None:
         base = Config.load(ROOT / "configs" / "quickstart.yaml")
         max_steps = None
     base = base.replace(**{"train.max_epochs": 2, "gate.rule": 1.0, "run.storage": str(tmp / "corpus-root")})
-    default_every = base.run.preemption_check_steps
+    poll_every_s = base.run.preemption_check_seconds
     try:
         # the shared corpus, built once
         train(base.replace(**{"train.max_epochs": 1}), progress=False, max_steps_per_epoch=1, log=lambda s: None)
@@ -101,19 +101,21 @@ def main() -> None:
             return r, time.time() - t, [json.loads(x) for x in metrics.read_text().splitlines()], cfg
 
         rows = []
-        for every in (0, 1, default_every):
-            r, wall, m, cfg = run(f"poll{every}", **{"run.preemption_check_steps": every})
+        for label, dotted in (("never", {"run.preemption_check_seconds": 0.0}),
+                              ("every step", {"run.preemption_check_steps": 1}),
+                              (f"every {poll_every_s:g} s (default)", {})):
+            r, wall, m, cfg = run(f"poll-{len(rows)}", **dotted)
             tps = [x["tokens_per_second"] for x in m if "tokens_per_second" in x]
-            rows.append((every, sum(tps) / len(tps), r["steps_per_epoch"]))
+            rows.append((label, sum(tps) / len(tps), r["steps_per_epoch"]))
         print(f"config: {'anchor-shaped' if args.anchor else 'quickstart'}, {rows[0][2]} steps/epoch, 2 epochs")
         print("\nnotice polling (no preemption)      tokens/s")
-        for every, tps, _ in rows:
-            print(f"  run.preemption_check_steps={every:<4d} {tps:12,.0f}")
+        for label, tps, _ in rows:
+            print(f"  {label:<32s} {tps:12,.0f}")
         base_tps, every1 = rows[0][1], rows[1][1]
         step_s = base.train.batch_size * base.w / base_tps
         poll_s = max(0.0, base.train.batch_size * base.w / every1 - step_s)
-        print(f"  one poll ~ {poll_s * 1000:.1f} ms against a {step_s * 1000:.1f} ms step: at every "
-              f"{default_every} steps {poll_s / default_every / step_s:.2%} of step time")
+        print(f"  one poll ~ {poll_s * 1000:.1f} ms against a {step_s * 1000:.1f} ms step: every {poll_every_s:g} s "
+              f"that is {poll_s / poll_every_s:.2%} of training time at any step time")
 
         print("\npreemption at epoch 2 step", args.step)
         for notice in (True, False):
