@@ -34,7 +34,9 @@ from .graph import Graph, Jumpers, build_graph, place_jumpers
 from .storage import Store
 from .walks import jumper_events, sample_walks
 
-FORMAT_VERSION = 1
+# 2: walks drawn by the exact-feasibility sampler (issue 17); a version-1 corpus holds other walks for the same
+# config, so it is refused by open_corpus and moved aside and rebuilt by build_corpus, never mixed in.
+FORMAT_VERSION = 2
 VERIFY = ("size", "full")           # reuse checks: manifest + sizes (cheap), or + sha256 of every file
 MAX_IN_FLIGHT = 1000                # shard tasks submitted at once: the whole demand for any sane corpus
 SPLITS = {"train": 0, "eval": 1}   # split -> seed stream, so eval never shares draws with train
@@ -210,7 +212,8 @@ def _verify(store: Store, cfg: Config, verify: str = "size") -> dict:
     except ValueError as e:
         raise CorpusError(f"manifest.json is not valid JSON ({e})") from None
     if m.get("format_version") != FORMAT_VERSION:
-        raise CorpusError(f"format_version {m.get('format_version')} != {FORMAT_VERSION}")
+        raise CorpusError(f"format_version {m.get('format_version')} != {FORMAT_VERSION}: written by another raywalk "
+                          f"whose sampler draws other walks for this config, so it cannot be reused or mixed")
     if m.get("config_hash") != cfg.corpus_id():
         raise CorpusError(f"config_hash {m.get('config_hash')} does not match {cfg.corpus_id()}")
     _check_files(store, m["checksums"], verify)
