@@ -223,7 +223,7 @@ def _walk_kernel(starts, U, seeds, L, indptr, nbr, n_free, r_of, tgt_of, F, Fin,
     nw = full.shape[0]
     req = np.full(M, -1, np.int64)
     G = np.zeros((M + 2, nw), np.uint64)
-    maxdeg = 1
+    maxdeg = 64 * nw                          # a block's vertices, for a rule due now
     for v in range(indptr.shape[0] - 1):
         maxdeg = max(maxdeg, indptr[v + 1] - indptr[v])
     cand = np.empty(maxdeg, np.int64)
@@ -260,33 +260,56 @@ def _walk_kernel(starts, U, seeds, L, indptr, nbr, n_free, r_of, tgt_of, F, Fin,
             # drop an invalid one, draw again.  The first draw is U[i, t]; redraws come from the compiled
             # generator, seeded per walk from seeds[i] on its first redraw (deterministic, exact).
             y = U[i, t]
-            total = hi - lo
-            listed = False
-            k = -1
-            while total > 0:
-                j = min(int(y * total), total - 1)
-                kk = cand[j] if listed else lo + j
-                if (s1 < 0 and kk < mid) or _step_ok(kk, mid, s1, t, L, nbr, r_of, tgt_of, req, G, F, Fin, Rb,
-                                                     H, bs, Mm, reach_w, rmax, check_new, full):
-                    k = kk
-                    break
-                if not listed:
-                    for q in range(total):
-                        cand[q] = lo + q
-                    listed = True
-                total -= 1
-                cand[j] = cand[total]
-                if not seeded:
-                    np.random.seed(seeds[i])
-                    seeded = True
-                y = np.random.random()
-            if k < 0:                         # every continuation breaks a rule: redrawn after this pass
+            u = -1
+            if s1 == t:                       # a rule due now: the valid set is within N(x) & G[t], as bits
+                B1 = req[t & Mm]
+                total = 0
+                for w in range(nw):
+                    m = F[1 if H >= 1 else 0, x, B1, w] & G[t & Mm, w]
+                    for q in range(64):
+                        if (m >> np.uint64(q)) & np.uint64(1):
+                            cand[total] = B1 * bs + w * 64 + q
+                            total += 1
+                while total > 0:
+                    j = min(int(y * total), total - 1)
+                    uu = cand[j]
+                    if not check_new or r_of[uu] == 0 or t + r_of[uu] > L - 1 or _add_rule(
+                            req, G, F, Fin, Rb, H, bs, Mm, reach_w, rmax, uu, t, t + r_of[uu], tgt_of[uu], True,
+                            False, full):
+                        u = uu
+                        break
+                    total -= 1
+                    cand[j] = cand[total]
+                    if not seeded:
+                        np.random.seed(seeds[i])
+                        seeded = True
+                    y = np.random.random()
+            else:
+                total = hi - lo
+                listed = False
+                while total > 0:
+                    j = min(int(y * total), total - 1)
+                    kk = cand[j] if listed else lo + j
+                    if (s1 < 0 and kk < mid) or _step_ok(kk, mid, s1, t, L, nbr, r_of, tgt_of, req, G, F, Fin, Rb,
+                                                         H, bs, Mm, reach_w, rmax, check_new, full):
+                        u = nbr[kk]
+                        break
+                    if not listed:
+                        for q in range(total):
+                            cand[q] = lo + q
+                        listed = True
+                    total -= 1
+                    cand[j] = cand[total]
+                    if not seeded:
+                        np.random.seed(seeds[i])
+                        seeded = True
+                    y = np.random.random()
+            if u < 0:                         # every continuation breaks a rule: redrawn after this pass
                 dead[i] = True
                 isdead = True
                 x = nbr[lo + min(int(U[i, t] * (hi - lo)), hi - lo - 1)]
                 out[i, t] = x
                 continue
-            u = nbr[k]
             dn = t + r_of[u]
             if r_of[u] > 0 and dn <= L - 1:
                 if check_new:
