@@ -84,7 +84,7 @@ def make_shard(graph: Graph, jumpers: Jumpers, table: RuleTable, spec: ShardSpec
         "start_at_jumper": int(np.isin(walks[:, 0], jumpers.vertex).sum()),
         "regenerated": batch.n_regenerated,
         "compliance": [comp.edge_ok, comp.edge_total, comp.rule_ok, comp.rule_total],
-        "paths": _path_samples(walks, jumpers, limit=16),
+        "paths": _path_samples(walks, ev, jumpers, limit=16),
     }
     return buf.getvalue(), stats
 
@@ -102,29 +102,24 @@ def write_shard(graph: Graph, jumpers: Jumpers, table: RuleTable, spec: ShardSpe
     return rel, len(data), hashlib.sha256(data).hexdigest(), stats
 
 
-def _path_samples(walks: np.ndarray, jumpers: Jumpers, limit: int) -> dict[int, list[str]]:
+def _path_samples(walks: np.ndarray, ev: dict, jumpers: Jumpers, limit: int) -> dict[int, list[str]]:
     """Up to `limit` distinct (visit -> arrival) vertex paths per jumper, as hex digests.
 
-    Per jumper: its first limit*8 visits in row-major order whose arrival is inside the walk.  One pass
-    finds every jumper visit (not one scan of the shard per jumper: 80 jumpers made that a third of a
-    long-horizon shard's time)."""
-    out: dict[int, list[str]] = {}
+    Per jumper: its first limit*8 visits in row-major order whose arrival is inside the walk, taken from
+    the shard's jumper events (not one scan of the shard per jumper: with 80 jumpers that was a third of
+    a long-horizon shard's time)."""
     L = walks.shape[1]
-    size = int(max(walks.max(initial=-1), jumpers.vertex.max(initial=-1))) + 1
-    r_of = np.zeros(size, np.int64)
-    r_of[jumpers.vertex] = jumpers.r
-    rows, cols = np.nonzero(r_of[walks] > 0)
-    vs = walks[rows, cols]
-    keep = cols < L - r_of[vs]
-    rows, cols, vs = rows[keep], cols[keep], vs[keep]
-    order = np.argsort(vs, kind="stable")       # row-major order kept within each jumper
-    rows, cols, vs = rows[order], cols[order], vs[order]
+    vs, steps, arr = ev["event_vertex"][0], ev["event_step"][0], ev["event_arrival"][0]
+    rows = np.repeat(np.arange(walks.shape[0]), np.diff(ev["event_vertex"][1]))
+    keep = arr <= L - 1
+    order = np.argsort(vs[keep], kind="stable")     # row-major order kept within each jumper
+    rows, steps, vs = rows[keep][order], steps[keep][order], vs[keep][order]
     lo = np.searchsorted(vs, jumpers.vertex, side="left")
     hi = np.searchsorted(vs, jumpers.vertex, side="right")
+    out: dict[int, list[str]] = {}
     for v, r, a, b in zip(jumpers.vertex.tolist(), jumpers.r.tolist(), lo.tolist(), hi.tolist()):
         seen: set[str] = set()
-        b = min(b, a + limit * 8)
-        for i, t in zip(rows[a:b].tolist(), cols[a:b].tolist()):
+        for i, t in zip(rows[a:min(b, a + limit * 8)].tolist(), steps[a:min(b, a + limit * 8)].tolist()):
             seen.add(hashlib.blake2b(walks[i, t: t + r + 1].tobytes(), digest_size=8).hexdigest())
             if len(seen) >= limit:
                 break
