@@ -208,3 +208,26 @@ def test_constrained_steps_uniform_over_exact_valid_set():
     print(f"constrained groups {groups}, chi2 {stat:.1f} on {df} df, p = {chi2.sf(stat, df):.3f}")
     assert groups >= 20 and df >= 40
     assert chi2.sf(stat, df) > 1e-3, (stat, df)
+
+
+def test_every_step_exact_on_a_periodic_graph():
+    # period 2 (edges only between parities): never primitive, so the sampler tables every gap (no
+    # saturation shortcut); every step of every raw walk is in the plainly enumerated valid set
+    from raywalk.graph import Graph, Jumpers
+    from raywalk.walks import _Sampler
+
+    rng = np.random.default_rng(5)
+    src, dst = np.nonzero(((np.add.outer(np.arange(16), np.arange(16)) % 2) == 1) & (rng.random((16, 16)) < 0.5))
+    g = Graph.from_edges(16, 2, src, dst, 0)
+    J = Jumpers(vertex=np.array([0, 9, 3]), block=np.array([0, 1, 0]), target_block=np.array([1, 0, 1]),
+                r=np.array([3, 4, 5]))
+    T, L = RuleTable.build(g, J), 14
+    s = _Sampler(g, J, L, np.random.default_rng(1))
+    assert s.H == L - 1 and s.reach_w >= L - 1
+    walks, dead = s.generate(np.arange(200))
+    A, block = g.adjacency().toarray() > 0, g.block_of()
+    for row in walks[~dead].tolist():
+        for t in range(1, L):
+            assert row[t] in _valid_next(row[:t], A, block, T, L)
+    c = check_sequences(walks[~dead], T)
+    assert c.rule_total > 200 and c.rule_ok == c.rule_total and c.edge_ok == c.edge_total
