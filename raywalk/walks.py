@@ -420,7 +420,7 @@ def jumper_events(walks: np.ndarray, table: RuleTable | Jumpers) -> dict[str, tu
         tgt_of[table.vertex] = table.target_block
     else:
         r_of, tgt_of = table.r_of, table.target_of
-    is_j = r_of[walks] > 0
+    is_j = (r_of > 0)[walks]           # a bool gather: an int64 one is 8 bytes per token of the shard
     rows, steps = np.nonzero(is_j)
     v = walks[rows, steps]
     offsets = np.zeros(walks.shape[0] + 1, dtype=np.int32)
