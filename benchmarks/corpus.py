@@ -2,11 +2,19 @@
 
 Run: python benchmarks/corpus.py [--skip-full] [--skip-cluster]
      python benchmarks/corpus.py --cluster-only [--tenfold-walks N]   (or --cold-only)
+     python benchmarks/corpus.py --horizons [--scale F]   (issue 17: anchor vs long horizon, one run)
 
 Parts: graph build time and peak memory at n = 500, 2,000, 10,000; the sampler's
 walks/s in one process against a one-walk-at-a-time Python generator; then the
 whole anchor corpus (200,000 + 22,222 walks, written as Parquet) built by
 `build_corpus` as Ray tasks with 1 and with 2 shards in parallel.
+
+Horizons part (issue 17): the anchor corpus (n 500, K 4, 2 jumpers/block, w 64, L 256, 222,222
+walks) and the long-horizon one (n 512, K 16, 5 jumpers/block, w 256, L 1024, 56,888 walks), both
+built by build_corpus as Ray tasks on one local Ray (started before the clock), tokens/s of each and
+their ratio; the sampler alone in this process (sample_walks, 8,192 walks); and the peak memory of one
+shard task (tracemalloc, make_shard of 8,192 walks) at the long horizon and at L = 2048.  --scale F
+builds F times the walk counts (for quick iterations).
 
 Cluster part (issue 11), `before` = the old driver (in-flight limit computed once
 from ray.available_resources(); every shard's bytes returned to the driver and
@@ -323,6 +331,76 @@ def cold_cluster_part() -> None:
             cluster.shutdown()
 
 
+# ---- issue 17: long horizons at the anchor's cost per token -------------------------
+
+LONG = ["graph.n=512", "graph.K=16", "graph.n_jumpers_per_block=5", "w=256", "corpus.walk_length=1024",
+        "corpus.corpus_size=51200"]
+
+
+def horizons_part(scale: float) -> None:
+    import shutil
+    import tempfile
+
+    from raywalk.config import Config
+    from raywalk.corpus import ShardSpec, build_corpus, make_shard, ray_mapper
+    from raywalk.ray_env import ensure_ray
+    from raywalk.storage import Store
+
+    anchor = Path(__file__).resolve().parents[1] / "configs" / "anchor.yaml"
+    base = Config.load(anchor)
+    cfgs = {"anchor": Config.load(anchor, [f"corpus.corpus_size={max(1000, int(base.corpus.corpus_size * scale))}"]),
+            "long horizon": Config.load(anchor, LONG[:-1] + [f"corpus.corpus_size={max(5120, int(51200 * scale))}"])}
+    print("sampler alone (sample_walks in this process, 8,192 walks, verification included, compile cache warm):")
+    alone = {}
+    for name, cfg in cfgs.items():
+        g = build_graph(cfg.graph.n, cfg.graph.K, cfg.graph.p_in, cfg.graph.p_out, cfg.seed)
+        J = place_jumpers(g, cfg.graph.n_jumpers_per_block, cfg.graph.r_scales, cfg.w, cfg.seed)
+        L = cfg.corpus.walk_length
+        sample_walks(g, J, 8, L, np.random.default_rng(0))   # numba: load (or compile) the kernel first
+        t0 = time.perf_counter()
+        b = sample_walks(g, J, 8192, L, np.random.default_rng(SEED))
+        dt = time.perf_counter() - t0
+        alone[name] = 8192 * L / dt
+        print(f"  {name:>12}: {alone[name] / 1e6:6.2f} M tokens/s ({8192 / dt:,.0f} walks/s), "
+              f"regenerated {b.n_regenerated / 8192:.1%}")
+    print(f"  ratio long/anchor: {alone['long horizon'] / alone['anchor']:.2f}")
+
+    print("whole corpus through build_corpus (Ray tasks on a local Ray started before the clock, Parquet shards):")
+    ensure_ray(cfgs["anchor"])
+    rate = {}
+    for name, cfg in cfgs.items():
+        tmp = tempfile.mkdtemp(prefix="raywalk-bench-horizon-")
+        try:
+            t0 = time.perf_counter()
+            _, s = build_corpus(cfg, Store.open(tmp), mapper=ray_mapper(), progress=False, log=lambda x: None)
+            dt = time.perf_counter() - t0
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        walks = s["train"]["walks"] + s["eval"]["walks"]
+        rate[name] = walks * cfg.corpus.walk_length / dt
+        print(f"  {name:>12}: {walks:>8,} walks x {cfg.corpus.walk_length} in {dt:6.1f} s = "
+              f"{rate[name] / 1e6:5.2f} M tokens/s; rule compliance train "
+              f"{100 * s['train']['rule_compliance']:.3f}% ({s['train']['jumper_visits_checked']:,} visits), "
+              f"eval {100 * s['eval']['rule_compliance']:.3f}%; regenerated "
+              f"{s['train']['regenerated'] + s['eval']['regenerated']:,}", flush=True)
+    print(f"  ratio long/anchor tokens/s: {rate['long horizon'] / rate['anchor']:.2f} (goal >= 0.5)")
+
+    print("peak memory of one shard task (tracemalloc, make_shard of 8,192 walks):")
+    for L in (1024, 2048):
+        cfg = Config.load(anchor, LONG[:-2] + [f"corpus.walk_length={L}"])
+        g = build_graph(cfg.graph.n, cfg.graph.K, cfg.graph.p_in, cfg.graph.p_out, cfg.seed)
+        J = place_jumpers(g, cfg.graph.n_jumpers_per_block, cfg.graph.r_scales, cfg.w, cfg.seed)
+        T = RuleTable.build(g, J)
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        data, _ = make_shard(g, J, T, ShardSpec("train", 0, 0, 8192), cfg.seed, L)
+        dt = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        print(f"  long horizon, L={L}: peak {peak / 2**20:6.1f} MiB (walks alone {8192 * L * 4 / 2**20:.0f} MiB, "
+              f"parquet {len(data) / 2**20:.1f} MiB), {dt:.1f} s")
+
+
 def cluster_part() -> None:
     tenfold = 2_000_000
     if "--tenfold-walks" in sys.argv:
@@ -337,6 +415,8 @@ if __name__ == "__main__":
         measure_one(sys.argv[i + 1], int(sys.argv[i + 2]))
     elif "--cluster-only" in sys.argv:
         cluster_part()
+    elif "--horizons" in sys.argv:
+        horizons_part(float(sys.argv[sys.argv.index("--scale") + 1]) if "--scale" in sys.argv else 1.0)
     elif "--cold-only" in sys.argv:
         cold_cluster_part()
     else:

@@ -34,7 +34,9 @@ from .graph import Graph, Jumpers, build_graph, place_jumpers
 from .storage import Store
 from .walks import jumper_events, sample_walks
 
-FORMAT_VERSION = 1
+# 2: walks drawn by the exact-feasibility sampler (issue 17); a version-1 corpus holds other walks for the same
+# config, so it is refused by open_corpus and moved aside and rebuilt by build_corpus, never mixed in.
+FORMAT_VERSION = 2
 VERIFY = ("size", "full")           # reuse checks: manifest + sizes (cheap), or + sha256 of every file
 MAX_IN_FLIGHT = 1000                # shard tasks submitted at once: the whole demand for any sane corpus
 SPLITS = {"train": 0, "eval": 1}   # split -> seed stream, so eval never shares draws with train
@@ -64,7 +66,10 @@ def make_shard(graph: Graph, jumpers: Jumpers, table: RuleTable, spec: ShardSpec
     rng = np.random.default_rng([seed, SPLITS[spec.split], spec.index])
     batch = sample_walks(graph, jumpers, spec.n_walks, walk_length, rng, first_index=spec.first_walk)
     walks = batch.walks
-    comp = check_sequences(walks, table)
+    # the gate's checker over row slices: its int64 temporaries stay ~2M tokens, not the whole shard's
+    step = max(1, (1 << 21) // max(walk_length, 1))
+    comp = sum((check_sequences(walks[i:i + step], table) for i in range(0, len(walks), step)),
+               Compliance(0, 0, 0, 0))
     ev = jumper_events(walks, jumpers)
     cols = {
         "walk_index": pa.array(np.arange(spec.first_walk, spec.first_walk + spec.n_walks, dtype=np.int64)),
@@ -82,7 +87,7 @@ def make_shard(graph: Graph, jumpers: Jumpers, table: RuleTable, spec: ShardSpec
         "start_at_jumper": int(np.isin(walks[:, 0], jumpers.vertex).sum()),
         "regenerated": batch.n_regenerated,
         "compliance": [comp.edge_ok, comp.edge_total, comp.rule_ok, comp.rule_total],
-        "paths": _path_samples(walks, jumpers, limit=16),
+        "paths": _path_samples(walks, ev, jumpers, limit=16),
     }
     return buf.getvalue(), stats
 
@@ -100,14 +105,24 @@ def write_shard(graph: Graph, jumpers: Jumpers, table: RuleTable, spec: ShardSpe
     return rel, len(data), hashlib.sha256(data).hexdigest(), stats
 
 
-def _path_samples(walks: np.ndarray, jumpers: Jumpers, limit: int) -> dict[int, list[str]]:
-    """Up to `limit` distinct (visit -> arrival) vertex paths per jumper, as hex digests."""
-    out: dict[int, list[str]] = {}
+def _path_samples(walks: np.ndarray, ev: dict, jumpers: Jumpers, limit: int) -> dict[int, list[str]]:
+    """Up to `limit` distinct (visit -> arrival) vertex paths per jumper, as hex digests.
+
+    Per jumper: its first limit*8 visits in row-major order whose arrival is inside the walk, taken from
+    the shard's jumper events (not one scan of the shard per jumper: with 80 jumpers that was a third of
+    a long-horizon shard's time)."""
     L = walks.shape[1]
-    for v, r in zip(jumpers.vertex.tolist(), jumpers.r.tolist()):
-        rows, cols = np.nonzero(walks[:, : max(0, L - r)] == v)
+    vs, steps, arr = ev["event_vertex"][0], ev["event_step"][0], ev["event_arrival"][0]
+    rows = np.repeat(np.arange(walks.shape[0]), np.diff(ev["event_vertex"][1]))
+    keep = arr <= L - 1
+    order = np.argsort(vs[keep], kind="stable")     # row-major order kept within each jumper
+    rows, steps, vs = rows[keep][order], steps[keep][order], vs[keep][order]
+    lo = np.searchsorted(vs, jumpers.vertex, side="left")
+    hi = np.searchsorted(vs, jumpers.vertex, side="right")
+    out: dict[int, list[str]] = {}
+    for v, r, a, b in zip(jumpers.vertex.tolist(), jumpers.r.tolist(), lo.tolist(), hi.tolist()):
         seen: set[str] = set()
-        for i, t in zip(rows[: limit * 8].tolist(), cols[: limit * 8].tolist()):
+        for i, t in zip(rows[a:min(b, a + limit * 8)].tolist(), steps[a:min(b, a + limit * 8)].tolist()):
             seen.add(hashlib.blake2b(walks[i, t: t + r + 1].tobytes(), digest_size=8).hexdigest())
             if len(seen) >= limit:
                 break
@@ -210,7 +225,8 @@ def _verify(store: Store, cfg: Config, verify: str = "size") -> dict:
     except ValueError as e:
         raise CorpusError(f"manifest.json is not valid JSON ({e})") from None
     if m.get("format_version") != FORMAT_VERSION:
-        raise CorpusError(f"format_version {m.get('format_version')} != {FORMAT_VERSION}")
+        raise CorpusError(f"format_version {m.get('format_version')} != {FORMAT_VERSION}: written by another raywalk "
+                          f"whose sampler draws other walks for this config, so it cannot be reused or mixed")
     if m.get("config_hash") != cfg.corpus_id():
         raise CorpusError(f"config_hash {m.get('config_hash')} does not match {cfg.corpus_id()}")
     _check_files(store, m["checksums"], verify)

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raywalk.compliance import check_sequences
-from raywalk.corpus import CorpusError, build_corpus, eval_size, open_corpus
+from raywalk.corpus import FORMAT_VERSION, CorpusError, build_corpus, eval_size, open_corpus
 from raywalk.storage import Store
 from tests.conftest import tiny_config
 
@@ -26,7 +26,7 @@ def built(tmp_path):
 def test_format_and_manifest(built):
     cfg, root, corpus, summary = built
     m = json.loads(open(corpus.store.path("manifest.json")).read())
-    assert m["format_version"] == 1 and m["config_hash"] == cfg.corpus_id()
+    assert m["format_version"] == FORMAT_VERSION == 2 and m["config_hash"] == cfg.corpus_id()
     assert (m["n"], m["K"], m["w"], m["walk_length"]) == (cfg.graph.n, cfg.graph.K, cfg.w, cfg.corpus.walk_length)
     assert {"vertex", "block", "target_block", "r"} == set(m["jumpers"][0])
     assert m["splits"]["train"]["walks"] == cfg.corpus.corpus_size
@@ -118,6 +118,21 @@ def test_torn_or_corrupt_corpus_is_detected_and_never_reused(built, damage, veri
     aside = [n for n in root.listdir("corpora") if ".invalid-" in n]
     assert len(aside) == 1 and root.sub("corpora", aside[0]).listdir("train")
     assert open_corpus(root, cfg, verify="full").manifest["checksums"] == corpus.manifest["checksums"]
+
+
+def test_a_corpus_of_an_older_format_is_refused_and_rebuilt(built):
+    """A version-1 corpus (the pairwise sampler's walks) is never reused: refused, moved aside, rebuilt."""
+    cfg, root, corpus, _ = built
+    path = corpus.store.path("manifest.json")
+    m = json.loads(open(path).read())
+    open(path, "w").write(json.dumps({**m, "format_version": 1}))
+    with pytest.raises(CorpusError, match="format_version 1 != 2: written by another raywalk"):
+        open_corpus(root, cfg)
+    logs: list[str] = []
+    rebuilt, summary = build_corpus(cfg, root, progress=False, log=logs.append)
+    assert summary["reused"] is False and any("format_version 1" in x and "moved to" in x for x in logs)
+    assert rebuilt.manifest["format_version"] == 2
+    assert rebuilt.manifest["checksums"] == corpus.manifest["checksums"]
 
 
 def test_reuse_checks_sizes_only_and_a_full_verify_rehashes(built):
