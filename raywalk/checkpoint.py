@@ -55,7 +55,7 @@ def save(directory: str | Path, state: dict[str, Any]) -> None:
                 "epoch": int(state["epoch"])}
     tmp = d / tmp_name(MANIFEST)   # storage's one temp rule: never listed, never read as a manifest
     tmp.write_text(json.dumps(manifest))
-    fault_point(str(d / MANIFEST))
+    fault_point(f"checkpoint:{d / MANIFEST}")   # tests: RAYWALK_FAULT_BEFORE_RENAME=checkpoint:...
     os.replace(tmp, d / MANIFEST)
 
 

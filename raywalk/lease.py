@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 from urllib.parse import parse_qs
 
-from .storage import Store, fault_point, split_query, tmp_name
+from .storage import Store, StorageUnwritable, fault_point, free_space, split_query, tmp_name, will_recur
 
 LEASE = "lease.json"
 LOCK = "lease.lock"
@@ -166,9 +166,12 @@ class _Local:
                 f.flush()
                 os.fsync(f.fileno())
             fault_point(self.path)
-        except BaseException:
+        except BaseException as e:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+            why = will_recur(e) if isinstance(e, OSError) else None
+            if why is not None:   # full disk, quota, read-only: the run stops with one line
+                raise StorageUnwritable(self.path, why, free_space(self.path)) from e
             raise
         return tmp
 

@@ -2,8 +2,10 @@
 
 Ray Train retries any worker error `max_failures` times, and a full disk would only fill
 again. So a worker that meets one records it in Ray's KV store under the driver run's
-token, then raises; the worker group Ray starts again for it finds the record and returns
-at once on every rank, before it touches storage. The driver reads the record after
+token. A single worker then just returns (the run ends at once); with several, it raises
+(the others wait in collectives, and only a failure makes Ray tear the group down), and the
+worker group Ray starts again finds the record and returns at once on every rank, before
+it touches storage. The driver reads the record after
 fit() and stops with one line (CLI exit 4 for storage, 5 for a lost lease).
 """
 from __future__ import annotations
@@ -48,6 +50,17 @@ class Stopped(RuntimeError):
     """Raised on a worker after recording a stop: ends this worker group without retrying the write."""
 
 
+def _stop(token: str, kind: str, line: str, detail: dict | None = None) -> Stopped:
+    """Record the stop and return the exception that ends this worker. Ray Train logs a raising train
+    function's traceback at ERROR ("Error in training function"); this one is recorded and told in one
+    line by the driver, so that log is muted in this worker process, which is about to end."""
+    import logging
+
+    record(token, kind, line, detail)
+    logging.getLogger("ray.train.v2._internal.util").setLevel(logging.CRITICAL)   # if raised (world > 1)
+    return Stopped(line)
+
+
 def unwritable(e: BaseException, where: str) -> StorageUnwritable | None:
     """e as a StorageUnwritable (through Ray's task-error wrapping), None if it is not one."""
     x: BaseException | None = e
@@ -73,14 +86,19 @@ def guarded_loop(spec: Any, loop: Callable[[Any], None] | None = None) -> None:
     try:
         loop(spec)
     except LeaseLost as e:
-        record(spec.driver_token, LEASE, str(e))
-        raise Stopped(str(e)) from None
+        stop: Stopped | None = _stop(spec.driver_token, LEASE, str(e))
     except Exception as e:
         u = unwritable(e, Store.open(spec.config.run.storage).child_uri(spec.experiment_id))
         if u is None:
             raise
-        record(spec.driver_token, STORAGE, u.line(), u.to_dict())
-        raise Stopped(u.line()) from None
+        stop = _stop(spec.driver_token, STORAGE, u.line(), u.to_dict())
+    else:
+        return
+    import ray.train
+
+    if ray.train.get_context().get_world_size() == 1:
+        return   # alone: ending normally ends the run at once (no worker-group restart to sit through)
+    raise stop from None   # other ranks wait in collectives: a raise makes Ray tear the group down
 
 
 def check_lease(spec: Any) -> None:

@@ -355,20 +355,21 @@ class Store:
 
 
 # ---- a fault hook for tests: between a temp write and its rename -------------------------
-FAULT_ENV = "RAYWALK_FAULT_BEFORE_RENAME"   # "<substring of the destination>:<marker file>"
+FAULT_ENV = "RAYWALK_FAULT_BEFORE_RENAME"   # "SUBSTRING:MARKER[,SUBSTRING:MARKER...]"
 
 
 def fault_point(dest: str) -> None:
-    """SIGKILL this process once, between a temp write and its rename, for the first destination
-    containing the configured substring (tests only; unset in real runs: one getenv)."""
+    """SIGKILL this process between a temp write and its rename, once per entry of $RAYWALK_FAULT_BEFORE_RENAME
+    (the first destination containing SUBSTRING while MARKER does not exist yet). Tests only; unset in real
+    runs (one getenv). The driver passes it on to its workers."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
-    sub, _, marker = spec.partition(":")
-    if sub in dest and marker and not os.path.exists(marker):
-        import signal
+    for entry in spec.split(","):
+        sub, _, marker = entry.partition(":")
+        if sub and sub in dest and marker and not os.path.exists(marker):
+            import signal
 
-        with open(marker, "w") as f:
-            f.write(f"{os.getpid()} {dest}\n")
-        os.kill(os.getpid(), signal.SIGKILL)
-
+            with open(marker, "w") as f:
+                f.write(f"{os.getpid()} {dest}\n")
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -24,7 +24,7 @@ from .dataset import windows_per_walk
 from .corpus import build_corpus, ray_mapper
 from .lease import LeaseLost
 from .result import RESULT, checkpoint_info, count_restarts, utc_now
-from .storage import Store, StorageUnwritable
+from .storage import FAULT_ENV, Store, StorageUnwritable
 
 Log = Callable[[str], None]
 
@@ -97,6 +97,8 @@ def check_storage_reachable(root: Store, nodes: list[dict]) -> None:
 
 def worker_env(cfg: Config, verbose: bool) -> dict[str, str]:
     env = ray_env.worker_env(verbose)
+    if os.environ.get(FAULT_ENV):   # a test's kill-before-rename hook reaches the workers too
+        env[FAULT_ENV] = os.environ[FAULT_ENV]
     if cfg.run.deterministic and cfg.run.gpus_per_worker > 0:
         env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"   # read when CUDA starts: deterministic cuBLAS
     return env
