@@ -133,7 +133,8 @@ def test_kills_between_temp_write_and_rename_leave_nothing_a_reader_trips_on(tmp
     exp = Store.open(str(tmp_path)).sub(cfg.experiment_id())
     left = [f for _, _, fs in os.walk(exp.path()) for f in fs if is_temp(f)]
     assert len(left) >= 2, left                                   # the kills really were mid-write
-    assert len(list_resumes(exp, log=lambda s: pytest.fail(s))) == 3   # no warnings: the temps are not seen
+    # 3 restarts, 2 resume records: the one killed before its rename never landed; its temp is not read
+    assert len(list_resumes(exp, log=lambda s: pytest.fail(s))) == 2
     assert comparable(r) == comparable(reference)
     monkeypatch.delenv(FAULT_ENV)
     # the next driver on this experiment sweeps the leftovers (it holds the lease, no workers run yet)
