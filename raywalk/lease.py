@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 from urllib.parse import parse_qs
 
-from .storage import Store, StorageUnwritable, fault_point, free_space, split_query, tmp_name, will_recur
+from .storage import S3_ATTEMPTS, Store, StorageUnwritable, fault_point, free_space, split_query, tmp_name, will_recur
 
 LEASE = "lease.json"
 LOCK = "lease.lock"
@@ -236,7 +236,8 @@ class _S3:
                                          ("aws_session_token", "session_token")) if q in opts}
         self.client = boto3.session.Session().client(
             "s3", endpoint_url=endpoint, region_name=opts.get("region"), **creds,
-            config=BotoConfig(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=20))
+            config=BotoConfig(retries={"max_attempts": S3_ATTEMPTS, "mode": "standard"},   # 503s, resets, timeouts
+                              connect_timeout=10, read_timeout=20))
 
     @staticmethod
     def _failed(e: Exception) -> bool:

@@ -188,6 +188,36 @@ def _fs_uri(uri: str) -> str:
     return f"{base}?{query + '&' if query else ''}allow_delayed_open=true"
 
 
+# Transient object-store errors (503 SlowDown, connection resets, timeouts) are retried with backoff by
+# the AWS SDK's standard strategy; pyarrow's default is 3 attempts, too few for a throttled bucket.
+S3_ATTEMPTS = 10
+
+
+class _RetryingS3(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem with S3_ATTEMPTS standard retries, kept when pickled: pyarrow 26 drops
+    retry_strategy from S3FileSystem.__reduce__, so the filesystem Ray hands its workers (storage_filesystem,
+    Ray Data reads) would silently fall back to 3 attempts."""
+
+    def __reduce__(self):
+        return _s3_with_retries, (super().__reduce__()[1][0],)
+
+
+def _s3_with_retries(kwargs: dict) -> pafs.S3FileSystem:
+    return _RetryingS3(**kwargs, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS))
+
+
+# An error the AWS SDK gives up on although a retry would succeed: a 503 SlowDown answering a small ranged
+# GET fails as "INTERNAL_FAILURE ... Failed to flush response stream" (its XML body does not fit the read
+# buffer) and is marked not retryable. Ray Data retries it itself (DataContext.retried_io_errors); raywalk's
+# own reads do too. (Connection errors and plain 503s the SDK has already retried S3_ATTEMPTS times.)
+TRANSIENT = ("Failed to flush response stream",)
+READ_ATTEMPTS = 5
+
+
+def transient(e: BaseException) -> bool:
+    return any(p in str(e) for p in TRANSIENT)
+
+
 @dataclass(frozen=True)
 class Store:
     fs: pafs.FileSystem
@@ -202,6 +232,8 @@ class Store:
                 fs, path = pafs.FileSystem.from_uri(_fs_uri(uri))
             except (ValueError, OSError) as e:   # unknown scheme, bad options, unresolvable bucket region
                 raise StorageError(f"storage URI {uri!r} cannot be opened: {str(e).splitlines()[0]}") from None
+            if isinstance(fs, pafs.S3FileSystem):   # the URI's options, with an explicit retry policy
+                fs = _s3_with_retries(fs.__reduce__()[1][0])
             base, query = split_query(uri)
             return cls(fs, path.rstrip("/"), base.rstrip("/") + (f"?{query}" if query else ""))
         path = os.path.abspath(uri.removeprefix("file://"))
@@ -232,8 +264,15 @@ class Store:
         return self.fs.get_file_info(self.path(rel)).size
 
     def read_bytes(self, rel: str) -> bytes:
-        with self.fs.open_input_stream(self.path(rel)) as f:
-            return f.read()
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                with self.fs.open_input_stream(self.path(rel)) as f:
+                    return f.read()
+            except OSError as e:
+                if self.local or attempt == READ_ATTEMPTS - 1 or not transient(e):
+                    raise
+                time.sleep(min(2.0, 0.05 * 2 ** attempt))
+        raise AssertionError("unreachable")
 
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))

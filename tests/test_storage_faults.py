@@ -24,6 +24,8 @@ from raywalk.lease import LEASE
 from raywalk.result import RESULT, list_resumes
 from raywalk.storage import FAULT_ENV, Store, is_temp
 from tests.conftest import QUICKSTART, kill_session, session_pids, tiny_config, tiny_overrides
+from tests.flaky_proxy import FlakyProxy
+from tests.s3server import s3_server  # noqa: F401  (the fixture)
 
 # Never passes (rule must be > 1.0): every run trains exactly max_epochs, so curves compare.
 LONG = {"gate.rule": 1.0, "train.max_epochs": 3}
@@ -33,6 +35,21 @@ quiet = dict(progress=False, log=lambda s: None)
 def comparable(r: dict) -> dict:
     return {k: r[k] for k in ("curves", "gate", "epochs_trained", "steps_per_epoch", "status", "failure",
                               "experiment_id")}
+
+
+@pytest.fixture(scope="module")
+def local_ray(s3_server):
+    """One local Ray for the module, started after the S3 server put its credentials in the environment
+    (Ray's workers inherit the environment of its start)."""
+    from raywalk.ray_env import quiet_defaults
+
+    quiet_defaults()
+    import ray
+
+    ray.init(num_cpus=4, logging_level="WARNING",
+             runtime_env={"env_vars": {"RAY_DATA_LOG_LEVEL": "ERROR", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
+    yield ray
+    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +208,26 @@ def test_a_lease_taken_over_from_a_paused_driver_stops_it_and_the_new_one_finish
     assert any("taking over experiment" in l and f"pid {old.pid}" in l for l in logs)
     assert comparable(got) == comparable(reference)
     assert comparable(json.loads((exp / RESULT).read_text())) == comparable(reference)
+
+
+def test_a_flaky_object_store_ends_exactly_as_an_unfaulted_run(s3_server, reference):
+    """moto behind a proxy that answers 10% of requests with 503 SlowDown and drops 3% of connections
+    (2% before the request reaches the store, 1% after it landed): the clients' retries absorb it all."""
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    with FlakyProxy(s3_server["port"], p_503=0.10, p_drop=0.02, p_drop_after=0.01, seed=7) as proxy:
+        uri = f"s3://raywalk-test/flaky?endpoint_override=127.0.0.1:{proxy.port}&scheme=http"
+        logs: list[str] = []
+        t0 = time.perf_counter()
+        r = trainer.train(tiny_config(uri, **LONG), progress=False, log=logs.append)
+        took = time.perf_counter() - t0
+    st = proxy.stats
+    print(f"\nflaky S3: {st} in {took:.0f}s")
+    assert st["503"] >= 10 and st["dropped"] >= 2 and st["dropped_after"] >= 1, st   # really faulted
+    assert r["restarts"] == 0 and not any(l.startswith("warning") for l in logs), logs
+    assert comparable(r) == comparable(reference)
+    direct = Store.open(s3_server["uri"]("flaky")).sub(r["experiment_id"])   # past the proxy, now closed
+    assert direct.read_json(RESULT)["curves"] == reference["curves"]
+    assert direct.listdir() == ["attempts", "checkpoints", "result.json"]     # lease released, no strays
+
