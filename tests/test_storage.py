@@ -176,3 +176,33 @@ def test_hold_reports_a_takeover_once_and_does_not_release_the_new_holders_lease
         assert a.lost == lost[0] and len(lost) == 1
         assert lost[0].startswith("lost the lease on experiment exp1: another driver holds it now (host ")
     assert json.loads(exp.read_bytes(LEASE))["holder"] == "other"           # left alone at the end
+
+
+def test_read_only_storage_is_told_apart_and_a_ray_task_error_is_seen_through(tmp_path):
+    import subprocess
+
+    from raywalk.stops import unwritable
+
+    d = tmp_path / "ro"
+    d.mkdir()
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {(p.stderr or p.stdout).strip()}")
+    try:
+        st = Store.open(str(d))
+        st.write_json("result.json", {"status": "running"})
+        subprocess.run(["mount", "-o", "remount,ro", str(d)], check=True)
+        with pytest.raises(StorageUnwritable, match="read-only filesystem") as e:
+            st.write_json("result.json", {"status": "passed"})
+        assert st.read_json("result.json") == {"status": "running"}
+
+        class TaskError(Exception):   # the shape of ray.exceptions.RayTaskError: the task's own error in .cause
+            def __init__(self, cause):
+                super().__init__("task failed")
+                self.cause = cause
+
+        u = unwritable(TaskError(e.value), "elsewhere")
+        assert (u.what, u.why) == (st.child_uri("result.json"), "read-only filesystem")
+        assert unwritable(TaskError(ValueError("bug")), "elsewhere") is None
+    finally:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
