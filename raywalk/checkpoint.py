@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .storage import Store
+from .storage import Store, fault_point, tmp_name
 
 RUN_DIR = "checkpoints"        # ROOT/<experiment_id>/checkpoints: Ray's run directory (RunConfig.name)
 STATE = "state.pt"
@@ -53,20 +53,33 @@ def save(directory: str | Path, state: dict[str, Any]) -> None:
     (d / STATE).write_bytes(data)
     manifest = {"files": {STATE: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}},
                 "epoch": int(state["epoch"])}
-    tmp = d / (MANIFEST + ".tmp")
+    tmp = d / tmp_name(MANIFEST)   # storage's one temp rule: never listed, never read as a manifest
     tmp.write_text(json.dumps(manifest))
+    fault_point(f"checkpoint:{d / MANIFEST}")   # tests: RAYWALK_FAULT_BEFORE_RENAME=checkpoint:...
     os.replace(tmp, d / MANIFEST)
 
 
 def load_bytes(files: dict[str, bytes]) -> dict[str, Any]:
     """Verify a checkpoint's files against its manifest and load its state as data only."""
+    verify_bytes(files)
+    return loads(files[STATE])
+
+
+def verify_bytes(files: dict[str, bytes]) -> dict[str, Any]:
+    """The manifest, once every file matches it; CheckpointError naming what does not."""
     if MANIFEST not in files:
         raise CheckpointError("manifest.json is missing (torn write?)")
     try:
         manifest = json.loads(files[MANIFEST])
     except ValueError as e:
         raise CheckpointError(f"manifest.json is unreadable ({e})") from None
-    for name, meta in manifest["files"].items():
+    try:
+        listed = dict(manifest["files"])
+        if STATE not in listed:
+            raise KeyError(STATE)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"manifest.json is incomplete (no entry {e})") from None
+    for name, meta in listed.items():
         data = files.get(name)
         if data is None:
             raise CheckpointError(f"{name} is missing")
@@ -74,7 +87,7 @@ def load_bytes(files: dict[str, bytes]) -> dict[str, Any]:
             raise CheckpointError(f"{name} has {len(data)} bytes, manifest says {meta['size']} (truncated?)")
         if hashlib.sha256(data).hexdigest() != meta["sha256"]:
             raise CheckpointError(f"{name} does not match its sha256 (corrupt or modified)")
-    return loads(files[STATE])
+    return manifest
 
 
 def loads(data: bytes) -> dict[str, Any]:
@@ -85,13 +98,24 @@ def loads(data: bytes) -> dict[str, Any]:
                               f"{str(e).splitlines()[0]}") from None
 
 
+def _files(store: Store) -> dict[str, bytes]:
+    return {name: store.read_bytes(name) for name in (MANIFEST, STATE) if store.is_file(name)}
+
+
 def read(store: Store) -> dict[str, Any]:
     """Load and verify the checkpoint directory `store`."""
-    files = {}
-    for name in (MANIFEST, STATE):
-        if store.is_file(name):
-            files[name] = store.read_bytes(name)
-    return load_bytes(files)
+    return load_bytes(_files(store))
+
+
+def newest_intact(run: Store) -> tuple[str, int] | None:
+    """(name, epochs done) of the newest checkpoint under run whose files match their manifest."""
+    for name in candidates(run, None):
+        try:
+            m = verify_bytes(_files(run.sub(name)))
+            return name, int(m.get("epoch", position(name)[0]))
+        except (CheckpointError, OSError, ValueError):
+            continue
+    return None
 
 
 def candidates(run: Store, latest: str | None) -> list[str]:

@@ -137,3 +137,38 @@ def drain_node(gcs_address: str, node_id: str, deadline_s: float) -> None:
         int((time.time() + deadline_s) * 1000))
     if not ok:
         raise RuntimeError(f"drain of node {node_id} refused: {why}")
+
+
+@dataclass(frozen=True)
+class FillDisk:
+    """Fill the local filesystem holding `path` just before step `step` of epoch `epoch` (1-based), leaving
+    `leave` bytes free, so that the next checkpoint write finds it full (what a shared disk filling up
+    under a run looks like). The filler is `<path>/filler`; `marker` makes it happen once."""
+    epoch: int
+    step: int
+    path: str
+    marker: str
+    leave: int = 4096
+
+    def for_worker(self, rank: int, checkpoints: Store) -> "_FillHook | None":
+        return _FillHook(self) if rank == 0 and not os.path.exists(self.marker) else None
+
+
+@dataclass
+class _FillHook:
+    spec: FillDisk
+
+    def before_step(self, epoch: int, step: int) -> None:
+        s = self.spec
+        if (epoch, step) != (s.epoch, s.step) or os.path.exists(s.marker):
+            return
+        with open(s.marker, "w") as f:
+            f.write(f"{os.getpid()} {time.time()}\n")
+        st = os.statvfs(s.path)
+        size = max(0, st.f_bavail * st.f_frsize - s.leave)
+        with open(os.path.join(s.path, "filler"), "wb") as f:
+            while size > 0:
+                n = min(size, 1 << 20)
+                f.write(b"\0" * n)
+                size -= n
+

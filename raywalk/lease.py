@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 from urllib.parse import parse_qs
 
-from .storage import Store, split_query
+from .storage import S3_ATTEMPTS, Store, StorageUnwritable, fault_point, free_space, split_query, tmp_name, will_recur
 
 LEASE = "lease.json"
 LOCK = "lease.lock"
@@ -148,11 +148,7 @@ class _Local:
 
     def create(self, data: bytes):
         os.makedirs(self.dir, exist_ok=True)
-        tmp = f"{self.path}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp = self._write_tmp(data)
         try:
             os.link(tmp, self.path)          # atomic, and fails if a lease exists
             return data
@@ -160,6 +156,24 @@ class _Local:
             return None
         finally:
             os.unlink(tmp)
+
+    def _write_tmp(self, data: bytes) -> str:
+        """A temp file (storage.tmp_name: never listed, swept by the next holder) holding data."""
+        tmp = os.path.join(self.dir, tmp_name(LEASE))
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            fault_point(self.path)
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            why = will_recur(e) if isinstance(e, OSError) else None
+            if why is not None:   # full disk, quota, read-only: the run stops with one line
+                raise StorageUnwritable(self.path, why, free_space(self.path)) from e
+            raise
+        return tmp
 
     def read(self):
         try:
@@ -186,12 +200,13 @@ class _Local:
             cur = self.read()
             if cur is None or cur[1] != token:
                 return None
-            tmp = f"{self.path}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            tmp = self._write_tmp(data)
+            try:
+                os.replace(tmp, self.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
             return data
 
     def delete(self, token) -> bool:
@@ -221,7 +236,8 @@ class _S3:
                                          ("aws_session_token", "session_token")) if q in opts}
         self.client = boto3.session.Session().client(
             "s3", endpoint_url=endpoint, region_name=opts.get("region"), **creds,
-            config=BotoConfig(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=20))
+            config=BotoConfig(retries={"max_attempts": S3_ATTEMPTS, "mode": "standard"},   # 503s, resets, timeouts
+                              connect_timeout=10, read_timeout=20))
 
     @staticmethod
     def _failed(e: Exception) -> bool:
@@ -306,6 +322,7 @@ class Lease:
         self._token = None
         self._backend = _backend(exp) if supported(exp) else None
         self._mutex = threading.Lock()      # the heartbeat thread and release() never interleave
+        self.lost: str | None = None        # why this driver lost the lease (set by hold()'s heartbeat)
 
     @property
     def uri(self) -> str:
@@ -398,30 +415,71 @@ class Lease:
             return token is not None and self._backend.delete(token)
 
 
+def check_holder(exp: Store, experiment_id: str, holder: str) -> None:
+    """LeaseLost unless `holder` still holds a live lease on the experiment (workers call this
+    before each durable write, so a paused or cut-off driver's workers never write over a new
+    holder's run). No lease support (not local, not s3): nothing to check."""
+    if not holder or not supported(exp):
+        return
+    got = _backend(exp).read()
+    cur = LeaseInfo.decode(got[0]) if got else None
+    if cur is None or cur.holder != holder:
+        raise LeaseLost(lost_line(experiment_id, cur))
+    if not cur.live():
+        raise LeaseLost(f"lost the lease on experiment {experiment_id}: its driver has not renewed it for "
+                        f"{cur.age():.0f}s (stale after {cur.stale_after_s:.0f}s), so another driver may take "
+                        f"it over; stopped without writing more")
+
+
+def lost_line(experiment_id: str, cur: "LeaseInfo | None") -> str:
+    who = f"another driver holds it now ({cur.describe()})" if cur else "it was removed"
+    return f"lost the lease on experiment {experiment_id}: {who}; this driver stopped training and writes nothing more"
+
+
 @contextlib.contextmanager
 def hold(exp: Store, experiment_id: str, *, log: Log = _stderr, stale_after_s: float | None = None,
-         heartbeat_s: float | None = None, wait_s: float | None = None) -> Iterator[Lease | None]:
+         heartbeat_s: float | None = None, wait_s: float | None = None,
+         on_lost: Callable[[str], None] | None = None) -> Iterator[Lease | None]:
     """Hold the experiment's lease for the block: acquire (LeaseHeld if taken, after waiting up to
-    `wait_s` for it to be freed or go stale), heartbeat, release."""
+    `wait_s` for it to be freed or go stale), heartbeat, release.
+
+    The lease is lost when another driver holds it, or when renewing has failed for longer than
+    the stale limit (another driver may then take it over): `lease.lost` gets the one-line reason
+    and `on_lost(reason)` is called once from the heartbeat thread, to stop training at once.
+    """
     if not supported(exp):
         log(f"warning: no experiment lease on {exp.uri} (only local paths and s3:// have atomic conditional "
             f"writes here): a second driver on this experiment would not be refused")
         yield None
         return
     lease = Lease(exp, experiment_id, stale_after_s=stale_after_s, heartbeat_s=heartbeat_s, log=log).acquire(wait_s)
+    lease.lost = None
     stop = threading.Event()
 
+    def lose(reason: str) -> None:
+        if stop.is_set():
+            return
+        lease.lost = reason
+        if on_lost is not None:
+            on_lost(reason)
+
     def beat() -> None:
-        warned = False
+        warned, last_ok = False, time.monotonic()
         while not stop.wait(lease.heartbeat_s):
             try:
                 lease.renew()
-                warned = False
-            except LeaseLost as e:
-                if not stop.is_set():
-                    log(f"warning: {e}; this driver no longer holds it and stops renewing")
-                return
+                warned, last_ok = False, time.monotonic()
+            except LeaseLost:
+                cur = None
+                with contextlib.suppress(Exception):
+                    cur = lease.current()
+                return lose(lost_line(experiment_id, cur))
             except Exception as e:   # a storage hiccup: keep trying until the lease goes stale
+                if time.monotonic() - last_ok >= lease.stale_after_s:
+                    return lose(f"lost the lease on experiment {experiment_id}: could not renew {lease.uri} for "
+                                f"{time.monotonic() - last_ok:.0f}s, longer than its stale limit "
+                                f"({lease.stale_after_s:.0f}s; {type(e).__name__}: {str(e).splitlines()[0]}); "
+                                f"another driver may take it over, so this one stopped training")
                 if not warned:
                     log(f"warning: could not renew the lease {lease.uri} ({type(e).__name__}: {e}); retrying")
                     warned = True
@@ -434,7 +492,8 @@ def hold(exp: Store, experiment_id: str, *, log: Log = _stderr, stale_after_s: f
         stop.set()
         thread.join(timeout=lease.heartbeat_s + 30)
         try:
-            lease.release()
+            if lease.lost is None:
+                lease.release()
         except Exception as e:   # never hide the run's own outcome; the lease then goes stale
             log(f"warning: could not remove the lease {lease.uri} ({type(e).__name__}: {e}); "
                 f"it goes stale after {lease.stale_after_s:.0f}s")

@@ -4,8 +4,8 @@ Reads only ROOT/<id>/result.json, ROOT/<id>/lease.json (for runs recorded as
 running) and ROOT/sweeps/<id>/summary.json, concurrently, so it stays fast on
 hundreds of experiments, locally or on s3://.
 
-Status: result.json's "passed" / "failed" as recorded. A run recorded as
-"running" is "running" while its driver's lease is live (time.time() -
+Status: result.json's "passed" / "failed" as recorded; "interrupted" as recorded (a storage
+stop) unless a live lease says a driver runs it again. A run recorded as "running" is "running" while its driver's lease is live (time.time() -
 heartbeat_unix < stale_after_s) and "interrupted" once the lease is stale. With
 no lease file it is "interrupted", unless result.json was updated within
 NO_LEASE_GRACE_S: that covers a driver between writing result.json and taking or
@@ -44,6 +44,12 @@ def _read_json(store: Store, rel: str) -> Any | None:
         raise
 
 
+def _dig(d: Any, *keys: str) -> Any:
+    for k in keys:
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
+
+
 def _unix(iso: str | None) -> float | None:
     try:
         t = datetime.fromisoformat(iso)   # type: ignore[arg-type]
@@ -66,6 +72,8 @@ def status_of(result: dict[str, Any] | None, lease: dict[str, Any] | None, updat
         return recorded
     if lease is not None:
         return "running" if lease_live(lease, now) else "interrupted"
+    if recorded == "interrupted":   # a driver stopped by a storage fault says so itself
+        return "interrupted"
     return "running" if updated is not None and now - updated < NO_LEASE_GRACE_S else "interrupted"
 
 
@@ -91,14 +99,14 @@ def experiment_row(exp: Store, name: str, now: float) -> dict[str, Any] | None:
     if result is not None and updated is None:   # written before updated_at existed
         info = exp.fs.get_file_info(exp.path(RESULT))
         updated = info.mtime.timestamp() if info.type == pafs.FileType.File and info.mtime else None
-    g = r.get("gate") or {}
+    g = r.get("gate") if isinstance(r.get("gate"), dict) else {}   # partial records: missing fields are "-"
     status = "unreadable" if error else status_of(result, lease, updated, now)
     return {
         "experiment_id": r.get("experiment_id", name),
         "status": status,
         "recorded_status": r.get("status"),
         "epochs_trained": r.get("epochs_trained"),
-        "max_epochs": ((r.get("config") or {}).get("train") or {}).get("max_epochs"),
+        "max_epochs": _dig(r, "config", "train", "max_epochs"),
         "gate_epoch": g.get("epoch"),
         "final_edge_compliance": g.get("final_edge_compliance"),
         "final_rule_compliance": g.get("final_rule_compliance"),

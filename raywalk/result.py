@@ -15,7 +15,8 @@ from . import __version__
 from .checkpoint import CKPT_RE, MANIFEST, RUN_DIR, dir_name, position
 from .compliance import Compliance
 from .config import Config
-from .storage import Store
+from .lease import check_holder
+from .storage import Store, warn
 
 RESULT = "result.json"
 
@@ -52,9 +53,15 @@ def record_resume(exp: Store, entry: dict[str, Any]) -> None:
     exp.write_json(f"resumes/{entry['at'].replace(':', '')}-{uuid.uuid4().hex[:8]}.json", entry)
 
 
-def list_resumes(exp: Store) -> list[dict[str, Any]]:
-    """Every resume of the experiment, oldest first."""
-    return [exp.read_json(f"resumes/{n}") for n in exp.listdir("resumes") if n.endswith(".json")]
+def list_resumes(exp: Store, log=warn) -> list[dict[str, Any]]:
+    """Every resume of the experiment, oldest first; a torn record is skipped with a warning naming it."""
+    out = []
+    for n in exp.listdir("resumes"):
+        if n.endswith(".json"):
+            r = exp.read_json_or_warn(f"resumes/{n}", "resume record", log)
+            if isinstance(r, dict):
+                out.append(r)
+    return out
 
 
 def count_restarts(exp: Store) -> int:
@@ -135,12 +142,18 @@ class ResultWriter:
     """Rank 0's view: rewrites result.json after every epoch, and records resumes and notices as they happen."""
 
     def __init__(self, root: Store, experiment_id: str, cfg: Config, workers: int, device: str, driver_token: str,
-                 corpus_uri: str):
+                 corpus_uri: str, lease_holder: str = ""):
         self.exp = root.sub(experiment_id)
         self.experiment_id, self.cfg, self.driver_token = experiment_id, cfg, driver_token
+        self.lease_holder = lease_holder
         self.env = environment(workers, device)
         self.corpus = {"id": cfg.corpus_id(), "uri": corpus_uri}
+        self._check_lease()
         self.restarts, self.restarts_this_run = record_worker_start(self.exp, driver_token)
+
+    def _check_lease(self) -> None:
+        """LeaseLost unless our driver still holds the experiment: never write over a new holder's run."""
+        check_holder(self.exp, self.experiment_id, self.lease_holder)
 
     def resumed(self, checkpoint: str | None, epoch: int, step: int) -> dict[str, Any]:
         """Record a resume: `epoch` is the epoch being trained (1-based), `step` the steps of it already done."""
@@ -151,10 +164,12 @@ class ResultWriter:
         else:
             reason = "failure"
         entry = {"reason": reason, "checkpoint": checkpoint, "epoch": epoch, "step": step, "at": utc_now()}
+        self._check_lease()
         record_resume(self.exp, entry)
         return entry
 
     def notice(self, notice: dict[str, Any]) -> None:
+        self._check_lease()
         record_notice(self.exp, self.driver_token, self.restarts_this_run, notice)
 
     def epoch_done(self, curves: Any, last: Compliance, gate_epoch: int | None, epoch: int, n_distinct: int,
@@ -168,4 +183,5 @@ class ResultWriter:
             r["data_path"] = data
         if timing is not None:   # seconds per epoch (see README "The timing block"); not curves
             r["timing"] = timing.state_dict()
+        self._check_lease()
         self.exp.write_json(RESULT, r)

@@ -12,8 +12,14 @@ raywalk hands on (corpus, checkpoints, result.json) opens the same store.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
+import shutil
+import sys
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +29,123 @@ import pyarrow.fs as pafs
 
 class StorageError(ValueError):
     """A storage root or URI that cannot be used; the message names it and why (CLI: exit 2)."""
+
+
+# ---- temporary files: one naming rule --------------------------------------------------
+# A temp file is `.raywalk-tmp-<hex>.<name>.part`: a leading dot (hidden from globs, from Ray
+# Data / pyarrow dataset discovery, from `raywalk ls`), a suffix no reader tests for (.json,
+# .parquet, .pt), and Store.listdir never returns it. Whatever a killed or full-disk write
+# leaves behind is therefore invisible, and swept by the next writer that holds the lease.
+TMP_PREFIX = ".raywalk-tmp-"
+TMP_SUFFIX = ".part"
+_TMP_RE = re.compile(r"^\.raywalk-tmp-[0-9a-f]{32}\..*\.part$")
+
+
+def tmp_name(name: str) -> str:
+    """The temp name for a file that will be renamed to `name` in the same directory."""
+    return f"{TMP_PREFIX}{uuid.uuid4().hex}.{name}{TMP_SUFFIX}"
+
+
+def is_temp(name: str) -> bool:
+    return bool(_TMP_RE.match(name.rsplit("/", 1)[-1]))
+
+
+def warn(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---- errors that will recur: full disk, quota, read-only, no permission ---------------------
+RECUR_ERRNOS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only filesystem", errno.EACCES: "permission denied",
+                errno.EPERM: "operation not permitted", errno.EFBIG: "file too large"}
+# The same on object stores (S3 and compatible servers): retrying cannot help.
+RECUR_S3 = {"AccessDenied": "access denied", "AllAccessDisabled": "access denied",
+            "InvalidAccessKeyId": "invalid access key", "SignatureDoesNotMatch": "bad credentials",
+            "QuotaExceeded": "quota exceeded", "XMinioStorageFull": "storage full",
+            "XMinioAdminBucketQuotaExceeded": "quota exceeded", "NoSuchBucket": "bucket does not exist",
+            "Insufficient Storage": "storage full", "ACCESS_DENIED": "access denied"}
+_ERRNO_RE = re.compile(r"\[errno (\d+)\]", re.I)
+
+
+def _chain(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        cause = getattr(e, "cause", None)   # ray.exceptions.RayTaskError keeps the task's own error here
+        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
+
+
+def will_recur(e: BaseException) -> str | None:
+    """Why a write error will happen again on retry (full disk, quota, read-only, denied), else None.
+
+    Looks through the exception chain (Ray task errors, pyarrow's OSErrors that carry the errno
+    only in their message, botocore ClientErrors by code).
+    """
+    for x in _chain(e):
+        code = getattr(x, "errno", None)
+        if code in RECUR_ERRNOS:
+            return RECUR_ERRNOS[code]
+        resp = getattr(x, "response", None)
+        if isinstance(resp, dict):
+            c = resp.get("Error", {}).get("Code", "")
+            if c in RECUR_S3:
+                return RECUR_S3[c]
+            if resp.get("ResponseMetadata", {}).get("HTTPStatusCode") in (403, 507):
+                return "access denied" if resp["ResponseMetadata"]["HTTPStatusCode"] == 403 else "storage full"
+        text = str(x)
+        m = _ERRNO_RE.search(text)
+        if m and int(m.group(1)) in RECUR_ERRNOS:
+            return RECUR_ERRNOS[int(m.group(1))]
+        for c, why in RECUR_S3.items():
+            if c in text:
+                return why
+        if "No space left on device" in text:
+            return RECUR_ERRNOS[errno.ENOSPC]
+    return None
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def free_space(path: str) -> str | None:
+    """'N free of M' for the local filesystem holding path (None for object stores / unknown)."""
+    p = path
+    while p and not os.path.exists(p):
+        p = os.path.dirname(p)
+    try:
+        u = shutil.disk_usage(p or "/")
+    except OSError:
+        return None
+    return f"{_size(u.free)} free of {_size(u.total)}"
+
+
+class StorageUnwritable(RuntimeError):
+    """A write that cannot succeed until someone acts (full disk, quota, read-only, denied).
+
+    Not retried: the run stops at once with one line (CLI exit code 4) that says what could not be
+    written, where, the free space when known, and how to resume.
+    """
+
+    def __init__(self, what: str, why: str, free: str | None = None, resume: str | None = None):
+        self.what, self.why, self.free, self.resume = what, why, free, resume
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        s = f"storage unwritable ({self.why}): could not write {self.what}"
+        if self.free:
+            s += f" ({self.free})"
+        if self.resume is not None:
+            s += f"; {self.resume}"
+        return s
+
+    def to_dict(self) -> dict:
+        return {"what": self.what, "why": self.why, "free": self.free}
 
 
 def check_uri(uri: str) -> None:
@@ -65,6 +188,36 @@ def _fs_uri(uri: str) -> str:
     return f"{base}?{query + '&' if query else ''}allow_delayed_open=true"
 
 
+# Transient object-store errors (503 SlowDown, connection resets, timeouts) are retried with backoff by
+# the AWS SDK's standard strategy; pyarrow's default is 3 attempts, too few for a throttled bucket.
+S3_ATTEMPTS = 10
+
+
+class _RetryingS3(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem with S3_ATTEMPTS standard retries, kept when pickled: pyarrow 26 drops
+    retry_strategy from S3FileSystem.__reduce__, so the filesystem Ray hands its workers (storage_filesystem,
+    Ray Data reads) would silently fall back to 3 attempts."""
+
+    def __reduce__(self):
+        return _s3_with_retries, (super().__reduce__()[1][0],)
+
+
+def _s3_with_retries(kwargs: dict) -> pafs.S3FileSystem:
+    return _RetryingS3(**kwargs, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS))
+
+
+# An error the AWS SDK gives up on although a retry would succeed: a 503 SlowDown answering a small ranged
+# GET fails as "INTERNAL_FAILURE ... Failed to flush response stream" (its XML body does not fit the read
+# buffer) and is marked not retryable. Ray Data retries it itself (DataContext.retried_io_errors); raywalk's
+# own reads do too. (Connection errors and plain 503s the SDK has already retried S3_ATTEMPTS times.)
+TRANSIENT = ("Failed to flush response stream",)
+READ_ATTEMPTS = 5
+
+
+def transient(e: BaseException) -> bool:
+    return any(p in str(e) for p in TRANSIENT)
+
+
 @dataclass(frozen=True)
 class Store:
     fs: pafs.FileSystem
@@ -79,6 +232,8 @@ class Store:
                 fs, path = pafs.FileSystem.from_uri(_fs_uri(uri))
             except (ValueError, OSError) as e:   # unknown scheme, bad options, unresolvable bucket region
                 raise StorageError(f"storage URI {uri!r} cannot be opened: {str(e).splitlines()[0]}") from None
+            if isinstance(fs, pafs.S3FileSystem):   # the URI's options, with an explicit retry policy
+                fs = _s3_with_retries(fs.__reduce__()[1][0])
             base, query = split_query(uri)
             return cls(fs, path.rstrip("/"), base.rstrip("/") + (f"?{query}" if query else ""))
         path = os.path.abspath(uri.removeprefix("file://"))
@@ -109,16 +264,49 @@ class Store:
         return self.fs.get_file_info(self.path(rel)).size
 
     def read_bytes(self, rel: str) -> bytes:
-        with self.fs.open_input_stream(self.path(rel)) as f:
-            return f.read()
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                with self.fs.open_input_stream(self.path(rel)) as f:
+                    return f.read()
+            except OSError as e:
+                if self.local or attempt == READ_ATTEMPTS - 1 or not transient(e):
+                    raise
+                time.sleep(min(2.0, 0.05 * 2 ** attempt))
+        raise AssertionError("unreachable")
 
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
 
     def listdir(self, rel: str = "") -> list[str]:
-        """Names directly under rel (empty when it does not exist)."""
+        """Names directly under rel (empty when it does not exist); temp files are never listed."""
         sel = pafs.FileSelector(self.path(rel), allow_not_found=True, recursive=False)
-        return sorted(i.base_name for i in self.fs.get_file_info(sel))
+        return sorted(i.base_name for i in self.fs.get_file_info(sel) if not is_temp(i.base_name))
+
+    def read_json_or_warn(self, rel: str, what: str = "record", log=warn) -> Any | None:
+        """The JSON at rel; None with a one-line warning naming it when it is torn or unreadable."""
+        try:
+            return json.loads(self.read_bytes(rel))
+        except (ValueError, OSError) as e:
+            log(f"warning: skipping unreadable {what} {self.child_uri(rel)} ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else 'empty'})")
+            return None
+
+    def sweep_temps(self, rel: str = "", older_than_s: float = 0.0) -> int:
+        """Remove temp files left by killed or failed writes under rel (recursively, local roots only);
+        call only where no other writer is active (the lease holder, before its workers start)."""
+        if not self.local:
+            return 0   # object stores: a PUT is all-or-nothing, nothing is left behind
+        n, now = 0, time.time()
+        for dirpath, _, files in os.walk(self.path(rel)):
+            for f in files:
+                p = os.path.join(dirpath, f)
+                try:
+                    if is_temp(f) and now - os.path.getmtime(p) >= older_than_s:
+                        os.unlink(p)
+                        n += 1
+                except OSError:
+                    pass
+        return n
 
     # ---- writes --------------------------------------------------------------
 
@@ -155,19 +343,35 @@ class Store:
         self.fs.create_dir(self.path(rel), recursive=True)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
+        """Atomic write; StorageUnwritable when the error will recur (full, quota, read-only, denied)."""
         dest = self.path(rel)
-        parent = dest.rsplit("/", 1)[0]
+        try:
+            self._write(dest, data)
+        except OSError as e:
+            why = will_recur(e)
+            if why is None:
+                raise
+            raise StorageUnwritable(self.child_uri(rel), why, free_space(dest) if self.local else None) from e
+
+    def _write(self, dest: str, data: bytes) -> None:
+        parent, name = dest.rsplit("/", 1)
         self.fs.create_dir(parent, recursive=True)
         if not self.local:
             with self.fs.open_output_stream(dest) as f:
                 f.write(data)
             return
-        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{dest.rsplit('/', 1)[1]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
+        tmp = f"{parent}/{tmp_name(name)}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            fault_point(dest)
+            os.replace(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)   # a full disk must not leave a temp behind
+            raise
 
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
@@ -187,3 +391,24 @@ class Store:
                 rel = info.path[len(self.path(src)):].lstrip("/")
                 self.fs.copy_file(info.path, self.path(dst, rel))
         self.fs.delete_dir(self.path(src))
+
+
+# ---- a fault hook for tests: between a temp write and its rename -------------------------
+FAULT_ENV = "RAYWALK_FAULT_BEFORE_RENAME"   # "SUBSTRING:MARKER[,SUBSTRING:MARKER...]"
+
+
+def fault_point(dest: str) -> None:
+    """SIGKILL this process between a temp write and its rename, once per entry of $RAYWALK_FAULT_BEFORE_RENAME
+    (the first destination containing SUBSTRING while MARKER does not exist yet). Tests only; unset in real
+    runs (one getenv). The driver passes it on to its workers."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    for entry in spec.split(","):
+        sub, _, marker = entry.partition(":")
+        if sub and sub in dest and marker and not os.path.exists(marker):
+            import signal
+
+            with open(marker, "w") as f:
+                f.write(f"{os.getpid()} {dest}\n")
+            os.kill(os.getpid(), signal.SIGKILL)

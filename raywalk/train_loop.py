@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from . import gate
+from . import gate, stops
 from .config import Config
 from .corpus import Corpus
 from .result import ResultWriter
@@ -60,6 +61,8 @@ class WorkerSpec:
     """Keep Ray Train's own INFO logs."""
     hooks: Any = None
     """A fault-injection factory (faults.py) for tests and benchmarks; None in real runs."""
+    lease_holder: str = ""
+    """The driver's lease id: workers write only while it holds a live lease (stops.py)."""
 
 
 def torch_threads(cpus_per_worker: float) -> int:
@@ -104,13 +107,17 @@ def _report(state: TrainingState, spec: WorkerSpec, rank: int, metrics: dict[str
     mode = ray.train.CheckpointUploadMode.ASYNC if upload_async else ray.train.CheckpointUploadMode.SYNC
     tmp = tempfile.mkdtemp(prefix="raywalk-ckpt-")   # Ray deletes it after the upload
     checkpoint = None
-    if rank == 0:
-        ckpt.save(tmp, state.state_dict(rng, spec.experiment_id, losses))
-        checkpoint = ray.train.Checkpoint.from_directory(tmp)
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name, checkpoint_upload_mode=mode,
-                     delete_local_checkpoint_after_upload=True if checkpoint is not None else None)
-    if checkpoint is None:
-        os.rmdir(tmp)
+    try:
+        if rank == 0:
+            stops.check_lease(spec)   # never write into a run that another driver has taken over
+            ckpt.save(tmp, state.state_dict(rng, spec.experiment_id, losses))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        with stops.checkpoint_upload(spec, name, uploading=rank == 0):   # a full disk: one clear stop
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name, checkpoint_upload_mode=mode,
+                             delete_local_checkpoint_after_upload=True if checkpoint is not None else None)
+    finally:
+        if checkpoint is None or not upload_async:   # an async upload deletes its own directory when done
+            shutil.rmtree(tmp, ignore_errors=True)
     return name
 
 
@@ -264,8 +271,8 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
 
     state = TrainingState.create(cfg, spec.steps_per_epoch, device)
     restored = _restore(state, checkpoints, rank, world, say)
-    writer = ResultWriter(root, spec.experiment_id, cfg, world, device.type, spec.driver_token, spec.corpus_uri) \
-        if rank == 0 else None
+    writer = ResultWriter(root, spec.experiment_id, cfg, world, device.type, spec.driver_token, spec.corpus_uri,
+                          lease_holder=spec.lease_holder) if rank == 0 else None
     if writer is not None and (restored is not None or writer.restarts_this_run):
         r = writer.resumed(restored, state.epoch + 1, state.step)
         at = f"continuing at epoch {state.epoch + 1}" + (f" step {state.step}" if state.step else "")

@@ -9,18 +9,22 @@ killed driver's run when the same command runs again.
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import sys
+import threading
 import time
 import uuid
 from typing import Any, Callable
 
-from . import lease, ray_env, trackers
-from .checkpoint import RUN_DIR
+from . import lease, ray_env, stops, trackers
+from .checkpoint import RUN_DIR, newest_intact
 from .config import Config, ConfigError
 from .dataset import windows_per_walk
 from .corpus import build_corpus, ray_mapper
-from .result import RESULT, checkpoint_info, count_restarts
-from .storage import Store
+from .lease import LeaseLost
+from .result import RESULT, checkpoint_info, count_restarts, utc_now
+from .storage import FAULT_ENV, Store, StorageUnwritable
 
 Log = Callable[[str], None]
 
@@ -43,13 +47,43 @@ def retire(root: Store, experiment_id: str, log: Log) -> None:
     log(f"--fresh: moved the earlier run to {root.child_uri(aside)}")
 
 
-def finished_result(root: Store, experiment_id: str) -> dict[str, Any] | None:
+def finished_result(root: Store, experiment_id: str, log: Log = _stderr) -> dict[str, Any] | None:
     exp = root.sub(experiment_id)
     if exp.is_file(RESULT):
-        r = exp.read_json(RESULT)
-        if r.get("status") in ("passed", "failed"):
+        r = exp.read_json_or_warn(RESULT, "result", log)   # torn: not finished, train (and rewrite it)
+        if isinstance(r, dict) and r.get("status") in ("passed", "failed"):
             return r
     return None
+
+
+def resume_hint(exp: Store) -> str:
+    """The newest intact checkpoint and how to go on from it (for a storage stop's one line)."""
+    try:
+        found = newest_intact(exp.sub(RUN_DIR))
+    except Exception:   # the store itself is unreachable: say nothing we do not know
+        found = None
+    if found is None:
+        return "no intact checkpoint yet; rerun the same command to start it again once there is room"
+    name, epoch = found
+    return (f"newest intact checkpoint {exp.sub(RUN_DIR).child_uri(name)} (epoch {epoch}); rerun the same "
+            f"command to resume from it once there is room")
+
+
+def mark_interrupted(exp: Store, exp_id: str, cfg: Config, reason: str, log: Log) -> bool:
+    """result.json says `interrupted` with the reason, if it can still be written (never over a finished run)."""
+    try:
+        r = exp.read_json_or_warn(RESULT, "result", log) if exp.is_file(RESULT) else None
+        if isinstance(r, dict) and r.get("status") in ("passed", "failed"):
+            return False
+        if not isinstance(r, dict):
+            r = {"experiment_id": exp_id, "config": cfg.to_dict()}
+        r["status"] = "interrupted"
+        r["interrupted"] = {"reason": reason, "at": utc_now()}
+        r["checkpoints"] = checkpoint_info(exp, (r.get("gate") or {}).get("epoch"))
+        exp.write_json(RESULT, r)
+        return True
+    except Exception:   # the disk that stopped the run may refuse this too; the line says it all
+        return False
 
 
 def check_storage_reachable(root: Store, nodes: list[dict]) -> None:
@@ -63,6 +97,8 @@ def check_storage_reachable(root: Store, nodes: list[dict]) -> None:
 
 def worker_env(cfg: Config, verbose: bool) -> dict[str, str]:
     env = ray_env.worker_env(verbose)
+    if os.environ.get(FAULT_ENV):   # a test's kill-before-rename hook reaches the workers too
+        env[FAULT_ENV] = os.environ[FAULT_ENV]
     if cfg.run.deterministic and cfg.run.gpus_per_worker > 0:
         env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"   # read when CUDA starts: deterministic cuBLAS
     return env
@@ -83,7 +119,7 @@ def train(cfg: Config, *, fresh: bool = False, verbose: bool = False, progress: 
     if fresh:
         lease.Lease(root.sub(exp_id), exp_id).check_free()   # never move a running driver's experiment
         retire(root, exp_id, log)
-    done = finished_result(root, exp_id)
+    done = finished_result(root, exp_id, log)
     if done is not None:
         log(f"experiment {exp_id} already finished ({done['status']}); not training again "
             f"(use --fresh to start over)")
@@ -94,13 +130,37 @@ def train(cfg: Config, *, fresh: bool = False, verbose: bool = False, progress: 
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is invalid: the corpus gives only {planned} "
                           f"windows of w+1 tokens, fewer than one batch per worker")
     trackers.check(cfg.run.trackers, cfg.run.storage)   # a missing tracker package: refused before Ray starts
-    with lease.hold(root.sub(exp_id), exp_id, log=log):   # one driver per experiment: LeaseHeld if another runs it
-        return _train_leased(cfg, root, exp_id, verbose=verbose, progress=progress, hooks=hooks,
-                             callbacks=callbacks, max_steps_per_epoch=max_steps_per_epoch, log=log)
+    exp = root.sub(exp_id)
+    fitting = threading.Event()   # set while trainer.fit() runs in the main thread
+
+    def lost(reason: str) -> None:
+        if fitting.is_set():   # Ray's own SIGINT handler aborts the run's controller and workers
+            os.kill(os.getpid(), signal.SIGINT)
+
+    try:
+        with lease.hold(exp, exp_id, log=log, on_lost=lost) as held:   # one driver per experiment
+            exp.sweep_temps()   # the lease holder is the only writer here: leftovers of killed writes go
+            return _train_leased(cfg, root, exp_id, verbose=verbose, progress=progress, hooks=hooks,
+                                 callbacks=callbacks, max_steps_per_epoch=max_steps_per_epoch, log=log,
+                                 held=held, fitting=fitting)
+    except (LeaseLost, lease.LeaseHeld):
+        raise
+    except Exception as e:   # full disk, quota, read-only, denied: stop at once, say how to go on
+        u = stops.unwritable(e, exp.uri)
+        if u is None:
+            raise
+        raise _storage_stop(exp, exp_id, cfg, u, log) from None
+
+
+def _storage_stop(exp: Store, exp_id: str, cfg: Config, u: StorageUnwritable, log: Log) -> StorageUnwritable:
+    stop = StorageUnwritable(u.what, u.why, u.free, resume_hint(exp))
+    mark_interrupted(exp, exp_id, cfg, stop.line(), log)
+    return stop
 
 
 def _train_leased(cfg: Config, root: Store, exp_id: str, *, verbose: bool, progress: bool, hooks: Any,
-                  callbacks: list | None, max_steps_per_epoch: int | None, log: Log) -> dict[str, Any]:
+                  callbacks: list | None, max_steps_per_epoch: int | None, log: Log,
+                  held: lease.Lease | None = None, fitting: threading.Event | None = None) -> dict[str, Any]:
     ray_env.ensure_ray(cfg, verbose=verbose)
     import ray
     import ray.train
@@ -126,9 +186,10 @@ def _train_leased(cfg: Config, root: Store, exp_id: str, *, verbose: bool, progr
     spec = WorkerSpec(config=cfg, experiment_id=exp_id, corpus_uri=corpus.uri, corpus_manifest=corpus.manifest,
                       gate_starts=tuple(corpus.gate_starts(cfg.gate.sequences).tolist()), steps_per_epoch=steps,
                       driver_token=uuid.uuid4().hex, progress=progress, verbose=verbose, hooks=hooks,
-                      windows=window_dataset(corpus, cfg.w, materialize=True), n_windows=n_windows)
+                      windows=window_dataset(corpus, cfg.w, materialize=True), n_windows=n_windows,
+                      lease_holder=held.holder if held is not None else "")
     trainer = TorchTrainer(
-        functools.partial(train_loop_per_worker, spec),
+        functools.partial(stops.guarded_loop, spec, train_loop_per_worker),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.workers, use_gpu=use_gpu,
                                                resources_per_worker=resources,
                                                accelerator_type=cfg.run.accelerator_type or None),
@@ -144,22 +205,61 @@ def _train_leased(cfg: Config, root: Store, exp_id: str, *, verbose: bool, progr
             logging_config=None if verbose else ray_env.quiet_train_logging(),
         ),
     )
-    trainer.fit()
-    return finalise(root, exp_id, log)
+    in_main = threading.current_thread() is threading.main_thread()
+    error: BaseException | None = None
+    try:
+        if fitting is not None and in_main:
+            fitting.set()
+        trainer.fit()
+    except BaseException as e:   # SystemExit/KeyboardInterrupt too: Ray's SIGINT abort on a lost lease
+        error = e
+    finally:
+        if fitting is not None:
+            fitting.clear()
+        stop = stops.recorded(spec.driver_token)
+        stops.clear(spec.driver_token)
+    if held is not None and held.lost:
+        raise LeaseLost(held.lost) from None
+    if stop is not None and stop["kind"] == stops.LEASE:
+        raise LeaseLost(stop["line"]) from None
+    if stop is not None:
+        raise StorageUnwritable(stop.get("what") or exp.uri, stop.get("why") or "unwritable", stop.get("free"))
+    if error is not None:
+        raise error
+    return finalise(root, exp_id, log, held=held)
 
 
-def finalise(root: Store, exp_id: str, log: Log) -> dict[str, Any]:
+def _f(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
+
+
+def finalise(root: Store, exp_id: str, log: Log, held: lease.Lease | None = None) -> dict[str, Any]:
+    """Complete result.json (checkpoints, restarts) and print the outcome; tolerates partial records."""
     exp = root.sub(exp_id)
-    r = exp.read_json(RESULT)
-    r["checkpoints"] = checkpoint_info(exp, r["gate"]["epoch"])
+    r = exp.read_json_or_warn(RESULT, "result", log) if exp.is_file(RESULT) else None
+    if not isinstance(r, dict):
+        log(f"warning: {exp.child_uri(RESULT)} is missing or unreadable; recording the run as interrupted")
+        r = {"experiment_id": exp_id, "status": "interrupted",
+             "interrupted": {"reason": "result.json missing or unreadable at the end of the run", "at": utc_now()}}
+    g = r.get("gate") if isinstance(r.get("gate"), dict) else {}
+    r["checkpoints"] = checkpoint_info(exp, g.get("epoch"))
     r["restarts"] = count_restarts(exp)
+    if held is not None:
+        try:
+            lease.check_holder(exp, exp_id, held.holder)
+        except LeaseLost as e:
+            raise LeaseLost(str(e)) from None
     exp.write_json(RESULT, r)
-    g = r["gate"]
-    if r["status"] == "passed":
-        log(f"gate PASSED at epoch {g['epoch']} (edge {g['final_edge_compliance']:.3f}, rule "
-            f"{g['final_rule_compliance']:.3f}); gate checkpoint {r['checkpoints']['gate']}")
+    status = r.get("status")
+    if status == "passed":
+        log(f"gate PASSED at epoch {g.get('epoch')} (edge {_f(g.get('final_edge_compliance'))}, rule "
+            f"{_f(g.get('final_rule_compliance'))}); gate checkpoint {r['checkpoints']['gate']}")
+    elif status == "failed":
+        reason = (r.get("failure") or {}).get("reason") or "gate not passed"
+        log(f"gate FAILED: {reason}; final edge {_f(g.get('final_edge_compliance'))}, "
+            f"rule {_f(g.get('final_rule_compliance'))}; not eligible for SVD analysis")
     else:
-        log(f"gate FAILED: {r['failure']['reason']}; final edge {g['final_edge_compliance']:.3f}, "
-            f"rule {g['final_rule_compliance']:.3f}; not eligible for SVD analysis")
+        log(f"run not finished: result.json says {status!r} after {r.get('epochs_trained', 0)} epoch(s); "
+            f"rerun the same command to resume from the newest checkpoint")
     log(f"result: {exp.child_uri(RESULT)}")
     return r

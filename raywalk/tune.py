@@ -317,8 +317,11 @@ def run_sweep(sweep: Sweep, *, storage: str | None = None, max_concurrent: int |
     ran = {p.experiment_id for p in pending}
     for p in sweep.points:
         exp = root.sub(p.experiment_id)
-        result = exp.read_json("result.json") if exp.is_file("result.json") else None
-        rec = sd.read_json(f"trials/{p.experiment_id}.json") if sd.is_file(f"trials/{p.experiment_id}.json") else {}
+        result = exp.read_json_or_warn("result.json", "result") if exp.is_file("result.json") else None
+        result = result if isinstance(result, dict) else None   # torn: the point counts as not run
+        rec = sd.read_json_or_warn(f"trials/{p.experiment_id}.json", "trial record") \
+            if sd.is_file(f"trials/{p.experiment_id}.json") else {}
+        rec = rec if isinstance(rec, dict) else {}
         rec = {**rec, "trained_now": p.experiment_id in ran}
         rows.append(summary_row(p, result, rec, exp.child_uri("result.json") if result is not None else None))
     summary = build_summary(sweep, rows, storage=root.uri, wall_time_s=wall, max_concurrent=k_used,

@@ -6,6 +6,11 @@ import sys
 
 from . import add_config_args, load_config
 
+# Exit codes (README "Exit codes"): 0 finished (gate passed or failed), 1 not finished,
+# 2 bad input, 3 another driver holds the experiment, 4 storage full / unwritable,
+# 5 this driver lost its lease to another.
+EXIT_LEASE_HELD, EXIT_STORAGE, EXIT_LEASE_LOST = 3, 4, 5
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model until it passes the sufficiency gate", description=__doc__)
@@ -33,11 +38,18 @@ def run(args: argparse.Namespace) -> int:
 
     check(cfg.run.trackers, cfg.run.storage)       # a tracker not installed: refused, with the pip command
 
-    from ..lease import LeaseHeld
+    from ..lease import LeaseHeld, LeaseLost
+    from ..storage import StorageUnwritable
 
     try:
         r = train(cfg, fresh=args.fresh, verbose=args.verbose, progress=not args.no_progress)
     except LeaseHeld as e:   # another driver runs this experiment: one line, exit 3 (2 is bad input)
         print(f"raywalk train: {e}", file=sys.stderr)
-        return 3
+        return EXIT_LEASE_HELD
+    except StorageUnwritable as e:   # full disk, quota, read-only: stopped at once, resumable
+        print(f"raywalk train: {e}", file=sys.stderr)
+        return EXIT_STORAGE
+    except LeaseLost as e:   # another driver took the experiment over: this one stopped writing
+        print(f"raywalk train: {e}", file=sys.stderr)
+        return EXIT_LEASE_LOST
     return 0 if r["status"] in ("passed", "failed") else 1
