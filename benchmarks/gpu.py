@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--walks", type=int, default=200_000)
     ap.add_argument("--storage", help="where the corpus goes (default: a temp dir; reused when there)")
     ap.add_argument("--quick", action="store_true", help="1,000-step epochs")
+    ap.add_argument("--steps", type=int, help="timed steps per epoch (overrides --quick)")
     ap.add_argument("--ray", action="store_true", help="also the TorchTrainer rows (needs Ray)")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script's logic on a CPU")
     args = ap.parse_args()
@@ -67,7 +68,7 @@ def main() -> None:
     sync(dev)
     load = time.perf_counter() - t
     full = feed.steps()
-    steps = min(full, 1000) if args.quick else full
+    steps = min(full, args.steps or (1000 if args.quick else full))
     table, share = corpus.rule_table(), gate.share(corpus.gate_starts(cfg.gate.sequences), 0, 1)
 
     sync(dev)
