@@ -113,7 +113,9 @@ class DataPlan:
     fits: bool | None = None  # auto only: within the budget on this rank (every rank must agree)
 
     def agreed(self, every_rank_fits: bool) -> "DataPlan":
-        return self if every_rank_fits else replace(self, path="stream", why="another rank has too little memory")
+        if every_rank_fits or self.path == "stream":
+            return self
+        return replace(self, path="stream", why="another rank has too little memory")
 
     def describe(self) -> str:
         if self.path == "resident":

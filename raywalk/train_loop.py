@@ -243,7 +243,7 @@ def _data(spec: WorkerSpec, state: TrainingState, rank: int, world: int, say):
     cfg = spec.config
     plan: DataPlan = plan_data(cfg.train, spec.n_windows, cfg.w + 1, cfg.graph.n, state.device,
                                recorded=state.data_path)
-    if plan.path == "resident" and plan.fits is not None:
+    if plan.fits is not None:   # auto: a collective, so every rank takes part, whatever its own answer
         plan = plan.agreed(_agree_fits(plan.fits, state.device))
     state.data_path = plan.path
     if plan.path == "stream":
