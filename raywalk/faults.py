@@ -15,6 +15,15 @@ from . import checkpoint as ckpt
 from .storage import Store
 
 
+def _fire_once(marker: str, due: bool) -> bool:
+    """True the first time `due` holds, across worker-group restarts: `marker` (pid, time) records it."""
+    if not due or os.path.exists(marker):
+        return False
+    with open(marker, "w") as f:
+        f.write(f"{os.getpid()} {time.time()}\n")
+    return True
+
+
 @dataclass(frozen=True)
 class WorkerKill:
     """SIGKILL worker `rank` once, just before step `step` (0-based) of epoch `epoch` (1-based).
@@ -45,10 +54,8 @@ class _KillHook:
 
     def before_step(self, epoch: int, step: int) -> None:
         s = self.spec
-        if (epoch, step) != (s.epoch, s.step) or os.path.exists(s.marker):
+        if not _fire_once(s.marker, (epoch, step) == (s.epoch, s.step)):
             return
-        with open(s.marker, "w") as f:
-            f.write(f"{os.getpid()} {time.time()}\n")
         time.sleep(s.delay)
         if s.truncate_latest:
             newest = ckpt.candidates(self.checkpoints, None)[0]
@@ -160,10 +167,8 @@ class _FillHook:
 
     def before_step(self, epoch: int, step: int) -> None:
         s = self.spec
-        if (epoch, step) != (s.epoch, s.step) or os.path.exists(s.marker):
+        if not _fire_once(s.marker, (epoch, step) == (s.epoch, s.step)):
             return
-        with open(s.marker, "w") as f:
-            f.write(f"{os.getpid()} {time.time()}\n")
         st = os.statvfs(s.path)
         size = max(0, st.f_bavail * st.f_frsize - s.leave)
         with open(os.path.join(s.path, "filler"), "wb") as f:

@@ -14,7 +14,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from raywalk import checkpoint as ckpt
-from raywalk import storage
 from raywalk.lease import LEASE, Lease, LeaseLost, check_holder, hold
 from raywalk.overview import experiment_row, status_of
 from raywalk.result import RESULT, count_restarts, list_resumes, record_resume, record_worker_start
