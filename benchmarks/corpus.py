@@ -2,21 +2,21 @@
 
 Run: python benchmarks/corpus.py [--skip-full] [--skip-cluster]
      python benchmarks/corpus.py --cluster-only [--tenfold-walks N]   (or --cold-only)
-     python benchmarks/corpus.py --horizons [--scale F]   (issue 17: anchor vs long horizon, one run)
+     python benchmarks/corpus.py --horizons [--scale F]   (anchor vs long horizon, one run)
 
 Parts: graph build time and peak memory at n = 500, 2,000, 10,000; the sampler's
 walks/s in one process against a one-walk-at-a-time Python generator; then the
 whole anchor corpus (200,000 + 22,222 walks, written as Parquet) built by
 `build_corpus` as Ray tasks with 1 and with 2 shards in parallel.
 
-Horizons part (issue 17): the anchor corpus (n 500, K 4, 2 jumpers/block, w 64, L 256, 222,222
+Horizons part: the anchor corpus (n 500, K 4, 2 jumpers/block, w 64, L 256, 222,222
 walks) and the long-horizon one (n 512, K 16, 5 jumpers/block, w 256, L 1024, 56,888 walks), both
 built by build_corpus as Ray tasks on one local Ray (started before the clock), tokens/s of each and
 their ratio; the sampler alone in this process (sample_walks, 8,192 walks); and the peak memory of one
 shard task (tracemalloc, make_shard of 8,192 walks) at the long horizon and at L = 2048.  --scale F
 builds F times the walk counts (for quick iterations).
 
-Cluster part (issue 11), `before` = the old driver (in-flight limit computed once
+Cluster part, `before` = the old driver (in-flight limit computed once
 from ray.available_resources(); every shard's bytes returned to the driver and
 written at the end), `after` = build_corpus today (all tasks submitted, each task
 writes its shard and returns path/size/sha256/stats):
@@ -40,9 +40,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from raywalk.compliance import RuleTable, check_sequences  # noqa: E402
-from raywalk.graph import build_graph, place_jumpers  # noqa: E402
-from raywalk.walks import sample_walks  # noqa: E402
+from raywalk.science.compliance import RuleTable, check_sequences  # noqa: E402
+from raywalk.science.graph import build_graph, place_jumpers  # noqa: E402
+from raywalk.science.walks import sample_walks  # noqa: E402
 
 P_IN, P_OUT, K, SEED = 0.25, 0.03, 4, 42
 SCALES = (0.5, 0.7, 0.9, 1.0, 1.1, 1.3, 1.5, 2.0)
@@ -113,9 +113,9 @@ def full_corpus() -> None:
     import tempfile
 
     from raywalk.config import Config
-    from raywalk.corpus import build_corpus, ray_mapper
-    from raywalk.ray_env import ensure_ray
-    from raywalk.storage import Store
+    from raywalk.service.corpus import build_corpus, ray_mapper
+    from raywalk.service.ray_env import ensure_ray
+    from raywalk.records.storage import Store
 
     anchor = Path(__file__).resolve().parents[1] / "configs" / "anchor.yaml"
     cfg = Config.load(anchor)
@@ -133,7 +133,7 @@ def full_corpus() -> None:
               f"regenerated {s['train']['regenerated'] + s['eval']['regenerated']}")
 
 
-# ---- issue 11: the build on a cluster, before and after -------------------------------
+# ---- the build on a cluster, before and after -------------------------------
 
 def before_mapper(max_in_flight=None):
     """The old ray_mapper: its in-flight limit comes once from the CPUs available at the start."""
@@ -164,7 +164,7 @@ def build_before(cfg, root, mapper) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from raywalk.corpus import make_shard, plan_shards, shard_rel
+    from raywalk.service.corpus import make_shard, plan_shards, shard_rel
 
     graph = build_graph(cfg.graph.n, cfg.graph.K, cfg.graph.p_in, cfg.graph.p_out, cfg.seed)
     jumpers = place_jumpers(graph, cfg.graph.n_jumpers_per_block, cfg.graph.r_scales, cfg.w, cfg.seed)
@@ -203,9 +203,9 @@ def measure_one(variant: str, corpus_size: int) -> None:
     import tempfile
 
     from raywalk.config import Config
-    from raywalk.corpus import build_corpus, ray_mapper
-    from raywalk.ray_env import ensure_ray
-    from raywalk.storage import Store
+    from raywalk.service.corpus import build_corpus, ray_mapper
+    from raywalk.service.ray_env import ensure_ray
+    from raywalk.records.storage import Store
 
     cfg = Config.load(Path(__file__).resolve().parents[1] / "configs" / "anchor.yaml",
                       [f"corpus.corpus_size={corpus_size}"])
@@ -266,8 +266,8 @@ def cold_cluster_part() -> None:
     from ray.cluster_utils import Cluster
 
     from raywalk.config import Config
-    from raywalk.corpus import build_corpus, plan_shards, ray_mapper
-    from raywalk.storage import Store
+    from raywalk.service.corpus import build_corpus, plan_shards, ray_mapper
+    from raywalk.records.storage import Store
 
     os.environ["RAY_SCHEDULER_EVENTS"] = "0"    # no "(autoscaler) cannot fulfill" lines: the cold head is the point
     cfg = Config.load(Path(__file__).resolve().parents[1] / "configs" / "anchor.yaml")
@@ -331,7 +331,7 @@ def cold_cluster_part() -> None:
             cluster.shutdown()
 
 
-# ---- issue 17: long horizons at the anchor's cost per token -------------------------
+# ---- long horizons at the anchor's cost per token -------------------------
 
 LONG = ["graph.n=512", "graph.K=16", "graph.n_jumpers_per_block=5", "w=256", "corpus.walk_length=1024",
         "corpus.corpus_size=51200"]
@@ -342,9 +342,9 @@ def horizons_part(scale: float) -> None:
     import tempfile
 
     from raywalk.config import Config
-    from raywalk.corpus import ShardSpec, build_corpus, make_shard, ray_mapper
-    from raywalk.ray_env import ensure_ray
-    from raywalk.storage import Store
+    from raywalk.service.corpus import ShardSpec, build_corpus, make_shard, ray_mapper
+    from raywalk.service.ray_env import ensure_ray
+    from raywalk.records.storage import Store
 
     anchor = Path(__file__).resolve().parents[1] / "configs" / "anchor.yaml"
     base = Config.load(anchor)

@@ -1,18 +1,18 @@
-"""What run.trackers cost rank 0 (issue 16): open, first epoch (imports), one anchor-sized epoch.
+"""What run.trackers cost rank 0: open, first epoch (imports), one anchor-sized epoch.
 
 Run: PYTHONPATH=. python benchmarks/trackers.py
 
 Ray-free: the sinks of raywalk/trackers.py on a local root in a temp directory, fed curves as
-the training loop does. An anchor epoch is 9,375 optimizer steps (SPEC §13); the writes are
+the training loop does. An anchor epoch is 9,375 optimizer steps; the writes are
 synchronous on rank 0, so their time is added to the epoch's.
 """
 import tempfile
 import time
 from types import SimpleNamespace
 
-from raywalk import trackers
+from raywalk.service import trackers
 from raywalk.config import Config
-from raywalk.storage import Store
+from raywalk.records.storage import Store
 
 STEPS = 9375
 

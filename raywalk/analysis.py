@@ -25,13 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint as ckpt
-from .config import Config, ConfigError
-from .corpus import FORMAT_VERSION, Corpus
-from .graph import Graph, Jumpers
-from .model import GPT
-from .result import RESULT
-from .storage import Store, StorageError, check_uri, is_remote, join_uri, split_query
+from raywalk.records import checkpoints as ckpt
+from raywalk.config import Config, ConfigError
+from raywalk.service.corpus import FORMAT_VERSION, Corpus
+from raywalk.science.graph import Graph, Jumpers
+from raywalk.science.model import GPT
+from raywalk.records.result import RESULT
+from raywalk.records.storage import Store, StorageError, check_uri, is_remote, join_uri, split_query
 
 
 _EPOCH_DIR = re.compile(r"^epoch_(\d{4,})$")
@@ -78,7 +78,7 @@ class Experiment:
     def export(self, out: str | Path, format: str = "reference", overwrite: bool = False) -> dict[str, Any]:
         """Write model, graph, jumpers, gate starts and eval walks for the study's analysis code
         (see raywalk.export); returns the manifest. A non-empty `out` is refused unless overwrite."""
-        from .export import export
+        from raywalk.export import export
 
         return export(self, str(out), format, overwrite, self.requested)
 

@@ -1,4 +1,4 @@
-"""Typed, frozen, validated configuration (the keys of SPEC §10 are an interface).
+"""Typed, frozen, validated configuration (its keys are an interface: users, sweeps and tests address them).
 
 A config is built from YAML, `--set section.key=value` overrides and sweep grid
 points; every value is checked on construction and any error names the dotted
@@ -197,7 +197,7 @@ class RunConfig:
         _check(not (0 < g < 1 and self.workers > 1), f"{p}.gpus_per_worker", g,
                f"a fraction of a GPU with {p}.workers={self.workers} could put two ranks on one GPU, which NCCL "
                f"refuses: use 1 GPU per worker, or one worker")
-        from .trackers import TRACKERS   # light: no tracker library is imported
+        from raywalk.service.trackers import TRACKERS   # light: no tracker library is imported
 
         for t in self.trackers:
             _check(t in TRACKERS, f"{p}.trackers", list(self.trackers), f"each must be one of {', '.join(TRACKERS)}")

@@ -37,11 +37,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .storage import Store, StorageError
+from raywalk.records.storage import Store, StorageError
 
 if TYPE_CHECKING:
-    from .analysis import Experiment
-    from .model import GPT
+    from raywalk.analysis import Experiment
+    from raywalk.science.model import GPT
 
 FORMATS = ("reference", "raywalk")
 MANIFEST = "manifest.json"

@@ -11,8 +11,8 @@ import signal
 import time
 from dataclasses import dataclass
 
-from . import checkpoint as ckpt
-from .storage import Store
+from raywalk.records import checkpoints as ckpt
+from raywalk.records.storage import Store
 
 
 def _fire_once(marker: str, due: bool) -> bool:
@@ -32,7 +32,7 @@ class WorkerKill:
     after the kill, rank 0 writes `<marker>.resumed` (time, epoch, step) at its first step,
     which is how benchmarks/resume.py times kill -> training again. With `truncate_latest`
     the newest checkpoint's state file is first cut in half, as a kill during its upload
-    would leave it. `delay` lets the controller register the last report first (SPEC §9: ~2 s).
+    would leave it. `delay` lets the controller register the last report first (about 2 s here).
     """
     rank: int
     epoch: int

@@ -1,4 +1,4 @@
-"""A sweep on a cold autoscaling cluster, on this machine (issue 11, item 5).
+"""A sweep on a cold autoscaling cluster, on this machine.
 
 The cluster is Ray's own fake multi-node autoscaler, set up as
 `ray.cluster_utils.AutoscalingCluster` does (its config; `RAY_FAKE_CLUSTER=1`
@@ -223,7 +223,7 @@ def finish(p: subprocess.Popen, log: Path, timeout: float) -> str:
 
 
 def results(storage: Path, sweep_file: Path) -> tuple[list[dict], dict[str, dict]]:
-    from raywalk.sweep import load_sweep
+    from raywalk.service.sweep import load_sweep
 
     sweep = load_sweep(str(sweep_file))
     rows = []
@@ -266,7 +266,7 @@ def test_sweep_from_cold_scales_out_and_survives_a_lost_node(cluster, tmp_path):
     t1 = time.monotonic()
     log2 = tmp_path / "tune2.log"
     p = tune(cluster, sweep2, storage, log2)
-    from raywalk.sweep import load_sweep
+    from raywalk.service.sweep import load_sweep
 
     exps = [storage / q.experiment_id / "checkpoints" for q in load_sweep(str(sweep2)).points]
     killed = None

@@ -1,7 +1,7 @@
 """`ray job submit` for real: a `ray start --head` cluster on 127.0.0.1, the quickstart (shrunk) through the Jobs API.
 
 The cluster is started with `--block` in its own session and stopped by PID
-(SIGTERM, then SIGKILL of whatever is left in that session: SPEC §9's
+(SIGTERM, then SIGKILL of whatever is left in that session: a SIGKILLed driver's
 DashboardAgent/RuntimeEnvAgent orphans). Not `ray stop`: that stops every Ray
 on the machine, including other people's runs on this shared box.
 """

@@ -1,4 +1,4 @@
-"""Ray Train's placement-group cleaner with another Ray on the machine (issue 11, item 4).
+"""Ray Train's placement-group cleaner with another Ray on the machine.
 
 The cleaner is a detached actor; its monitor thread asks the state API whether
 the Train controller still lives and resolves the cluster from RAY_ADDRESS,

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from raywalk import checkpoint as ckpt
+from raywalk.records import checkpoints as ckpt
 from raywalk.faults import Preempt, WorkerKill
-from raywalk.storage import Store
-from raywalk.trainer import train
+from raywalk.records.storage import Store
+from raywalk.service.driver import train
 from tests.conftest import tiny_config
 
 # Never passes (rule must be > 1.0): every run trains exactly 2 epochs; 2 ranks, so the
@@ -31,7 +31,7 @@ NODE_CPUS = 3
 def cluster():
     from ray.cluster_utils import Cluster
 
-    from raywalk.ray_env import quiet_defaults
+    from raywalk.service.ray_env import quiet_defaults
 
     quiet_defaults()
     import ray
@@ -109,7 +109,7 @@ def test_drained_node_killed_mid_epoch_resumes_from_the_just_in_time_checkpoint(
     def ready():
         if not jit_seen and jit_checkpoints(tmp_path, cfg):
             jit_seen.append(time.time())
-        return bool(jit_seen) and time.time() - jit_seen[0] > 3   # let Ray register it (SPEC §9)
+        return bool(jit_seen) and time.time() - jit_seen[0] > 3   # let Ray register it (about 2 s)
 
     killer = kill_node_when(cluster, marker, ready, killed)
     r = train(cfg, progress=False, log=lambda s: None, hooks=Preempt(epoch=2, step=5, marker=str(marker)))

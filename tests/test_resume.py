@@ -12,17 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from raywalk import checkpoint as ckpt
+from raywalk.records import checkpoints as ckpt
 from raywalk.faults import WorkerKill
-from raywalk.storage import Store
-from raywalk.trainer import train
-from raywalk.training import rng_state, set_rng_state
+from raywalk.records.storage import Store
+from raywalk.service.driver import train
+from raywalk.science.loop import rng_state, set_rng_state
 from tests.conftest import QUICKSTART, kill_session, tiny_config, tiny_overrides
 from tests.test_trackers import expected, mlflow_runs, mlflow_scalars, tb_scalars
 
 # Never passes (rule must be > 1.0), so every run trains exactly max_epochs: comparable curves.
 LONG = {"run.workers": 2, "gate.rule": 1.0, "train.max_epochs": 3}
-TRACKED = {"run.trackers": ["tensorboard", "mlflow"]}   # issue 16: streamed curves across the kills
+TRACKED = {"run.trackers": ["tensorboard", "mlflow"]}   # streamed curves across the kills
 quiet = dict(progress=False, log=lambda s: None)
 
 

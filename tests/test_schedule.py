@@ -1,4 +1,4 @@
-"""The LR schedule of SPEC §4: linear warmup over 10% of steps, cosine to a 10% floor."""
+"""The LR schedule: linear warmup over 10% of steps, cosine to a 10% floor."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from raywalk.schedule import lr_factor, make_scheduler, warmup_steps
+from raywalk.science.schedule import lr_factor, make_scheduler, warmup_steps
 
 
 def lrs(total: int, warmup_frac: float = 0.1, floor: float = 0.1, peak: float = 3e-4) -> list[float]:

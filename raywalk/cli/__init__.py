@@ -13,9 +13,9 @@ class InputError(ValueError):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..config import ConfigError
-    from ..ray_env import quiet_defaults
-    from ..storage import StorageError
+    from raywalk.config import ConfigError
+    from raywalk.service.ray_env import quiet_defaults
+    from raywalk.records.storage import StorageError
 
     argv = sys.argv[1:] if argv is None else argv
     quiet_defaults("--verbose" in argv)   # before anything imports ray
@@ -44,6 +44,6 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_config(args: argparse.Namespace, extra: list[str] = ()):
-    from ..config import Config
+    from raywalk.config import Config
 
     return Config.load(args.config, [*args.overrides, *extra])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_config_args, load_config
+from raywalk.cli import add_config_args, load_config
 
 
 def add_parser(sub) -> None:
@@ -20,17 +20,17 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args, [f"run.storage={args.out}"] if args.out else [])
-    from ..storage import Store
+    from raywalk.records.storage import Store
 
     Store.open(cfg.run.storage).check_writable()   # before Ray starts
     if args.parallel is not None and args.parallel < 1:
-        from ..config import ConfigError
+        from raywalk.config import ConfigError
         raise ConfigError(f"--parallel: {args.parallel} is invalid: must be >= 1")
     import ray
 
-    from ..corpus import build_corpus, ray_mapper
-    from ..ray_env import ensure_ray
-    from ..storage import Store
+    from raywalk.service.corpus import build_corpus, ray_mapper
+    from raywalk.service.ray_env import ensure_ray
+    from raywalk.records.storage import Store
 
     def mapper(fn, shard_args):   # Ray starts only when shards must be built: a reuse never starts it
         ensure_ray(cfg, verbose=args.verbose)

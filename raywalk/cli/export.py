@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import InputError
+from raywalk.cli import InputError
 
 
 def add_parser(sub) -> None:
@@ -24,8 +24,8 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..analysis import LoadError, load
-    from ..export import ExportError
+    from raywalk.analysis import LoadError, load
+    from raywalk.export import ExportError
 
     which = args.checkpoint
     if which not in ("gate", "latest"):

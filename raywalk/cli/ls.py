@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import InputError
+from raywalk.cli import InputError
 
 
 def add_parser(sub) -> None:
@@ -20,8 +20,8 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..overview import format_overview, scan
-    from ..storage import Store
+    from raywalk.records.overview import format_overview, scan
+    from raywalk.records.storage import Store
 
     root = Store.open(args.root)
     if root.local and not root.exists():

@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from . import InputError
+from raywalk.cli import InputError
 
 
 def add_parser(sub) -> None:
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or src.with_name("sweep.png" if "rows" in data else "curves.png"))
     if not out.parent.is_dir():
         raise InputError(f"--out {out}: directory {out.parent} does not exist")
-    from ..plot import plot_run, plot_sweep
+    from raywalk.plot import plot_run, plot_sweep
 
     print(plot_sweep(data, out) if "rows" in data else plot_run(data, out))
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import add_config_args, load_config
+from raywalk.cli import add_config_args, load_config
 
 # Exit codes (README "Exit codes"): 0 finished (gate passed or failed), 1 not finished,
 # 2 bad input, 3 another driver holds the experiment, 4 storage full / unwritable,
@@ -30,16 +30,16 @@ def run(args: argparse.Namespace) -> int:
     if args.storage:
         extra.append(f"run.storage={args.storage}")
     cfg = load_config(args, extra)
-    from ..storage import Store
-    from ..trainer import train
+    from raywalk.records.storage import Store
+    from raywalk.service.driver import train
 
     Store.open(cfg.run.storage).check_writable()   # before Ray starts
-    from ..trackers import check
+    from raywalk.service.trackers import check
 
     check(cfg.run.trackers, cfg.run.storage)       # a tracker not installed: refused, with the pip command
 
-    from ..lease import LeaseHeld, LeaseLost
-    from ..storage import StorageUnwritable
+    from raywalk.records.lease import LeaseHeld, LeaseLost
+    from raywalk.records.storage import StorageUnwritable
 
     try:
         r = train(cfg, fresh=args.fresh, verbose=args.verbose, progress=not args.no_progress)

@@ -21,8 +21,8 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import ConfigError
-    from ..sweep import load_sweep
+    from raywalk.config import ConfigError
+    from raywalk.service.sweep import load_sweep
 
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent: {args.max_concurrent} is invalid: must be >= 1")
@@ -33,11 +33,11 @@ def run(args: argparse.Namespace) -> int:
             g = ", ".join(f"{k}={v}" for k, v in p.grid.items())
             print(f"  {p.index:3d}  {g}  corpus_size={p.cfg.corpus.corpus_size}  {p.experiment_id}")
         return 0
-    from ..storage import Store
-    from ..tune import print_summary, run_sweep
+    from raywalk.records.storage import Store
+    from raywalk.service.tune import print_summary, run_sweep
 
     Store.open(args.storage or sweep.base.run.storage).check_writable()   # before Ray starts
-    from ..trackers import check
+    from raywalk.service.trackers import check
 
     for p in sweep.points:
         check(p.cfg.run.trackers, args.storage or p.cfg.run.storage)

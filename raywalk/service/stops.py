@@ -14,8 +14,8 @@ import contextlib
 import json
 from typing import Any, Callable
 
-from .lease import LeaseLost, check_holder
-from .storage import Store, StorageUnwritable, free_space, will_recur
+from raywalk.records.lease import LeaseLost, check_holder
+from raywalk.records.storage import Store, StorageUnwritable, free_space, will_recur
 
 NAMESPACE = "raywalk"
 STORAGE, LEASE = "storage", "lease"
@@ -80,7 +80,7 @@ def unwritable(e: BaseException, where: str) -> StorageUnwritable | None:
 def guarded_loop(spec: Any, loop: Callable[[Any], None] | None = None) -> None:
     """The worker loop, with unfixable faults turned into one recorded stop (see the module doc)."""
     if loop is None:
-        from .train_loop import train_loop_per_worker as loop
+        from raywalk.service.worker import train_loop_per_worker as loop
     if recorded(spec.driver_token) is not None:
         return   # restarted after a recorded stop: end at once, on every rank
     try:

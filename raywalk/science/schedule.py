@@ -1,4 +1,4 @@
-"""Cosine learning-rate schedule with linear warmup and a floor (SPEC §4)."""
+"""Cosine learning-rate schedule with linear warmup and a floor."""
 from __future__ import annotations
 
 import math

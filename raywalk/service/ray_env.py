@@ -9,7 +9,7 @@ import logging
 import os
 import re
 
-from .config import Config
+from raywalk.config import Config
 
 _QUIET = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",       # no duplicated worker prints

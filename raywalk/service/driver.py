@@ -17,14 +17,17 @@ import time
 import uuid
 from typing import Any, Callable
 
-from . import lease, ray_env, stops, trackers
-from .checkpoint import RUN_DIR, newest_intact
-from .config import Config, ConfigError
-from .dataset import windows_per_walk
-from .corpus import build_corpus, ray_mapper
-from .lease import LeaseLost
-from .result import RESULT, checkpoint_info, count_restarts, utc_now
-from .storage import FAULT_ENV, Store, StorageUnwritable
+from raywalk.records import lease
+from raywalk.service import ray_env
+from raywalk.service import stops
+from raywalk.service import trackers
+from raywalk.records.checkpoints import RUN_DIR, newest_intact
+from raywalk.config import Config, ConfigError
+from raywalk.service.dataset import windows_per_walk
+from raywalk.service.corpus import build_corpus, ray_mapper
+from raywalk.records.lease import LeaseLost
+from raywalk.records.result import RESULT, checkpoint_info, count_restarts, utc_now
+from raywalk.records.storage import FAULT_ENV, Store, StorageUnwritable
 
 Log = Callable[[str], None]
 
@@ -166,8 +169,8 @@ def _train_leased(cfg: Config, root: Store, exp_id: str, *, verbose: bool, progr
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from .dataset import window_dataset, windows_per_epoch
-    from .train_loop import WorkerSpec, train_loop_per_worker
+    from raywalk.service.dataset import window_dataset, windows_per_epoch
+    from raywalk.service.worker import WorkerSpec, train_loop_per_worker
 
     check_storage_reachable(root, ray.nodes())
     corpus, summary = build_corpus(cfg, root, mapper=ray_mapper(), progress=progress, log=log)

@@ -1,10 +1,10 @@
-"""The function Ray Train runs on every worker: a thin shell around training.py.
+"""The function Ray Train runs on every worker: a thin shell around science/loop.py.
 
 It sets the worker up (threads, device, determinism), restores the newest
 checkpoint that verifies, then per epoch: feed this worker's Ray Data shard to
 `run_epoch`, gate with `epoch_end`, report metrics + checkpoint, rewrite
 result.json (rank 0), print one line. It stops once the gate passes or the
-epochs run out. The science lives in training.py and never sees Ray.
+epochs run out. The science lives in science/loop.py and never sees Ray.
 """
 from __future__ import annotations
 
@@ -21,17 +21,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint as ckpt
-from . import gate, stops
-from .config import Config
-from .corpus import Corpus
-from .result import ResultWriter
-from .storage import Store
-from .batches import ResidentWindows
-from .dataset import DataPlan, epoch_stream, load_resident, plan_data
-from .training import (TrainingState, check_precision, compiled, epoch_end, gather_epoch_losses, gather_rng,
+from raywalk.records import checkpoints as ckpt
+from raywalk.science import gate
+from raywalk.service import stops
+from raywalk.config import Config
+from raywalk.service.corpus import Corpus
+from raywalk.records.result import ResultWriter
+from raywalk.records.storage import Store
+from raywalk.science.batches import ResidentWindows
+from raywalk.service.dataset import DataPlan, epoch_stream, load_resident, plan_data
+from raywalk.science.loop import (TrainingState, check_precision, compiled, epoch_end, gather_epoch_losses, gather_rng,
                        run_epoch, set_determinism)
-from .trackers import open_trackers
+from raywalk.service.trackers import open_trackers
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .training import epoch_seed
+from raywalk.science.loop import epoch_seed
 
 
 def token_dtype(n_vertices: int) -> torch.dtype:

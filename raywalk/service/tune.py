@@ -18,7 +18,7 @@ Resources (why trials never deadlock on 2 CPUs and still fill a cluster):
   node), else 0.1 CPU (a laptop). Its training workers request their own
   `run.workers x run.cpus_per_worker` CPUs (and GPUs) when the TorchTrainer
   starts (Train V2 makes its own placement group);
-- one CPU is kept free for Ray Data's read tasks (SPEC §9: workers holding
+- one CPU is kept free for Ray Data's read tasks (workers holding
   every CPU starve the data pipeline);
 - `max_concurrent_trials` = --max-concurrent, else what the cluster can grow
   to: for each resource a trial needs, floor((capacity - reserve) / need), at
@@ -53,9 +53,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import Config
-from .storage import Store
-from .sweep import Point, Sweep, build_summary, format_table, summary_row, to_csv
+from raywalk.config import Config
+from raywalk.records.storage import Store
+from raywalk.service.sweep import Point, Sweep, build_summary, format_table, summary_row, to_csv
 
 TRIAL_CPU = 0.1
 DATA_CPU = 1.0
@@ -175,7 +175,7 @@ def sweep_dir(root: Store, sweep_id: str) -> Store:
 
 def ensure_sweep_ray(sweep: Sweep, max_concurrent: int | None, verbose: bool) -> bool:
     """Join RAY_ADDRESS / the job's cluster, else start a local Ray sized for the trials. True if started here."""
-    from . import ray_env
+    from raywalk.service import ray_env
 
     ray_env.quiet_defaults(verbose)
     import ray
@@ -197,8 +197,8 @@ def _trial(config: dict[str, Any], *, points: dict[str, dict[str, Any]], sweep_s
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from . import trainer
-    from .lease import ENV_WAIT, timings
+    from raywalk.service import driver as trainer
+    from raywalk.records.lease import ENV_WAIT, timings
 
     # A Tune retry after a lost driver finds that driver's lease still fresh: wait for it to go stale.
     os.environ.setdefault(ENV_WAIT, str(2 * timings()[0]))
@@ -211,7 +211,7 @@ def _trial(config: dict[str, Any], *, points: dict[str, dict[str, Any]], sweep_s
         print(f"[{eid}] {s}", file=sys.stderr, flush=True)
 
     if "mlflow" in cfg.run.trackers and grids:   # the MLflow run tags its sweep and grid point (trackers.py)
-        from .trackers import SWEEP_FILE
+        from raywalk.service.trackers import SWEEP_FILE
         Store.open(cfg.run.storage).sub(eid).write_json(SWEEP_FILE, {"sweep_id": sweep_id, "grid": grids[eid]})
 
     import ray
@@ -234,7 +234,7 @@ def _trial(config: dict[str, Any], *, points: dict[str, dict[str, Any]], sweep_s
 
 
 def _prebuild_corpora(points: list[Point], root: Store, log: Log) -> None:
-    from .corpus import build_corpus, ray_mapper
+    from raywalk.service.corpus import build_corpus, ray_mapper
 
     done: set[str] = set()
     for p in points:
@@ -249,7 +249,7 @@ def _prebuild_corpora(points: list[Point], root: Store, log: Log) -> None:
 def run_sweep(sweep: Sweep, *, storage: str | None = None, max_concurrent: int | None = None,
               verbose: bool = False, log: Log = _stderr) -> dict[str, Any]:
     """Run the sweep's unfinished points as Tune trials; write and return the summary."""
-    from .trainer import finished_result
+    from raywalk.service.driver import finished_result
 
     root = Store.open(storage or sweep.base.run.storage)
     sweep = sweep.with_storage(root.uri)      # absolute: trials run in other directories
@@ -298,7 +298,7 @@ def run_sweep(sweep: Sweep, *, storage: str | None = None, max_concurrent: int |
                 tune_config=tune.TuneConfig(max_concurrent_trials=k_used,
                                             trial_dirname_creator=lambda t: t.config["experiment_id"]),
                 run_config=tune.RunConfig(
-                    name="tune", storage_path=sd.path(), storage_filesystem=root.fs,   # as trainer.py does
+                    name="tune", storage_path=sd.path(), storage_filesystem=root.fs,   # as the driver does
                     verbose=None if verbose else 0,
                     # Train restarts lost workers itself; Tune restarts a lost driver, whose train() resumes.
                     failure_config=tune.FailureConfig(max_failures=max(1, *(p.cfg.run.max_failures

@@ -1,4 +1,4 @@
-"""Sweep files, grid expansion and sweep summaries (Ray-free; `raywalk.tune` runs the points).
+"""Sweep files, grid expansion and sweep summaries (Ray-free; `raywalk.service.tune` runs the points).
 
 A sweep file (YAML) names a base config and a grid over any config keys:
 
@@ -41,7 +41,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .config import Config, ConfigError, apply_overrides, read_yaml, set_dotted
+from raywalk.config import Config, ConfigError, apply_overrides, read_yaml, set_dotted
 
 SCALING_RULE = ("corpus.corpus_size, unless set by the grid or `derived`, keeps the base's walks per vertex: "
                 "max(100*n, base_corpus_size * n // base_n)")

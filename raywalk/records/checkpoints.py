@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .storage import Store, fault_point, tmp_name
+from raywalk.records.storage import Store, fault_point, tmp_name
 
 RUN_DIR = "checkpoints"        # ROOT/<experiment_id>/checkpoints: Ray's run directory (RunConfig.name)
 STATE = "state.pt"

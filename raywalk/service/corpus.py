@@ -28,13 +28,13 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .compliance import Compliance, RuleTable, check_sequences
-from .config import Config
-from .graph import Graph, Jumpers, build_graph, place_jumpers
-from .storage import Store
-from .walks import jumper_events, sample_walks
+from raywalk.science.compliance import Compliance, RuleTable, check_sequences
+from raywalk.config import Config
+from raywalk.science.graph import Graph, Jumpers, build_graph, place_jumpers
+from raywalk.records.storage import Store
+from raywalk.science.walks import jumper_events, sample_walks
 
-# 2: walks drawn by the exact-feasibility sampler (issue 17); a version-1 corpus holds other walks for the same
+# 2: walks drawn by the exact-feasibility sampler; a version-1 corpus holds other walks for the same
 # config, so it is refused by open_corpus and moved aside and rebuilt by build_corpus, never mixed in.
 FORMAT_VERSION = 2
 VERIFY = ("size", "full")           # reuse checks: manifest + sizes (cheap), or + sha256 of every file

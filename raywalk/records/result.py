@@ -11,12 +11,12 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from . import __version__
-from .checkpoint import CKPT_RE, MANIFEST, RUN_DIR, dir_name, position
-from .compliance import Compliance
-from .config import Config
-from .lease import check_holder
-from .storage import Store, warn
+from raywalk import __version__
+from raywalk.records.checkpoints import CKPT_RE, MANIFEST, RUN_DIR, dir_name, position
+from raywalk.science.compliance import Compliance
+from raywalk.config import Config
+from raywalk.records.lease import check_holder
+from raywalk.records.storage import Store, warn
 
 RESULT = "result.json"
 

@@ -1,5 +1,5 @@
 """The one compliance checker: used on the walk corpus and by the gate on
-model-generated sequences, so both are measured identically (SPEC §1, §5)."""
+model-generated sequences, so both are measured identically."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,7 +7,7 @@ from functools import cached_property
 
 import numpy as np
 
-from .graph import Graph, Jumpers
+from raywalk.science.graph import Graph, Jumpers
 
 _BITMAP_MAX_BITS = 8 * 32 * 2**20
 

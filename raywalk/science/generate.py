@@ -1,4 +1,4 @@
-"""Greedy generation for the sufficiency gate (SPEC §5).
+"""Greedy generation for the sufficiency gate.
 
 Semantics: each sequence starts from its start token; every next token is the
 argmax of the model over the last `window` tokens, positions counted from 0
@@ -15,7 +15,7 @@ import copy
 
 import torch
 
-from .model import GPT, KVCache
+from raywalk.science.model import GPT, KVCache
 
 
 def _check(model, starts, length, window):

@@ -21,9 +21,9 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from .storage import Store
+from raywalk.records.storage import Store
 
-RESULT = "result.json"   # = raywalk.result.RESULT, which would pull in torch
+RESULT = "result.json"   # = raywalk.records.result.RESULT, which would pull in torch
 LEASE = "lease.json"
 SUMMARY = "summary.json"
 NO_LEASE_GRACE_S = 120.0

@@ -1,4 +1,4 @@
-"""Directed degree-corrected SBM with jumper rules (SPEC §1).
+"""Directed degree-corrected SBM with jumper rules.
 
 Edges are sampled in row chunks straight into CSR, so memory follows the
 edge count, never n².  Everything random comes from numpy Generators seeded

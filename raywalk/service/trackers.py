@@ -31,10 +31,10 @@ import tempfile
 import time
 from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError
+from raywalk.config import ConfigError
 
 if TYPE_CHECKING:
-    from .storage import Store
+    from raywalk.records.storage import Store
 
 TRACKERS = {"tensorboard": ("tensorboard", "pip install 'raywalk[tensorboard]'"),
             "mlflow": ("mlflow", "pip install 'raywalk[mlflow]'")}
@@ -53,7 +53,7 @@ def check(names: tuple[str, ...] | list[str], storage: str) -> None:
     """TrackerError unless every named tracker's library is importable and has somewhere to write.
 
     Looks the packages up without importing them (cheap; before Ray starts)."""
-    from .storage import is_remote
+    from raywalk.records.storage import is_remote
 
     for name in names:
         module, install = TRACKERS[name]

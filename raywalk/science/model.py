@@ -1,4 +1,4 @@
-"""The SPEC §3 transformer: a small pre-norm GPT over vertex ids.
+"""A small pre-norm GPT over vertex ids.
 
 Kept deliberately plain so later phases can read it: Q, K, V and the output
 projection are separate bias-free linear maps (so the per-head QKᵀ and OV maps

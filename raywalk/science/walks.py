@@ -1,4 +1,4 @@
-"""Rule-compliant random walks (SPEC §2): one compiled pass per walk, exact per step.
+"""Rule-compliant random walks: one compiled pass per walk, exact per step.
 
 Each walk keeps a feasibility state: for every pending rule (deadline s, block B)
 the mask G[s] of vertices of B from which every later pending rule can still be
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .compliance import RuleTable, per_sequence_edge_violations, per_sequence_rule_violations
-from .graph import Graph, Jumpers
+from raywalk.science.compliance import RuleTable, per_sequence_edge_violations, per_sequence_rule_violations
+from raywalk.science.graph import Graph, Jumpers
 
 try:
     from numba import njit

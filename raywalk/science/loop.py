@@ -3,7 +3,7 @@
 `TrainingState` owns everything a checkpoint holds (model, optimizer, scheduler,
 curves, epochs done, gate epoch) behind `state_dict` / `load_state_dict`.
 `run_epoch` trains one epoch over any iterable of token batches and
-`epoch_end` gates and reduces it; the Ray worker (train_loop.py) only feeds
+`epoch_end` gates and reduces it; the Ray worker (service/worker.py) only feeds
 them its data shard and reports what they return, so CPU tests call the same
 code a GPU worker runs.
 
@@ -23,11 +23,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import gate
-from .compliance import Compliance, JumpLengthCounts, RuleTable
-from .config import Config, ConfigError
-from .model import GPT
-from .schedule import make_scheduler
+from raywalk.science import gate
+from raywalk.science.compliance import Compliance, JumpLengthCounts, RuleTable
+from raywalk.config import Config, ConfigError
+from raywalk.science.model import GPT
+from raywalk.science.schedule import make_scheduler
 
 FORMAT = 1   # checkpoint state format
 

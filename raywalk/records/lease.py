@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 from urllib.parse import parse_qs
 
-from .storage import S3_ATTEMPTS, Store, StorageUnwritable, fault_point, free_space, split_query, tmp_name, will_recur
+from raywalk.records.storage import S3_ATTEMPTS, Store, StorageUnwritable, fault_point, free_space, split_query, tmp_name, will_recur
 
 LEASE = "lease.json"
 LOCK = "lease.lock"

@@ -1,4 +1,4 @@
-"""The sufficiency gate (SPEC §5): greedy walks from held-out starts, checked like the corpus."""
+"""The sufficiency gate: greedy walks from held-out starts, checked like the corpus."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,9 +6,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .compliance import Compliance, JumpLengthCounts, RuleTable, check_sequences, rule_counts_by_jump_length
-from .config import GateConfig
-from .generate import greedy_generate
+from raywalk.science.compliance import Compliance, JumpLengthCounts, RuleTable, check_sequences, rule_counts_by_jump_length
+from raywalk.config import GateConfig
+from raywalk.science.generate import greedy_generate
 
 
 def passes(c: Compliance, cfg: GateConfig) -> bool:

@@ -9,10 +9,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .batches import fill_windows, token_dtype
-from .config import ConfigError, TrainConfig
-from .corpus import Corpus
-from .training import epoch_seed
+from raywalk.science.batches import fill_windows, token_dtype
+from raywalk.config import ConfigError, TrainConfig
+from raywalk.service.corpus import Corpus
+from raywalk.science.loop import epoch_seed
 
 
 def windows_per_walk(walk_length: int, w: int) -> int:

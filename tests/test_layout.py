@@ -1,0 +1,54 @@
+"""The package's layout rules, found from the tree rather than from a hand-kept list."""
+from __future__ import annotations
+
+import ast
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import raywalk.science
+
+PKG = Path(raywalk.__file__).parent
+SCIENCE_MAY_IMPORT = ("raywalk.science", "raywalk.config")
+
+
+def imports(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (function-level imports included), relative ones resolved."""
+    pkg = ".".join(path.relative_to(PKG.parent).with_suffix("").parts[:-1])
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = pkg.split(".")[:len(pkg.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            out |= {base} | {f"{base}.{a.name}" for a in node.names}
+    return out
+
+
+def science_modules() -> list[Path]:
+    found = [PKG / "science" / f"{m.name}.py" for m in pkgutil.iter_modules(raywalk.science.__path__)]
+    assert len(found) >= 9, found   # graph, walks, compliance, model, generate, gate, schedule, batches, loop
+    return found
+
+
+def test_the_science_imports_neither_ray_nor_storage_nor_the_service():
+    for path in science_modules():
+        for m in imports(path):
+            top = m.split(".")[0]
+            assert top not in ("ray", "pyarrow"), f"{path.name} imports {m}"
+            if top == "raywalk":
+                assert m.startswith(SCIENCE_MAY_IMPORT), f"{path.name} imports {m}"
+
+
+def test_importing_the_whole_science_loads_no_ray():
+    names = ", ".join(f"raywalk.science.{p.stem}" for p in science_modules())
+    code = (f"import sys, {names}\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'pyarrow') "
+            "or m.startswith(('raywalk.records', 'raywalk.service')))\n"
+            "print(bad); sys.exit(1 if bad else 0)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
