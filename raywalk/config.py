@@ -143,9 +143,11 @@ class GateConfig:
     sequences: int = 1000
     """Greedy sequences generated per evaluation, 1..100000."""
     edge: float = 0.95
-    """Edge compliance must be strictly above this, in [0, 1]."""
+    """Edge compliance (the share of generated steps that follow an edge of the graph) must be
+    strictly above this, in [0, 1]."""
     rule: float = 0.80
-    """Rule compliance must be strictly above this, in [0, 1]."""
+    """Rule compliance (the share of rule checks met: in block B, r steps after visiting the jumper)
+    must be strictly above this, in [0, 1]."""
 
     def validate(self, p: str = "gate") -> None:
         _check(1 <= self.sequences <= 100_000, f"{p}.sequences", self.sequences, "must be in [1, 100000]")

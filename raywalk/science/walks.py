@@ -213,6 +213,16 @@ def _step_ok(k, mid, s1, t, L, nbr, r_of, tgt_of, req, G, F, Fin, Rb, H, bs, Mm,
 
 
 @njit(cache=True, nogil=True)
+def _drop(cand, j, total, seeded, seed):
+    """Remove candidate j (swap with the last) before a redraw; seed the walk's redraw stream on its first use."""
+    total -= 1
+    cand[j] = cand[total]
+    if not seeded:
+        np.random.seed(seed)
+    return total
+
+
+@njit(cache=True, nogil=True)
 def _walk_kernel(starts, U, seeds, L, indptr, nbr, n_free, r_of, tgt_of, F, Fin, Rb, H, bs, reach_w, rmax, check_new,
                  full, out, dead):
     W = starts.shape[0]
@@ -278,11 +288,8 @@ def _walk_kernel(starts, U, seeds, L, indptr, nbr, n_free, r_of, tgt_of, F, Fin,
                             False, full):
                         u = uu
                         break
-                    total -= 1
-                    cand[j] = cand[total]
-                    if not seeded:
-                        np.random.seed(seeds[i])
-                        seeded = True
+                    total = _drop(cand, j, total, seeded, seeds[i])
+                    seeded = True
                     y = np.random.random()
             else:
                 total = hi - lo
@@ -298,11 +305,8 @@ def _walk_kernel(starts, U, seeds, L, indptr, nbr, n_free, r_of, tgt_of, F, Fin,
                         for q in range(total):
                             cand[q] = lo + q
                         listed = True
-                    total -= 1
-                    cand[j] = cand[total]
-                    if not seeded:
-                        np.random.seed(seeds[i])
-                        seeded = True
+                    total = _drop(cand, j, total, seeded, seeds[i])
+                    seeded = True
                     y = np.random.random()
             if u < 0:                         # every continuation breaks a rule: redrawn after this pass
                 dead[i] = True
