@@ -197,27 +197,24 @@ def _sha256(store: Store, rel: str, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _check_files(store: Store, checksums: dict[str, dict], verify: str) -> None:
+def check_files(store: Store, checksums: dict[str, dict], verify: str, only: list[str] | None = None) -> None:
+    """CorpusError unless every file in checksums (or just those in `only`) is there with its size,
+    and under verify="full" its sha256 too. One listing; "full" reads the files it checks."""
     sizes = _file_sizes(store)
-    for rel, meta in checksums.items():
-        if rel not in sizes:
+    rels = list(checksums) if only is None else only
+    for rel in rels:
+        if rel not in sizes or rel not in checksums:
             raise CorpusError(f"{rel} is missing")
-        if sizes[rel] != meta["size"]:
-            raise CorpusError(f"{rel} has {sizes[rel]} bytes, manifest says {meta['size']}")
+        if sizes[rel] != checksums[rel]["size"]:
+            raise CorpusError(f"{rel} has {sizes[rel]} bytes, manifest says {checksums[rel]['size']}")
     if verify == "full":
-        for rel, meta in checksums.items():
-            if _sha256(store, rel) != meta["sha256"]:
+        for rel in rels:
+            if _sha256(store, rel) != checksums[rel]["sha256"]:
                 raise CorpusError(f"{rel} does not match its sha256 in the manifest")
 
 
-def _verify(store: Store, cfg: Config, verify: str = "size") -> dict:
-    """The manifest if the corpus is complete and matches cfg, else CorpusError with the reason.
-
-    verify="size": manifest, config hash, and every listed file present with its size;
-    verify="full": also the sha256 of every file (reads the whole corpus).
-    """
-    if verify not in VERIFY:
-        raise ValueError(f"verify: {verify!r} is invalid: must be one of {', '.join(VERIFY)}")
+def read_manifest(store: Store, cfg: Config) -> dict:
+    """The manifest at store if it is a finished corpus of cfg's, else CorpusError with the reason."""
     if not store.is_file("manifest.json"):
         raise CorpusError("manifest.json is missing (an interrupted build?)")
     try:
@@ -229,7 +226,23 @@ def _verify(store: Store, cfg: Config, verify: str = "size") -> dict:
                           f"whose sampler draws other walks for this config, so it cannot be reused or mixed")
     if m.get("config_hash") != cfg.corpus_id():
         raise CorpusError(f"config_hash {m.get('config_hash')} does not match {cfg.corpus_id()}")
-    _check_files(store, m["checksums"], verify)
+    return m
+
+
+def _check_verify(verify: str) -> None:
+    if verify not in VERIFY:
+        raise ValueError(f"verify: {verify!r} is invalid: must be one of {', '.join(VERIFY)}")
+
+
+def _verify(store: Store, cfg: Config, verify: str = "size") -> dict:
+    """The manifest if the corpus is complete and matches cfg, else CorpusError with the reason.
+
+    verify="size": manifest, config hash, and every listed file present with its size;
+    verify="full": also the sha256 of every file (reads the whole corpus).
+    """
+    _check_verify(verify)
+    m = read_manifest(store, cfg)
+    check_files(store, m["checksums"], verify)
     return m
 
 
@@ -302,7 +315,7 @@ def build_corpus(cfg: Config, root: Store, *, mapper: Mapper | None = None, prog
         files[spec.split].append(rel)
         stats[spec.split].append(st)
     try:   # a local root that the cluster's nodes do not share would leave shards on other machines
-        _check_files(work, checksums, "size")
+        check_files(work, checksums, "size")
     except CorpusError as e:
         raise CorpusError(f"shards written by the corpus tasks are not all in {work.uri} ({e}); on a multi-node "
                           f"cluster the storage root must be shared by every node (s3://... or a shared "

@@ -148,14 +148,12 @@ def monitor_config_path(gcs_address: str, proc: Path = Path("/proc")) -> str | N
 def autoscaler_capacity() -> tuple[dict[str, float], str] | None:
     """(capacity the cluster can grow to, where that came from), or None when no autoscaler runs."""
     import ray
-    import ray._private.state as ray_state   # Ray Data reads the autoscaler's reported config the same way
 
-    try:
-        reported = ray_state.state.get_max_resources_from_cluster_config()
-    except Exception:
-        reported = None
+    from raywalk.service import ray_private
+
+    reported = ray_private.autoscaler_max_resources()
     if reported:
-        return {k: float(v) for k, v in reported.items()}, "the autoscaler's cluster config"
+        return reported, "the autoscaler's cluster config"
     path = monitor_config_path(ray.get_runtime_context().gcs_address)
     if path:
         import yaml
