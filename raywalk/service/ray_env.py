@@ -75,8 +75,19 @@ def quiet_train_logging():
     return ray.train.LoggingConfig(log_level="WARNING")
 
 
+def run_cpus(workers: int, cpus_per_worker: float) -> float:
+    """CPUs a local Ray needs for one run: its training workers' plus one, so that Ray Data gets
+    one (workers holding every CPU stall the pipeline)."""
+    return workers * cpus_per_worker + 1
+
+
 def ensure_ray(cfg: Config, verbose: bool = False) -> None:
-    """Join the cluster given by RAY_ADDRESS (or the `ray job submit` job), else start a local Ray."""
+    """Join the cluster given by RAY_ADDRESS (or the `ray job submit` job), else start a local Ray for cfg's run."""
+    ensure_ray_cpus(run_cpus(cfg.run.workers, cfg.run.cpus_per_worker), verbose)
+
+
+def ensure_ray_cpus(need: float, verbose: bool = False) -> None:
+    """ensure_ray, a local Ray getting at least `need` logical CPUs (above the core count: bookkeeping)."""
     quiet_defaults(verbose)
     import ray
 
@@ -91,8 +102,6 @@ def ensure_ray(cfg: Config, verbose: bool = False) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], logging_level=level, log_to_driver=True,
                  runtime_env=job_runtime_env(env))
     else:
-        # Training workers must not take every CPU, or Ray Data gets none and the pipeline stalls.
-        need = cfg.run.workers * cfg.run.cpus_per_worker + 1
         if not verbose:
             env = {**env, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}   # no spot preemption on a laptop
         ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), logging_level=level,
@@ -100,9 +109,14 @@ def ensure_ray(cfg: Config, verbose: bool = False) -> None:
         # The driver's own address lookups (state API) get the same pin as the workers' (pin_ray_address).
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     if not verbose:
-        import ray.data
+        _quiet_console()
 
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        logging.getLogger("ray").setLevel(logging.WARNING)
-        ray_private.plain_worker_bars()   # one bar to tell apart: no "(pid=...)" prefix
-        ray_private.filter_forwarded_lines(lambda ln: not _NOISE.search(ln))
+
+def _quiet_console() -> None:
+    """After ray.init: no Ray Data bars, WARNING and up from Ray, the one epoch bar plain, no _NOISE."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    ray_private.plain_worker_bars()   # one bar to tell apart: no "(pid=...)" prefix
+    ray_private.filter_forwarded_lines(lambda ln: not _NOISE.search(ln))
