@@ -446,14 +446,16 @@ def format_table(summary: Mapping[str, Any]) -> str:
     lines = ["  ".join(h.ljust(wd) for h, wd in zip(head, widths)),
              "  ".join("-" * wd for wd in widths)]
     lines += ["  ".join(c.ljust(wd) for c, wd in zip(b, widths)) for b in body]
-    ex = summary["excluded_from_svd"]
-    lines.append("")
-    if ex:
-        lines.append(f"excluded from SVD analysis ({len(ex)} of {len(summary['rows'])}):")
-        for e in ex:
-            g = ", ".join(f"{k}={v}" for k, v in e["grid"].items())
-            lines.append(f"  point {e['point']} ({g}) {e['experiment_id']}: {e['status']}"
-                         + (f": {e['reason']}" if e["reason"] else ""))
-    else:
-        lines.append(f"all {len(summary['rows'])} points passed the gate; none excluded from SVD analysis")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *_excluded_lines(summary)])
+
+
+def _excluded_lines(summary: Mapping[str, Any]) -> list[str]:
+    ex, n = summary["excluded_from_svd"], len(summary["rows"])
+    if not ex:
+        return [f"all {n} points passed the gate; none excluded from SVD analysis"]
+    lines = [f"excluded from SVD analysis ({len(ex)} of {n}):"]
+    for e in ex:
+        g = ", ".join(f"{k}={v}" for k, v in e["grid"].items())
+        lines.append(f"  point {e['point']} ({g}) {e['experiment_id']}: {e['status']}"
+                     + (f": {e['reason']}" if e["reason"] else ""))
+    return lines
