@@ -3,9 +3,9 @@
 `TrainingState` owns everything a checkpoint holds (model, optimizer, scheduler,
 curves, epochs done, gate epoch) behind `state_dict` / `load_state_dict`.
 `run_epoch` trains one epoch over any iterable of token batches and
-`epoch_end` gates it (science/gate.py's Gate) and reduces it; the Ray worker (service/worker.py) only feeds
-them its data shard and reports what they return, so CPU tests call the same
-code a GPU worker runs.
+`epoch_end` gates it (a science/gate.py Gate) and reduces it; the Ray worker
+(service/worker.py) only feeds them its data shard and reports what they
+return, so CPU tests call the same code a GPU worker runs.
 
 Device rules (a GPU worker's model sits on cuda:k and its process group is NCCL,
 which refuses CPU tensors): every tensor made here says `device=`; the
