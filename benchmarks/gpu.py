@@ -43,7 +43,7 @@ def main() -> None:
         return
 
     from benchmarks.pace import bare_loop
-    from raywalk.science import gate
+    from raywalk.science.gate import Gate
     from raywalk.science.batches import ResidentWindows, token_dtype
     from raywalk.config import Config
     from raywalk.service.corpus import build_corpus
@@ -69,7 +69,7 @@ def main() -> None:
     load = time.perf_counter() - t
     full = feed.steps()
     steps = min(full, args.steps or (1000 if args.quick else full))
-    table, share = corpus.rule_table(), gate.share(corpus.gate_starts(cfg.gate.sequences), 0, 1)
+    gate = Gate(corpus.gate_starts(cfg.gate.sequences), corpus.rule_table(), cfg)
 
     sync(dev)
     t = time.perf_counter()
@@ -101,7 +101,7 @@ def main() -> None:
             s.step = full   # as if the epoch ran whole
             run = type(r)(torch.zeros(full, dtype=torch.float64, device=dev), r.train_seconds * full / steps,
                           r.first_batch_seconds, r.started, r.ended)
-            epoch_end(s, run, share, table)
+            epoch_end(s, run, gate)
             tr, g = s.timing.train_seconds[-1], s.timing.gate_seconds[-1]
             print(f"{'on' if comp else 'off':>8s} {'on' if det else 'off':>8s} {tr:9.2f} {g:7.2f} {tr + g:8.2f} "
                   f"{steps / r.train_seconds:9,.0f}")

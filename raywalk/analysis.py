@@ -15,7 +15,6 @@ sizes and sha256. The train split is never read here, so it is not hashed.
 """
 from __future__ import annotations
 
-import hashlib
 import re
 import warnings
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import torch
 
 from raywalk.records import checkpoints as ckpt
 from raywalk.config import Config, ConfigError
-from raywalk.service.corpus import FORMAT_VERSION, Corpus
+from raywalk.service.corpus import Corpus, CorpusError, check_files, read_manifest
 from raywalk.science.graph import Graph, Jumpers
 from raywalk.science.model import GPT
 from raywalk.records.result import RESULT
@@ -208,20 +207,9 @@ def _find_corpus(exp_uri: str, result: dict[str, Any], cfg: Config, eid: str) ->
 
 def _open_checked(store: Store, cfg: Config) -> Corpus:
     """The corpus at store if it is the config's; the files read here are checked against the manifest."""
-    if not store.is_file("manifest.json"):
-        raise LoadError("no manifest.json")
     try:
-        m = store.read_json("manifest.json")
-    except ValueError as e:
-        raise LoadError(f"manifest.json is not valid JSON ({e})") from None
-    if m.get("format_version") != FORMAT_VERSION or m.get("config_hash") != cfg.corpus_id():
-        raise LoadError(f"manifest is for {m.get('config_hash')} (format {m.get('format_version')}), "
-                        f"not {cfg.corpus_id()}")
-    for rel in ["graph.parquet", *m["splits"]["eval"]["files"]]:
-        meta = m["checksums"].get(rel)
-        if meta is None or not store.is_file(rel):
-            raise LoadError(f"{rel} is missing")
-        data = store.read_bytes(rel)
-        if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
-            raise LoadError(f"{rel} does not match its size and sha256 in the manifest")
+        m = read_manifest(store, cfg)
+        check_files(store, m["checksums"], "full", only=["graph.parquet", *m["splits"]["eval"]["files"]])
+    except CorpusError as e:
+        raise LoadError(str(e)) from None
     return Corpus(store, m)

@@ -19,9 +19,9 @@ import torch
 import raywalk
 import raywalk.export
 from raywalk.records import checkpoints as ckpt
-from raywalk.science.compliance import RuleTable, check_sequences
+from raywalk.science.compliance import RuleTable
 from raywalk.service.corpus import eval_size
-from raywalk.science.generate import greedy_generate
+from raywalk.science.gate import Gate
 from raywalk.records.storage import Store
 from tests.conftest import tiny_config
 from tests.s3server import s3_server  # noqa: F401  (fixture)
@@ -69,8 +69,7 @@ def test_gate_model_reproduces_its_checkpoint_and_its_gate(runs):
     walks = exp.eval_walks()
     assert walks.dtype == np.int64 and walks.shape == (eval_size(cfg), cfg.corpus.walk_length)
     assert np.array_equal(starts, np.resize(walks[:, 0], cfg.gate.sequences))
-    seqs = greedy_generate(exp.model, torch.as_tensor(starts), cfg.corpus.walk_length, cfg.w)
-    c = check_sequences(seqs.numpy(), RuleTable.build(exp.graph, exp.jumpers))
+    c = Gate(starts, RuleTable.build(exp.graph, exp.jumpers), cfg).evaluate(exp.model).comp
     assert c.edge == r["curves"]["edge_compliance"][g - 1] and c.rule == r["curves"]["rule_compliance"][g - 1]
     assert c.rule_total == r["gate_history"]["n_rule_checks"][g - 1] > 0
     assert exp.graph.n == cfg.graph.n and len(exp.jumpers) == cfg.graph.K * cfg.graph.n_jumpers_per_block
@@ -146,7 +145,7 @@ def test_an_experiment_alone_falls_back_to_the_recorded_corpus(runs, tmp_path):
     r["corpus"]["uri"] = str(tmp_path / "gone")
     (alone / "result.json").write_text(json.dumps(r))
     with pytest.raises(raywalk.LoadError, match=rf"experiment {eid}: corpus {cid} not found: tried "
-                                                rf".*alone/corpora/{cid} \(no manifest.json\); .*gone"):
+                                                rf".*alone/corpora/{cid} \(manifest.json is missing.*\); .*gone"):
         raywalk.load(alone)
 
 

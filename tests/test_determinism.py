@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from raywalk.science import gate
+from raywalk.science.gate import Gate
 from raywalk.service.corpus import build_corpus
 from raywalk.science.model import GPT
 from raywalk.records.storage import Store
@@ -251,15 +251,15 @@ SEEN = {"aten._log_softmax.default", "aten.gather.default", "aten._log_softmax_b
 
 
 def test_an_epoch_step_reduction_and_gate_run_no_op_on_the_list(corpus):
-    """Two steps of run_epoch on the resident feed, then epoch_end: gate.evaluate (greedy
-    generation with its KV cache and window recompute) and reduce_epoch -> all_reduce_epoch."""
+    """Two steps of run_epoch on the resident feed, then epoch_end: Gate.evaluate (greedy
+    generation with its KV cache and window recompute), Gate.reduce and all_reduce_losses."""
     cfg, c = corpus
     feed = resident(cfg, c)
-    share = gate.share(c.gate_starts(cfg.gate.sequences), 0, 1)
+    gate = Gate(c.gate_starts(cfg.gate.sequences), c.rule_table(), cfg)
 
     def epoch():
         state = TrainingState.create(cfg, 2)
-        end = epoch_end(state, run_epoch(state, feed.epoch(0, steps=2), 2), share, c.rule_table())
+        end = epoch_end(state, run_epoch(state, feed.epoch(0, steps=2), 2), gate)
         return state.curves, end.loss, end.comp
 
     plain = epoch()

@@ -52,3 +52,27 @@ def test_importing_the_whole_science_loads_no_ray():
             "print(bad); sys.exit(1 if bad else 0)\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+PRIVATE_HOME = PKG / "service" / "ray_private.py"
+
+
+def _private_ray(name: str) -> bool:
+    """A private Ray module or logger name: ray._…, any …._internal… segment, ray.experimental.internal_kv."""
+    parts = name.split(".")
+    return parts[0] == "ray" and (any(p.startswith("_") for p in parts[1:]) or
+                                  name.startswith("ray.experimental.internal_kv"))
+
+
+def test_private_ray_apis_live_in_ray_private_only():
+    assert _private_ray("ray._private.state") and _private_ray("ray.train.v2._internal.util")
+    assert _private_ray("ray.experimental.internal_kv") and not _private_ray("ray.train.torch")
+    bad = []
+    for path in sorted(PKG.rglob("*.py")):
+        if path == PRIVATE_HOME:
+            continue
+        names = set(imports(path))
+        names |= {n.value for n in ast.walk(ast.parse(path.read_text()))      # logger names
+                  if isinstance(n, ast.Constant) and isinstance(n.value, str) and " " not in n.value}
+        bad += [f"{path.relative_to(PKG)}: {m}" for m in sorted(names) if _private_ray(m)]
+    assert not bad, "private Ray APIs outside service/ray_private.py:\n" + "\n".join(bad)

@@ -21,18 +21,18 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
-from raywalk.science import gate
 from raywalk.science.compliance import Compliance, JumpLengthCounts
 from raywalk.config import ConfigError
 from raywalk.service.corpus import build_corpus
 from raywalk.service.dataset import walks_to_windows
 from raywalk.science.batches import ResidentWindows, token_dtype
+from raywalk.science.gate import Gate, GateCounts
 from raywalk.science.generate import greedy_generate, reference_generate
 from raywalk.science.model import GPT
 from raywalk.records.storage import Store
 from raywalk.service.worker import torch_threads
-from raywalk.science.loop import (TrainingState, all_reduce_epoch, check_precision, compiled, epoch_end,
-                              gather_epoch_losses, reduce_epoch, rng_state, run_epoch, set_determinism)
+from raywalk.science.loop import (TrainingState, all_reduce_losses, check_precision, compiled, epoch_end,
+                              gather_epoch_losses, rng_state, run_epoch, set_determinism)
 from tests.conftest import tiny_config
 
 PKG = str(Path(__file__).resolve().parents[1] / "raywalk")
@@ -104,8 +104,7 @@ def one_epoch(cfg, corpus, device="cpu"):
     steps = feed.steps()
     state = TrainingState.create(cfg, steps, device)
     run = run_epoch(state, feed.epoch(0), steps)
-    share = gate.share(corpus.gate_starts(cfg.gate.sequences), 0, 1)
-    end = epoch_end(state, run, share, corpus.rule_table())
+    end = epoch_end(state, run, Gate(corpus.gate_starts(cfg.gate.sequences), corpus.rule_table(), cfg))
     return state, end, state.state_dict([rng_state()], "x")
 
 
@@ -144,15 +143,17 @@ def test_epoch_end_collectives_under_a_group_that_refuses_cpu_tensors(group):
         dist.all_reduce(torch.zeros(2))          # what the old loop did with its loss and count tensors
     by_r = JumpLengthCounts(np.array([2, 4]), np.array([5, 6]), np.array([3, 1]))
     # every tensor the reduction hands to a collective is on the losses' device ("meta" stands in for cuda:k)
-    losses, counts = all_reduce_epoch(torch.zeros(7, dtype=torch.float64, device="meta"),
-                                      Compliance(1, 2, 3, 4), by_r)
+    losses = all_reduce_losses(torch.zeros(7, dtype=torch.float64, device="meta"))
+    counts = Gate.all_reduce(GateCounts(Compliance(1, 2, 3, 4), by_r), losses.device)
     assert losses.device.type == counts.device.type == "meta" and counts.shape == (8,)
 
 
 def test_epoch_end_reduction_numbers(group):
     group("gloo")
     by_r = JumpLengthCounts(np.array([2, 4]), np.array([5, 6]), np.array([3, 1]))
-    losses, comp, r = reduce_epoch(torch.tensor([1.0, 3.0], dtype=torch.float64), Compliance(9, 10, 3, 7), by_r)
+    losses = all_reduce_losses(torch.tensor([1.0, 3.0], dtype=torch.float64)).tolist()
+    got = Gate.reduce(GateCounts(Compliance(9, 10, 3, 7), by_r), torch.device("cpu"))
+    comp, r = got.comp, got.by_r
     assert losses == [1.0, 3.0] and comp == Compliance(9, 10, 3, 7)
     assert r.checks.tolist() == [5, 6] and r.ok.tolist() == [3, 1] and r.r.tolist() == [2, 4]
 
@@ -197,15 +198,14 @@ def test_mid_epoch_resume_is_exact(corpus, stop_at):
     cfg = cfg.replace(**{"model.dropout": 0.1})          # RNG streams matter mid-epoch too
     feed = resident(cfg, c)
     steps = feed.steps()
-    share = gate.share(c.gate_starts(cfg.gate.sequences), 0, 1)
-    table = c.rule_table()
+    gate = Gate(c.gate_starts(cfg.gate.sequences), c.rule_table(), cfg)
 
     def batches(epoch, start=0):
         return feed.epoch(epoch, start)
 
     ref = TrainingState.create(cfg, steps)
     for e in range(2):
-        epoch_end(ref, run_epoch(ref, batches(e), steps), share, table)
+        epoch_end(ref, run_epoch(ref, batches(e), steps), gate)
 
     class Stop(Exception):
         pass
@@ -215,7 +215,7 @@ def test_mid_epoch_resume_is_exact(corpus, stop_at):
             raise Stop
 
     a = TrainingState.create(cfg, steps)
-    epoch_end(a, run_epoch(a, batches(0), steps), share, table)
+    epoch_end(a, run_epoch(a, batches(0), steps), gate)
     with pytest.raises(Stop):
         run_epoch(a, batches(1), steps, callbacks=[stop])
     buf = io.BytesIO()
@@ -226,7 +226,7 @@ def test_mid_epoch_resume_is_exact(corpus, stop_at):
     torch.manual_seed(1234)                              # whatever ran before the resume
     b = TrainingState.create(cfg, steps)
     b.load_state_dict(saved)
-    epoch_end(b, run_epoch(b, batches(1, b.step), steps), share, table)   # reads nothing it skips
+    epoch_end(b, run_epoch(b, batches(1, b.step), steps), gate)   # reads nothing it skips
     assert b.curves == ref.curves and (b.epoch, b.step) == (ref.epoch, ref.step) == (2, 0)
     for k, v in ref.model.state_dict().items():
         assert torch.equal(v, b.model.state_dict()[k]), k

@@ -139,3 +139,33 @@ def test_two_point_sweep_then_rerun_trains_nothing(tmp_path):
     from raywalk.plot import plot_sweep
     png = plot_sweep(again, tmp_path / "sweep.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_summary_line_joins_an_s3_root_with_a_query_string():
+    import io
+
+    from raywalk.service.sweep import build_summary, summary_row
+    from raywalk.service.tune import print_summary
+
+    sweep = parse_sweep(tiny_sweep("unused"))
+    rows = [summary_row(p, None, None, None) for p in sweep.points]
+    summary = build_summary(sweep, rows, storage="s3://b/x", wall_time_s=1.0, max_concurrent=1, trials_run=0)
+    out = io.StringIO()
+    print_summary(summary, "s3://b/x?endpoint_override=http://127.0.0.1:9000", out=out)
+    assert (f"summary: s3://b/x/sweeps/{sweep.sweep_id}/summary.json?endpoint_override=http://127.0.0.1:9000 "
+            f"(and summary.csv)") in out.getvalue()
+
+
+def test_a_local_ray_for_a_sweep_gets_cpus_for_its_trials_and_the_data(monkeypatch):
+    import ray
+
+    from raywalk.service import ray_env
+    from raywalk.service.tune import ensure_sweep_ray
+
+    asked = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_env, "ensure_ray_cpus", lambda need, verbose=False: asked.append(need))
+    sweep = parse_sweep(tiny_sweep("unused"))           # a trial: 0.1 driver CPU + 1 x 0.5 worker CPU
+    assert ensure_sweep_ray(sweep, 70, verbose=False) is True
+    assert asked == [pytest.approx(70 * 0.6 + DATA_CPU)]   # no cap from a config field's range
+    assert ray_env.run_cpus(2, 1.5) == 4.0

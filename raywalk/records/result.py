@@ -14,6 +14,7 @@ from typing import Any
 from raywalk import __version__
 from raywalk.records.checkpoints import CKPT_RE, MANIFEST, RUN_DIR, dir_name, position
 from raywalk.science.compliance import Compliance
+from raywalk.science.gate import by_jump_length
 from raywalk.config import Config
 from raywalk.records.lease import check_holder
 from raywalk.records.storage import Store, warn
@@ -78,26 +79,6 @@ def checkpoint_info(exp: Store, gate_epoch: int | None) -> dict[str, Any]:
             "gate": run.child_uri(gate_name) if gate_name and gate_name in names else None}
 
 
-def by_jump_length(cfg: Config, by_r: Any) -> list[dict[str, Any]] | None:
-    """The final evaluation's rule figures per jump length r (sorted), flagging r > w.
-
-    by_r: {r: (rule_checks, compliant)}, or anything with as_dict() giving that
-    (compliance.JumpLengthCounts). None gives None.
-    """
-    if by_r is None:
-        return None
-    if hasattr(by_r, "as_dict"):
-        by_r = by_r.as_dict()
-    rows = []
-    for key in sorted(by_r, key=int):
-        r = int(key)
-        checks, ok = (int(x) for x in by_r[key])
-        rows.append({"r": r, "r_over_w": round(r / cfg.w, 6), "beyond_window": r > cfg.w,
-                     "rule_checks": checks, "compliant": ok,
-                     "rule_compliance": ok / checks if checks else None})   # 0 checks: no figure, never a pass
-    return rows
-
-
 def compose(cfg: Config, experiment_id: str, curves: Any, last: Compliance | None, gate_epoch: int | None,
             epochs_trained: int, n_distinct: int | None, steps_per_epoch: int, exp: Store,
             env: dict[str, Any], restarts: int, finished: bool, by_r: Any = None) -> dict[str, Any]:
@@ -108,7 +89,7 @@ def compose(cfg: Config, experiment_id: str, curves: Any, last: Compliance | Non
              "final_rule_compliance": last.rule if last else None,
              "n_rule_checks": last.rule_total if last else None,
              "n_distinct_sequences": n_distinct}
-    per_r = by_jump_length(cfg, by_r)
+    per_r = by_jump_length(by_r, cfg.w)
     failure = None
     if status == "failed":
         failure = {"reason": (f"gate not passed after {epochs_trained} epochs (max_epochs "

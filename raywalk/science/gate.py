@@ -1,42 +1,98 @@
-"""The sufficiency gate: greedy walks from held-out starts, checked like the corpus."""
+"""The sufficiency gate: greedy walks from held-out starts, checked like the corpus.
+
+One `Gate` per run: its starts de-duplicated once (greedy decoding is a pure
+function of the start, so equal starts give equal sequences: each distinct
+start is generated once and weighted by its multiplicity), `shard`ed over the
+ranks, `evaluate`d on a model, its counts `reduce`d over ranks, judged by
+`passes` and reported per jump length by `by_jump_length` (result.json).
+"""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from raywalk.config import Config
 from raywalk.science.compliance import Compliance, JumpLengthCounts, RuleTable, check_sequences, rule_counts_by_jump_length
-from raywalk.config import GateConfig
 from raywalk.science.generate import greedy_generate
 
 
-def passes(c: Compliance, cfg: GateConfig) -> bool:
-    """Edge and rule strictly above their thresholds; zero rule checks is never a pass."""
-    return c.rule_total > 0 and c.edge > cfg.edge and c.rule > cfg.rule
-
-
 @dataclass(frozen=True)
-class GateShare:
-    """This worker's share of one evaluation: the distinct starts it generates and their weights."""
-    starts: np.ndarray    # distinct start vertices
-    counts: np.ndarray    # how many of the gate's sequences each stands for
-    n_distinct: int       # distinct starts (= distinct greedy sequences) over all workers
+class GateCounts:
+    """One evaluation's counts, weighted to stand for every gate sequence: overall and per jump length."""
+    comp: Compliance
+    by_r: JumpLengthCounts
 
 
-def share(starts: np.ndarray, rank: int, world: int) -> GateShare:
-    # Greedy decoding is deterministic: equal starts give equal sequences, so each
-    # distinct start is generated once and weighted by its multiplicity.
-    uniq, counts = np.unique(starts, return_counts=True)
-    return GateShare(uniq[rank::world], counts[rank::world], len(uniq))
+class Gate:
+    """The gate's distinct starts (this rank's share of them after `shard`), its rule table and thresholds."""
+
+    def __init__(self, starts: Any, table: RuleTable, cfg: Config):
+        uniq, counts = np.unique(np.asarray(starts, dtype=np.int64), return_counts=True)
+        self.starts: np.ndarray = uniq        # distinct start vertices, sorted
+        self.counts: np.ndarray = counts      # how many of the gate's sequences each stands for
+        self.n_distinct = len(uniq)           # distinct starts (= distinct greedy sequences) over all ranks
+        self.table, self.cfg = table, cfg
+
+    def shard(self, rank: int, world: int) -> "Gate":
+        """This rank's share: every world-th distinct start from the rank-th (n_distinct stays the whole's)."""
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is invalid: must be in [0, world={world})")
+        part = copy.copy(self)
+        part.starts, part.counts = self.starts[rank::world], self.counts[rank::world]
+        return part
+
+    def evaluate(self, model: torch.nn.Module) -> GateCounts:
+        """This share's counts: its greedy sequences, each repeated by its start's multiplicity."""
+        length, window = self.cfg.corpus.walk_length, self.cfg.w
+        starts = torch.as_tensor(self.starts, dtype=torch.long, device="cpu")   # generation moves what it needs
+        seqs = greedy_generate(model, starts, length, window) if len(self.starts) else \
+            torch.empty(0, length, dtype=torch.long, device="cpu")
+        weighted = np.repeat(seqs.numpy(), self.counts, axis=0)
+        return GateCounts(check_sequences(weighted, self.table), rule_counts_by_jump_length(weighted, self.table))
+
+    @staticmethod
+    def all_reduce(mine: GateCounts, device: torch.device) -> torch.Tensor:
+        """Every rank's counts summed, as one int64 tensor on `device` (the process group's: NCCL
+        refuses CPU tensors), still there: [edge_ok, edge_total, rule_ok, rule_total, checks..., ok...]."""
+        c, r = mine.comp, mine.by_r
+        counts = torch.tensor([c.edge_ok, c.edge_total, c.rule_ok, c.rule_total, *r.checks.tolist(),
+                               *r.ok.tolist()], dtype=torch.int64, device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts)
+        return counts
+
+    @classmethod
+    def reduce(cls, mine: GateCounts, device: torch.device) -> GateCounts:
+        """all_reduce, brought to the host once."""
+        c, k, r = cls.all_reduce(mine, device).tolist(), len(mine.by_r.r), mine.by_r.r
+        return GateCounts(Compliance(*c[:4]), JumpLengthCounts(r, np.array(c[4:4 + k], dtype=np.int64),
+                                                               np.array(c[4 + k:], dtype=np.int64)))
+
+    def passes(self, c: Compliance) -> bool:
+        """Edge and rule strictly above their thresholds; zero rule checks is never a pass."""
+        return c.rule_total > 0 and c.edge > self.cfg.gate.edge and c.rule > self.cfg.gate.rule
 
 
-def evaluate(model: torch.nn.Module, part: GateShare, table: RuleTable, length: int, window: int
-             ) -> tuple[Compliance, JumpLengthCounts]:
-    """Compliance counts of this worker's share (overall and per jump length), weighted to stand for all
-    gate sequences."""
-    starts = torch.as_tensor(part.starts, dtype=torch.long, device="cpu")   # generation moves what it needs
-    seqs = greedy_generate(model, starts, length, window) if len(part.starts) else \
-        torch.empty(0, length, dtype=torch.long, device="cpu")
-    weighted = np.repeat(seqs.numpy(), part.counts, axis=0)
-    return check_sequences(weighted, table), rule_counts_by_jump_length(weighted, table)
+def by_jump_length(by_r: Any, w: int) -> list[dict[str, Any]] | None:
+    """The rule figures per jump length r (sorted), flagging r > w: result.json's gate.by_jump_length.
+
+    by_r: {r: (rule_checks, compliant)} (keys may be strings, as result.json gives them back), or
+    anything with as_dict() giving that (JumpLengthCounts). None gives None.
+    """
+    if by_r is None:
+        return None
+    if hasattr(by_r, "as_dict"):
+        by_r = by_r.as_dict()
+    rows = []
+    for key in sorted(by_r, key=int):
+        r = int(key)
+        checks, ok = (int(x) for x in by_r[key])
+        rows.append({"r": r, "r_over_w": round(r / w, 6), "beyond_window": r > w,
+                     "rule_checks": checks, "compliant": ok,
+                     "rule_compliance": ok / checks if checks else None})   # 0 checks: no figure, never a pass
+    return rows

@@ -4,9 +4,10 @@ Semantics: each sequence starts from its start token; every next token is the
 argmax of the model over the last `window` tokens, positions counted from 0
 inside the window. `reference_generate` is that, literally. `greedy_generate`
 returns the same tokens faster, using three facts:
-  * the next token is a pure function of the current window, so identical
-    starts give identical sequences, and a window seen before (another
-    sequence, or the same one going round a cycle) has a known successor;
+  * the next token is a pure function of the current window, so a window
+    seen before (another sequence, or the same one going round a cycle) has
+    a known successor (equal starts give equal sequences: the gate generates
+    each distinct start once, science/gate.py);
   * while the sequence still fits the window nothing slides, so a KV cache is
     exact; after that every position moves and the window is recomputed;
   * only the last position's logits are needed.
@@ -48,8 +49,8 @@ def reference_generate(model: GPT, starts, length: int, window: int, batch_size:
     return torch.cat(out) if out else torch.empty(0, length, dtype=torch.long, device="cpu")
 
 
-def _generate_distinct(net, starts, length, window, memo, dtype):
-    """Sequences for distinct starts; memo maps window bytes -> next token, shared across chunks.
+def _generate_chunk(net, starts, length, window, memo, dtype):
+    """Sequences for one chunk of starts; memo maps window bytes -> next token, shared across chunks.
 
     The sequences and the memo are host-side bookkeeping (device="cpu" on purpose: the memo
     keys are bytes); only the model's inputs go to its device, and only argmaxes come back.
@@ -82,6 +83,9 @@ def greedy_generate(model: GPT, starts, length: int, window: int, batch_size: in
                     dtype: torch.dtype = torch.float32):
     """(N,) start tokens -> (N, length) greedy sequences (CPU), token for token those of reference_generate.
 
+    Every start is generated as given: a caller with repeated starts passes the distinct ones
+    (as the Gate does) and repeats the sequences itself.
+
     dtype=torch.bfloat16 runs the transformer body in bf16 (head and final LayerNorm
     stay fp32): faster, but near-tied argmaxes may flip, so tokens can differ.
     """
@@ -92,10 +96,9 @@ def greedy_generate(model: GPT, starts, length: int, window: int, batch_size: in
         net.ln_f.float(), net.head.float()
     was_training = model.training
     net.eval()
-    uniq, inverse = torch.unique(starts.long().cpu(), return_inverse=True)
     memo = {}
-    parts = [_generate_distinct(net, c, length, window, memo, dtype) for c in uniq.split(batch_size)]
+    parts = [_generate_chunk(net, c, length, window, memo, dtype) for c in starts.long().cpu().split(batch_size)]
     model.train(was_training)
     if not parts:
         return torch.empty(0, length, dtype=torch.long, device="cpu")
-    return torch.cat(parts)[inverse]
+    return torch.cat(parts)

@@ -3,9 +3,9 @@
 `TrainingState` owns everything a checkpoint holds (model, optimizer, scheduler,
 curves, epochs done, gate epoch) behind `state_dict` / `load_state_dict`.
 `run_epoch` trains one epoch over any iterable of token batches and
-`epoch_end` gates and reduces it; the Ray worker (service/worker.py) only feeds
-them its data shard and reports what they return, so CPU tests call the same
-code a GPU worker runs.
+`epoch_end` gates it (a science/gate.py Gate) and reduces it; the Ray worker
+(service/worker.py) only feeds them its data shard and reports what they
+return, so CPU tests call the same code a GPU worker runs.
 
 Device rules (a GPU worker's model sits on cuda:k and its process group is NCCL,
 which refuses CPU tensors): every tensor made here says `device=`; the
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from raywalk.science import gate
-from raywalk.science.compliance import Compliance, JumpLengthCounts, RuleTable
+from raywalk.science.compliance import Compliance, JumpLengthCounts
+from raywalk.science.gate import Gate
 from raywalk.config import Config, ConfigError
 from raywalk.science.model import GPT
 from raywalk.science.schedule import make_scheduler
@@ -301,30 +301,17 @@ def gather_epoch_losses(state: TrainingState) -> list[torch.Tensor]:
 
 # ---- the end of an epoch -------------------------------------------------------------
 
-def all_reduce_epoch(losses: torch.Tensor, comp: Compliance, by_r: JumpLengthCounts
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean loss per step over ranks, summed gate counts), both still on the losses' device.
+def all_reduce_losses(losses: torch.Tensor) -> torch.Tensor:
+    """The mean loss per step over ranks, still on the losses' device.
 
     Under Ray Train the model's device is the process group's (NCCL <=> cuda): every tensor
     handed to a collective is built there, never on the CPU by default.
     """
-    counts = torch.tensor([comp.edge_ok, comp.edge_total, comp.rule_ok, comp.rule_total,
-                           *by_r.checks.tolist(), *by_r.ok.tolist()], dtype=torch.int64, device=losses.device)
     if dist.is_available() and dist.is_initialized():
         losses = losses.clone()
         dist.all_reduce(losses)
         losses /= dist.get_world_size()
-        dist.all_reduce(counts)
-    return losses, counts
-
-
-def reduce_epoch(losses: torch.Tensor, comp: Compliance, by_r: JumpLengthCounts
-                 ) -> tuple[list[float], Compliance, JumpLengthCounts]:
-    """all_reduce_epoch, brought to the host once (the epoch's only sync besides timing)."""
-    losses, counts = all_reduce_epoch(losses, comp, by_r)
-    c, k = counts.tolist(), len(by_r.r)
-    return losses.tolist(), Compliance(*c[:4]), JumpLengthCounts(by_r.r, np.array(c[4:4 + k], dtype=np.int64),
-                                                                 np.array(c[4 + k:], dtype=np.int64))
+    return losses
 
 
 def gather_rng() -> list[dict[str, Any]]:
@@ -345,15 +332,15 @@ class EpochEnd:
     passed: bool
 
 
-def epoch_end(state: TrainingState, run: EpochRun, share: gate.GateShare, table: RuleTable) -> EpochEnd:
+def epoch_end(state: TrainingState, run: EpochRun, gate: Gate) -> EpochEnd:
     """Gate this rank's share, reduce over ranks, and record the epoch in the state's curves and timing."""
-    cfg = state.cfg
     t = time.perf_counter()
-    comp, by_r = gate.evaluate(state.model, share, table, cfg.corpus.walk_length, cfg.w)
-    losses, comp, by_r = reduce_epoch(run.losses, comp, by_r)
+    counts = Gate.reduce(gate.evaluate(state.model), run.losses.device)
+    losses = all_reduce_losses(run.losses).tolist()
+    comp = counts.comp
     state.timing.train_seconds.append(run.train_seconds)
     state.timing.gate_seconds.append(time.perf_counter() - t)
-    passed = gate.passes(comp, cfg.gate)
+    passed = gate.passes(comp)
     state.epoch += 1
     state.step, state.epoch_losses = 0, None
     if passed:
@@ -363,5 +350,5 @@ def epoch_end(state: TrainingState, run: EpochRun, share: gate.GateShare, table:
     c.edge_compliance.append(comp.edge)
     c.rule_compliance.append(comp.rule)
     c.n_rule_checks.append(comp.rule_total)
-    c.n_distinct_sequences.append(share.n_distinct)
-    return EpochEnd(float(np.mean(losses)), comp, by_r, passed)
+    c.n_distinct_sequences.append(gate.n_distinct)
+    return EpochEnd(float(np.mean(losses)), comp, counts.by_r, passed)

@@ -197,27 +197,24 @@ def _sha256(store: Store, rel: str, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _check_files(store: Store, checksums: dict[str, dict], verify: str) -> None:
+def check_files(store: Store, checksums: dict[str, dict], verify: str, only: list[str] | None = None) -> None:
+    """CorpusError unless every file in checksums (or just those in `only`) is there with its size,
+    and under verify="full" its sha256 too. One listing; "full" reads the files it checks."""
     sizes = _file_sizes(store)
-    for rel, meta in checksums.items():
-        if rel not in sizes:
+    rels = list(checksums) if only is None else only
+    for rel in rels:
+        if rel not in sizes or rel not in checksums:
             raise CorpusError(f"{rel} is missing")
-        if sizes[rel] != meta["size"]:
-            raise CorpusError(f"{rel} has {sizes[rel]} bytes, manifest says {meta['size']}")
+        if sizes[rel] != checksums[rel]["size"]:
+            raise CorpusError(f"{rel} has {sizes[rel]} bytes, manifest says {checksums[rel]['size']}")
     if verify == "full":
-        for rel, meta in checksums.items():
-            if _sha256(store, rel) != meta["sha256"]:
+        for rel in rels:
+            if _sha256(store, rel) != checksums[rel]["sha256"]:
                 raise CorpusError(f"{rel} does not match its sha256 in the manifest")
 
 
-def _verify(store: Store, cfg: Config, verify: str = "size") -> dict:
-    """The manifest if the corpus is complete and matches cfg, else CorpusError with the reason.
-
-    verify="size": manifest, config hash, and every listed file present with its size;
-    verify="full": also the sha256 of every file (reads the whole corpus).
-    """
-    if verify not in VERIFY:
-        raise ValueError(f"verify: {verify!r} is invalid: must be one of {', '.join(VERIFY)}")
+def read_manifest(store: Store, cfg: Config) -> dict:
+    """The manifest at store if it is a finished corpus of cfg's, else CorpusError with the reason."""
     if not store.is_file("manifest.json"):
         raise CorpusError("manifest.json is missing (an interrupted build?)")
     try:
@@ -229,7 +226,23 @@ def _verify(store: Store, cfg: Config, verify: str = "size") -> dict:
                           f"whose sampler draws other walks for this config, so it cannot be reused or mixed")
     if m.get("config_hash") != cfg.corpus_id():
         raise CorpusError(f"config_hash {m.get('config_hash')} does not match {cfg.corpus_id()}")
-    _check_files(store, m["checksums"], verify)
+    return m
+
+
+def _check_verify(verify: str) -> None:
+    if verify not in VERIFY:
+        raise ValueError(f"verify: {verify!r} is invalid: must be one of {', '.join(VERIFY)}")
+
+
+def _verify(store: Store, cfg: Config, verify: str = "size") -> dict:
+    """The manifest if the corpus is complete and matches cfg, else CorpusError with the reason.
+
+    verify="size": manifest, config hash, and every listed file present with its size;
+    verify="full": also the sha256 of every file (reads the whole corpus).
+    """
+    _check_verify(verify)
+    m = read_manifest(store, cfg)
+    check_files(store, m["checksums"], verify)
     return m
 
 
@@ -255,73 +268,111 @@ def build_corpus(cfg: Config, root: Store, *, mapper: Mapper | None = None, prog
     """Build the corpus for cfg (or reuse one that passes `verify`). Returns (corpus, summary)."""
     t0 = time.perf_counter()
     store = root.sub("corpora", cfg.corpus_id())
-    if verify not in VERIFY:
-        raise ValueError(f"verify: {verify!r} is invalid: must be one of {', '.join(VERIFY)}")
+    _check_verify(verify)
     if store.exists():
-        try:
-            c = Corpus(store, _verify(store, cfg, verify))
-            return c, {**c.manifest["summary"], "reused": True, "seconds": time.perf_counter() - t0}
-        except CorpusError as e:
-            aside = f"corpora/{cfg.corpus_id()}.invalid-{time.strftime('%Y%m%d-%H%M%S')}"
-            log(f"warning: corpus {store.uri} is not usable ({e}); moved to {root.child_uri(aside)} and rebuilding")
-            root.move(f"corpora/{cfg.corpus_id()}", aside)
+        reused = _reuse(root, store, cfg, verify, log)
+        if reused is not None:
+            return reused, {**reused.manifest["summary"], "reused": True, "seconds": time.perf_counter() - t0}
 
     graph = build_graph(cfg.graph.n, cfg.graph.K, cfg.graph.p_in, cfg.graph.p_out, cfg.seed)
     jumpers = place_jumpers(graph, cfg.graph.n_jumpers_per_block, cfg.graph.r_scales, cfg.w, cfg.seed)
-    table = RuleTable.build(graph, jumpers)
     specs = plan_shards(cfg)
     work = root.sub("corpora", f".building-{cfg.corpus_id()}") if root.local else store
     work.delete_dir("")
-    checksums: dict[str, dict] = {}
+    checksums = {"graph.parquet": _write_graph(work, graph)}
+    # Each task writes its own shard and returns only its path, size, sha256 and stats.
+    table = RuleTable.build(graph, jumpers)   # one object in every task's arguments: ray_mapper puts it once
+    args = [(graph, jumpers, table, s, cfg.seed, cfg.corpus.walk_length, work.uri) for s in specs]
+    written = _run_shards(mapper or _serial_map, args, specs, progress)
+    files, stats = _collect(specs, written, checksums)
+    _check_written(work, checksums)
+    summary = _summarise(cfg, stats, jumpers)
+    _check_summary(summary)
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    manifest = _manifest(cfg, graph, jumpers, files, stats, summary, checksums)
+    work.write_json("manifest.json", manifest)   # last: its presence marks a finished corpus
+    if work is not store:
+        root.makedirs("corpora")
+        root.move(f"corpora/.building-{cfg.corpus_id()}", f"corpora/{cfg.corpus_id()}")
+    return Corpus(store, manifest), {**summary, "reused": False}
 
-    def put(rel: str, data: bytes) -> None:
-        work.write_bytes(rel, data)
-        checksums[rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
+def _reuse(root: Store, store: Store, cfg: Config, verify: str, log: Callable[[str], None]) -> Corpus | None:
+    """The corpus at store if it passes `verify`; else it is moved aside (never deleted) and None."""
+    try:
+        return Corpus(store, _verify(store, cfg, verify))
+    except CorpusError as e:
+        aside = f"corpora/{cfg.corpus_id()}.invalid-{time.strftime('%Y%m%d-%H%M%S')}"
+        log(f"warning: corpus {store.uri} is not usable ({e}); moved to {root.child_uri(aside)} and rebuilding")
+        root.move(f"corpora/{cfg.corpus_id()}", aside)
+        return None
+
+
+def _write_graph(work: Store, graph: Graph) -> dict:
+    """graph.parquet (one row per directed edge); returns its checksum entry."""
     src, dst = graph.edges()
     buf = io.BytesIO()
     pq.write_table(pa.table({"src": pa.array(src.astype(np.int32)), "dst": pa.array(dst.astype(np.int32))}), buf)
-    put("graph.parquet", buf.getvalue())
+    data = buf.getvalue()
+    work.write_bytes("graph.parquet", data)
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
-    # Each task writes its own shard and returns only its path, size, sha256 and stats.
-    args = [(graph, jumpers, table, s, cfg.seed, cfg.corpus.walk_length, work.uri) for s in specs]
+
+def _run_shards(mapper: Mapper, args: list, specs: list[ShardSpec], progress: bool
+                ) -> dict[int, tuple[str, int, str, dict]]:
+    """Every shard written by write_shard through the mapper, behind a progress bar; index -> its result."""
     from tqdm import tqdm
 
     bar = tqdm(total=sum(s.n_walks for s in specs), unit="walk", desc="corpus", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     written: dict[int, tuple[str, int, str, dict]] = {}
-    for i, res in (mapper or _serial_map)(write_shard, args):
+    for i, res in mapper(write_shard, args):
         written[i] = res
         bar.update(specs[i].n_walks)
     bar.close()
+    return written
+
+
+def _collect(specs: list[ShardSpec], written: dict, checksums: dict[str, dict]
+             ) -> tuple[dict[str, list[str]], dict[str, list[dict]]]:
+    """Shard files and stats per split in manifest order (by split and index, whatever finished first);
+    their checksums go into `checksums`."""
     files: dict[str, list[str]] = {s: [] for s in SPLITS}
     stats: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    for i, spec in enumerate(specs):              # manifest order: by split and index, whatever finished first
+    for i, spec in enumerate(specs):
         rel, size, sha, st = written.pop(i)
         checksums[rel] = {"size": size, "sha256": sha}
         files[spec.split].append(rel)
         stats[spec.split].append(st)
+    return files, stats
+
+
+def _check_written(work: Store, checksums: dict[str, dict]) -> None:
     try:   # a local root that the cluster's nodes do not share would leave shards on other machines
-        _check_files(work, checksums, "size")
+        check_files(work, checksums, "size")
     except CorpusError as e:
         raise CorpusError(f"shards written by the corpus tasks are not all in {work.uri} ({e}); on a multi-node "
                           f"cluster the storage root must be shared by every node (s3://... or a shared "
                           f"filesystem)") from None
 
-    summary = _summarise(cfg, stats, jumpers)
+
+def _check_summary(summary: dict) -> None:
     if summary["train"]["rule_compliance"] != 1.0 or summary["eval"]["rule_compliance"] != 1.0:
         raise CorpusError(f"corpus rule compliance below 100%: {summary}")  # by construction, never
     short = [v for v, k in summary["distinct_paths_per_jumper"].items() if k < 3]
     if short:
         raise CorpusError(f"jumpers {short} have fewer than 3 distinct compliant paths in the train split; "
                           f"raise corpus.corpus_size or lower graph.n_jumpers_per_block")
-    summary["seconds"] = round(time.perf_counter() - t0, 3)
-    manifest = {
+
+
+def _manifest(cfg: Config, graph: Graph, jumpers: Jumpers, files: dict[str, list[str]],
+              stats: dict[str, list[dict]], summary: dict, checksums: dict[str, dict]) -> dict:
+    return {
         "format_version": FORMAT_VERSION,
         "config_hash": cfg.corpus_id(),
         "config": cfg.corpus_key(),
         "n": cfg.graph.n, "K": cfg.graph.K, "w": cfg.w, "walk_length": cfg.corpus.walk_length,
-        "n_edges": int(len(src)),
+        "n_edges": int(len(graph.edges()[0])),
         "seeds": {"graph": graph.seed, "jumpers": cfg.seed,
                   "train": [cfg.seed, SPLITS["train"]], "eval": [cfg.seed, SPLITS["eval"]]},
         "jumpers": jumpers.to_records(),
@@ -329,11 +380,6 @@ def build_corpus(cfg: Config, root: Store, *, mapper: Mapper | None = None, prog
         "summary": summary,
         "checksums": checksums,
     }
-    work.write_json("manifest.json", manifest)   # last: its presence marks a finished corpus
-    if work is not store:
-        root.makedirs("corpora")
-        root.move(f"corpora/.building-{cfg.corpus_id()}", f"corpora/{cfg.corpus_id()}")
-    return Corpus(store, manifest), {**summary, "reused": False}
 
 
 def _summarise(cfg: Config, stats: dict[str, list[dict]], jumpers: Jumpers) -> dict:

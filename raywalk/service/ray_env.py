@@ -10,6 +10,7 @@ import os
 import re
 
 from raywalk.config import Config
+from raywalk.service import ray_private
 
 _QUIET = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",       # no duplicated worker prints
@@ -36,23 +37,6 @@ def worker_env(verbose: bool) -> dict[str, str]:
             "RAY_DATA_LOG_LEVEL": "ERROR"}   # else it warns that its (disabled) bars are disabled
 
 
-def _plain_worker_bars() -> None:
-    """Draw the rank-0 epoch bar without Ray's "(pid=...)" prefix: there is only one bar to tell apart."""
-    from ray.experimental import tqdm_ray
-
-    mgr = tqdm_ray.instance()
-    if getattr(mgr, "_raywalk_plain", False):
-        return
-    update = mgr.process_state_update
-
-    def plain(state):
-        state["ip"], state["pid"] = mgr.ip, mgr.pid
-        update(state)
-
-    mgr.process_state_update = plain
-    mgr._raywalk_plain = True
-
-
 # Error-level lines Ray prints that say nothing a user can act on. Ray Train's PreemptionCallback
 # creates its PreemptionWatcher actor with max_restarts=-1 and the worker actors' handles as
 # constructor arguments; an actor handle carries an ObjectRef (distributed ref counting), so
@@ -61,30 +45,6 @@ def _plain_worker_bars() -> None:
 # max_restarts=-1 logs it for a handle in its arguments and not for a small plain dict.
 _NOISE = re.compile(r"Actor with class name: 'PreemptionWatcher' and ID: '\w+' has constructor arguments in the "
                     r"object store and max_restarts > 0")
-
-
-def _drop_noise() -> None:
-    """Filter _NOISE out of the worker log lines Ray forwards to this driver's console.
-
-    Private Ray API (ray._private.ray_logging's dispatcher): Ray has no public hook to filter
-    forwarded worker lines; the line comes from the controller's process, not ours.
-    """
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-
-    with dispatcher._lock:
-        handlers = dispatcher.handlers
-        if any(name == "raywalk_quiet" for name, _ in handlers):
-            return
-
-        def wrap(handle):
-            def quiet(data):
-                lines = [ln for ln in data.get("lines", []) if not _NOISE.search(ln)]
-                if lines:
-                    handle({**data, "lines": lines})
-            return quiet
-
-        dispatcher.handlers = [(name, wrap(h)) if name == "ray_print_logs" else (name, h) for name, h in handlers]
-        dispatcher.handlers.append(("raywalk_quiet", lambda data: None))
 
 
 def pin_ray_address() -> None:
@@ -115,8 +75,19 @@ def quiet_train_logging():
     return ray.train.LoggingConfig(log_level="WARNING")
 
 
+def run_cpus(workers: int, cpus_per_worker: float) -> float:
+    """CPUs a local Ray needs for one run: its training workers' plus one, so that Ray Data gets
+    one (workers holding every CPU stall the pipeline)."""
+    return workers * cpus_per_worker + 1
+
+
 def ensure_ray(cfg: Config, verbose: bool = False) -> None:
-    """Join the cluster given by RAY_ADDRESS (or the `ray job submit` job), else start a local Ray."""
+    """Join the cluster given by RAY_ADDRESS (or the `ray job submit` job), else start a local Ray for cfg's run."""
+    ensure_ray_cpus(run_cpus(cfg.run.workers, cfg.run.cpus_per_worker), verbose)
+
+
+def ensure_ray_cpus(need: float, verbose: bool = False) -> None:
+    """ensure_ray, a local Ray getting at least `need` logical CPUs (above the core count: bookkeeping)."""
     quiet_defaults(verbose)
     import ray
 
@@ -125,14 +96,12 @@ def ensure_ray(cfg: Config, verbose: bool = False) -> None:
     level = logging.INFO if verbose else logging.WARNING
     if not verbose:
         # ray.init's notice that local token auth is on: expected here, nothing to act on.
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        ray_private.quiet_auth_notice()
     env = worker_env(verbose)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], logging_level=level, log_to_driver=True,
                  runtime_env=job_runtime_env(env))
     else:
-        # Training workers must not take every CPU, or Ray Data gets none and the pipeline stalls.
-        need = cfg.run.workers * cfg.run.cpus_per_worker + 1
         if not verbose:
             env = {**env, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}   # no spot preemption on a laptop
         ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), logging_level=level,
@@ -140,9 +109,14 @@ def ensure_ray(cfg: Config, verbose: bool = False) -> None:
         # The driver's own address lookups (state API) get the same pin as the workers' (pin_ray_address).
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     if not verbose:
-        import ray.data
+        _quiet_console()
 
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        logging.getLogger("ray").setLevel(logging.WARNING)
-        _plain_worker_bars()
-        _drop_noise()
+
+def _quiet_console() -> None:
+    """After ray.init: no Ray Data bars, WARNING and up from Ray, the one epoch bar plain, no _NOISE."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    ray_private.plain_worker_bars()   # one bar to tell apart: no "(pid=...)" prefix
+    ray_private.filter_forwarded_lines(lambda ln: not _NOISE.search(ln))

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from raywalk.records.lease import LeaseLost, check_holder
 from raywalk.records.storage import Store, StorageUnwritable, free_space, will_recur
+from raywalk.service import ray_private
 
 NAMESPACE = "raywalk"
 STORAGE, LEASE = "storage", "lease"
@@ -26,24 +27,18 @@ def _key(token: str) -> bytes:
 
 
 def record(token: str, kind: str, line: str, detail: dict | None = None) -> None:
-    from ray.experimental import internal_kv
-
-    internal_kv._internal_kv_put(_key(token), json.dumps({"kind": kind, "line": line, **(detail or {})}),
-                                 overwrite=False, namespace=NAMESPACE)   # the first stop is the cause
+    ray_private.kv_put(_key(token), json.dumps({"kind": kind, "line": line, **(detail or {})}),
+                       NAMESPACE)   # the first stop is the cause: never overwritten
 
 
 def recorded(token: str) -> dict[str, Any] | None:
-    from ray.experimental import internal_kv
-
-    raw = internal_kv._internal_kv_get(_key(token), namespace=NAMESPACE)
+    raw = ray_private.kv_get(_key(token), NAMESPACE)
     return json.loads(raw) if raw else None
 
 
 def clear(token: str) -> None:
-    from ray.experimental import internal_kv
-
     with contextlib.suppress(Exception):
-        internal_kv._internal_kv_del(_key(token), namespace=NAMESPACE)
+        ray_private.kv_del(_key(token), NAMESPACE)
 
 
 class Stopped(RuntimeError):
@@ -54,10 +49,8 @@ def _stop(token: str, kind: str, line: str, detail: dict | None = None) -> Stopp
     """Record the stop and return the exception that ends this worker. Ray Train logs a raising train
     function's traceback at ERROR ("Error in training function"); this one is recorded and told in one
     line by the driver, so that log is muted in this worker process, which is about to end."""
-    import logging
-
     record(token, kind, line, detail)
-    logging.getLogger("ray.train.v2._internal.util").setLevel(logging.CRITICAL)   # if raised (world > 1)
+    ray_private.quiet_train_function_errors()   # if raised (world > 1)
     return Stopped(line)
 
 

@@ -29,6 +29,7 @@ graph.n never has to hand-write a corpus size per point.
 from __future__ import annotations
 
 import ast
+import copy
 import csv
 import hashlib
 import io
@@ -38,8 +39,6 @@ import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
-
-import yaml
 
 from raywalk.config import Config, ConfigError, apply_overrides, read_yaml, set_dotted
 
@@ -200,42 +199,63 @@ def parse_sweep(data: Any, *, base_dir: str | Path = ".", default_name: str = "s
     unknown = set(data) - SWEEP_KEYS
     if unknown:
         raise ConfigError(f"sweep.{sorted(unknown)[0]}: unknown key (allowed: {', '.join(sorted(SWEEP_KEYS))})")
-    name = data.get("name", default_name)
+    name = _sweep_name(data.get("name", default_name))
+    base_dict = _base_dict(data.get("base"), Path(base_dir))
+    base_cfg = _apply_sets(base_dict, data.get("set") or {})
+    grid = data.get("grid")
+    axes = _grid_axes(grid)
+    derived = _derived(data.get("derived") or {}, grid)
+    axis = data.get("axis", axes[0])
+    if axis not in axes:
+        raise ConfigError(f"sweep.axis: {axis!r} is invalid: must be one of the grid keys ({', '.join(axes)})")
+    points = _points(base_dict, base_cfg, grid, axes, derived)
+    ident = {"points": [p.experiment_id for p in points], "axes": axes}
+    sweep_id = f"{name}-{hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]}"
+    return Sweep(name, sweep_id, tuple(axes), axis, base_cfg, tuple(points),
+                 {k: e.text for k, e in derived.items()}, source)
+
+
+def _sweep_name(name: Any) -> str:
     if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_." for c in name):
         raise ConfigError(f"sweep.name: {name!r} is invalid: letters, digits, - _ . only")
+    return name
 
-    base = data.get("base")
+
+def _base_dict(base: Any, base_dir: Path) -> dict[str, Any]:
+    """sweep.base as a config mapping of its own (a file relative to the sweep file, or inline)."""
     if isinstance(base, str):
-        bpath = Path(base_dir) / base
-        if not bpath.is_file():
-            raise ConfigError(f"sweep.base: {base!r} is invalid: no config file at {bpath}")
+        path = base_dir / base
+        if not path.is_file():
+            raise ConfigError(f"sweep.base: {base!r} is invalid: no config file at {path}")
         try:
-            base_dict = yaml.safe_load(bpath.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"sweep.base: {base!r} is not valid YAML: {e}") from None
+            base_dict = read_yaml(path, "config file")
+        except ConfigError as e:
+            raise ConfigError(f"sweep.base: {e}") from None
     elif isinstance(base, dict):
         base_dict = base
     else:
         raise ConfigError(f"sweep.base: {base!r} is invalid: a config file path or an inline config mapping")
     if not isinstance(base_dict, dict):
         raise ConfigError(f"sweep.base: {base!r} is invalid: the config must be a mapping of sections")
-    base_dict = json.loads(json.dumps(base_dict))
+    return copy.deepcopy(base_dict)   # set/grid values are written into it: never into the caller's
 
-    sets = data.get("set") or {}
+
+def _apply_sets(base_dict: dict[str, Any], sets: Any) -> Config:
+    """sweep.set written into base_dict (in place); the validated base config."""
     if not isinstance(sets, dict):
         raise ConfigError("sweep.set: must be a mapping of dotted keys to values")
     for k, v in sets.items():
         _known_key(str(k), "sweep.set")
         set_dotted(base_dict, str(k), v)
     try:
-        base_cfg = Config.from_dict(base_dict)
+        return Config.from_dict(base_dict)
     except ConfigError as e:
         raise ConfigError(f"sweep base config: {e}") from None
 
-    grid = data.get("grid")
+
+def _grid_axes(grid: Any) -> list[str]:
     if not isinstance(grid, dict) or not grid:
         raise ConfigError("sweep.grid: must be a non-empty mapping of dotted keys to lists of values")
-    axes: list[str] = []
     for k, vals in grid.items():
         k = str(k)
         _known_key(k, "sweep.grid")
@@ -245,13 +265,14 @@ def parse_sweep(data: Any, *, base_dir: str | Path = ".", default_name: str = "s
             raise ConfigError(f"sweep.grid {k}: {vals!r} is invalid: must be a non-empty list of values")
         if len({json.dumps(v, sort_keys=True) for v in vals}) != len(vals):
             raise ConfigError(f"sweep.grid {k}: {vals!r} is invalid: values repeat")
-        axes.append(k)
+    return [str(k) for k in grid]
 
-    derived_raw = data.get("derived") or {}
-    if not isinstance(derived_raw, dict):
+
+def _derived(raw: Any, grid: dict[str, Any]) -> dict[str, _Expr]:
+    if not isinstance(raw, dict):
         raise ConfigError("sweep.derived: must be a mapping of dotted keys to expressions")
     derived: dict[str, _Expr] = {}
-    for k, text in derived_raw.items():
+    for k, text in raw.items():
         k = str(k)
         _known_key(k, "sweep.derived")
         if k in grid:
@@ -259,11 +280,12 @@ def parse_sweep(data: Any, *, base_dir: str | Path = ".", default_name: str = "s
         if k in OPERATIONAL:
             raise ConfigError(f"sweep.derived {k}: cannot be derived (it comes from --storage)")
         derived[k] = _Expr(str(text) if isinstance(text, (int, float)) else text, f"sweep.derived {k}")
+    return derived
 
-    axis = data.get("axis", axes[0])
-    if axis not in axes:
-        raise ConfigError(f"sweep.axis: {axis!r} is invalid: must be one of the grid keys ({', '.join(axes)})")
 
+def _points(base_dict: dict[str, Any], base_cfg: Config, grid: dict[str, Any], axes: list[str],
+            derived: dict[str, _Expr]) -> list[Point]:
+    """The grid's cartesian product, each point a validated Config; two points of one experiment are refused."""
     points: list[Point] = []
     seen: dict[str, int] = {}
     for i, values in enumerate(itertools.product(*(grid[k] for k in axes))):
@@ -276,11 +298,7 @@ def parse_sweep(data: Any, *, base_dir: str | Path = ".", default_name: str = "s
                               f"an axis that does not change the model (e.g. run.*) makes duplicate points")
         seen[eid] = i
         points.append(Point(i, gp, cfg))
-
-    ident = {"points": [p.experiment_id for p in points], "axes": axes}
-    sweep_id = f"{name}-{hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]}"
-    return Sweep(name, sweep_id, tuple(axes), axis, base_cfg, tuple(points),
-                 {k: e.text for k, e in derived.items()}, source)
+    return points
 
 
 def expand_point(base_dict: dict[str, Any], base_cfg: Config, gp: Mapping[str, Any],
@@ -428,14 +446,16 @@ def format_table(summary: Mapping[str, Any]) -> str:
     lines = ["  ".join(h.ljust(wd) for h, wd in zip(head, widths)),
              "  ".join("-" * wd for wd in widths)]
     lines += ["  ".join(c.ljust(wd) for c, wd in zip(b, widths)) for b in body]
-    ex = summary["excluded_from_svd"]
-    lines.append("")
-    if ex:
-        lines.append(f"excluded from SVD analysis ({len(ex)} of {len(summary['rows'])}):")
-        for e in ex:
-            g = ", ".join(f"{k}={v}" for k, v in e["grid"].items())
-            lines.append(f"  point {e['point']} ({g}) {e['experiment_id']}: {e['status']}"
-                         + (f": {e['reason']}" if e["reason"] else ""))
-    else:
-        lines.append(f"all {len(summary['rows'])} points passed the gate; none excluded from SVD analysis")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *_excluded_lines(summary)])
+
+
+def _excluded_lines(summary: Mapping[str, Any]) -> list[str]:
+    ex, n = summary["excluded_from_svd"], len(summary["rows"])
+    if not ex:
+        return [f"all {n} points passed the gate; none excluded from SVD analysis"]
+    lines = [f"excluded from SVD analysis ({len(ex)} of {n}):"]
+    for e in ex:
+        g = ", ".join(f"{k}={v}" for k, v in e["grid"].items())
+        lines.append(f"  point {e['point']} ({g}) {e['experiment_id']}: {e['status']}"
+                     + (f": {e['reason']}" if e["reason"] else ""))
+    return lines

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from raywalk.config import Config
-from raywalk.records.storage import Store
+from raywalk.records.storage import Store, join_uri
 from raywalk.service.sweep import Point, Sweep, build_summary, format_table, summary_row, to_csv
 
 TRIAL_CPU = 0.1
@@ -148,14 +148,12 @@ def monitor_config_path(gcs_address: str, proc: Path = Path("/proc")) -> str | N
 def autoscaler_capacity() -> tuple[dict[str, float], str] | None:
     """(capacity the cluster can grow to, where that came from), or None when no autoscaler runs."""
     import ray
-    import ray._private.state as ray_state   # Ray Data reads the autoscaler's reported config the same way
 
-    try:
-        reported = ray_state.state.get_max_resources_from_cluster_config()
-    except Exception:
-        reported = None
+    from raywalk.service import ray_private
+
+    reported = ray_private.autoscaler_max_resources()
     if reported:
-        return {k: float(v) for k, v in reported.items()}, "the autoscaler's cluster config"
+        return reported, "the autoscaler's cluster config"
     path = monitor_config_path(ray.get_runtime_context().gcs_address)
     if path:
         import yaml
@@ -183,11 +181,7 @@ def ensure_sweep_ray(sweep: Sweep, max_concurrent: int | None, verbose: bool) ->
     if ray.is_initialized():
         return False
     k = max_concurrent or default_concurrency(os.cpu_count() or 1, sweep.points)
-    need = k * max(trial_need(p.cfg)["CPU"] for p in sweep.points) + DATA_CPU
-    # ensure_ray sizes a local Ray for one run as workers*cpus_per_worker + 1 CPUs; ask it for `need`.
-    probe = sweep.base.replace(**{"run.workers": 1, "run.cpus_per_worker": min(64.0, max(need - 1.0, 0.01)),
-                                  "train.batch_size": 64})
-    ray_env.ensure_ray(probe, verbose=verbose)
+    ray_env.ensure_ray_cpus(k * max(trial_need(p.cfg)["CPU"] for p in sweep.points) + DATA_CPU, verbose)
     return True
 
 
@@ -195,42 +189,47 @@ def _trial(config: dict[str, Any], *, points: dict[str, dict[str, Any]], sweep_s
            verbose: bool, sweep_id: str = "", grids: dict[str, dict[str, Any]] | None = None) -> None:
     """One Tune trial = one raywalk experiment (train() builds the TorchTrainer and calls fit())."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raywalk.service import driver as trainer
     from raywalk.records.lease import ENV_WAIT, timings
 
     # A Tune retry after a lost driver finds that driver's lease still fresh: wait for it to go stale.
     os.environ.setdefault(ENV_WAIT, str(2 * timings()[0]))
     eid = config["experiment_id"]
     cfg = Config.from_dict(points[eid])
-    rec_store = Store.open(sweep_store)
-    rec = f"trials/{eid}.json"
-
-    def log(s: str) -> None:
-        print(f"[{eid}] {s}", file=sys.stderr, flush=True)
-
     if "mlflow" in cfg.run.trackers and grids:   # the MLflow run tags its sweep and grid point (trackers.py)
         from raywalk.service.trackers import SWEEP_FILE
         Store.open(cfg.run.storage).sub(eid).write_json(SWEEP_FILE, {"sweep_id": sweep_id, "grid": grids[eid]})
-
-    import ray
-
-    base = {"experiment_id": eid, "trained_now": True, "started_at": time.time(),
-            "driver_node_id": ray.get_runtime_context().get_node_id()}
-    t0 = time.perf_counter()
-    try:
-        r = trainer.train(cfg, callbacks=[TuneReportCallback()], progress=False, verbose=verbose, log=log)
-    except BaseException as e:
-        rec_store.write_json(rec, {**base, "finished_at": time.time(), "wall_time_s": time.perf_counter() - t0,
-                                   "error": f"{type(e).__name__}: {e}"})
-        raise
-    wall = time.perf_counter() - t0
-    rec_store.write_json(rec, {**base, "finished_at": time.time(), "wall_time_s": wall, "error": None})
+    r, wall = _train_recorded(cfg, eid, Store.open(sweep_store), verbose)
     g = r["gate"]
     tune.report({"status": r["status"], "epochs_trained": r["epochs_trained"], "gate_passed": g["passed"],
                  "edge": g["final_edge_compliance"], "rule": g["final_rule_compliance"], "wall_time_s": wall,
                  "done": True})
+
+
+def _train_recorded(cfg: Config, eid: str, sweep_store: Store, verbose: bool) -> tuple[dict[str, Any], float]:
+    """train() the point, its trial record (start, end, wall time, driver node, error) written either way;
+    returns (result, wall seconds)."""
+    import ray
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raywalk.service import driver
+
+    def log(s: str) -> None:
+        print(f"[{eid}] {s}", file=sys.stderr, flush=True)
+
+    rec = f"trials/{eid}.json"
+    base = {"experiment_id": eid, "trained_now": True, "started_at": time.time(),
+            "driver_node_id": ray.get_runtime_context().get_node_id()}
+    t0 = time.perf_counter()
+    try:
+        r = driver.train(cfg, callbacks=[TuneReportCallback()], progress=False, verbose=verbose, log=log)
+    except BaseException as e:
+        sweep_store.write_json(rec, {**base, "finished_at": time.time(), "wall_time_s": time.perf_counter() - t0,
+                                     "error": f"{type(e).__name__}: {e}"})
+        raise
+    wall = time.perf_counter() - t0
+    sweep_store.write_json(rec, {**base, "finished_at": time.time(), "wall_time_s": wall, "error": None})
+    return r, wall
 
 
 def _prebuild_corpora(points: list[Point], root: Store, log: Log) -> None:
@@ -255,66 +254,85 @@ def run_sweep(sweep: Sweep, *, storage: str | None = None, max_concurrent: int |
     sweep = sweep.with_storage(root.uri)      # absolute: trials run in other directories
     sd = sweep_dir(root, sweep.sweep_id)
     t0 = time.perf_counter()
-
     pending = [p for p in sweep.points if finished_result(root, p.experiment_id) is None]
-    skipped = len(sweep.points) - len(pending)
-    log(f"sweep {sweep.sweep_id}: {len(sweep.points)} points, {skipped} already finished, "
-        f"{len(pending)} to run; results under {root.uri}")
-    k_used = None
-    if pending:
-        if not verbose:
-            # Tune's newer console output prints its experiment box and paths even at verbose=0;
-            # the classic reporter at verbose=0 prints nothing. --verbose keeps Tune's status tables.
-            os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-        started = ensure_sweep_ray(sweep, max_concurrent, verbose)
-        try:
-            import ray
-            from ray import tune
-
-            now = ray.cluster_resources()
-            on_head = now.get(DRIVER_RESOURCE, 0.0) >= DRIVER_UNIT
-            grown = autoscaler_capacity()
-            capacity, source = grown or (now, "the cluster now")
-            k_used = max_concurrent or concurrency(capacity, pending, on_head, now.get(DRIVER_RESOURCE, 0.0))
-            k_used = min(k_used, len(pending))
-            need = trial_need(pending[0].cfg, on_head)
-            where = f"on the head ({DRIVER_RESOURCE})" if on_head else f"on {TRIAL_CPU} CPU each"
-            log(f"up to {k_used} trial(s) at once; drivers {where}; a trial holds "
-                + ", ".join(f"{v:g} {r}" for r, v in need.items())
-                + f"; capacity {', '.join(f'{capacity.get(r, 0):g} {r}' for r in need)} from {source}")
-            _prebuild_corpora(pending, root, log)
-            for p in pending:   # a rerun of an interrupted sweep: forget the last attempt's error
-                if sd.is_file(f"trials/{p.experiment_id}.json"):
-                    sd.write_json(f"trials/{p.experiment_id}.json",
-                                  {"experiment_id": p.experiment_id, "wall_time_s": None, "error": None})
-            trainable = tune.with_resources(
-                tune.with_parameters(_trial, points={p.experiment_id: p.cfg.to_dict() for p in pending},
-                                     sweep_store=sd.uri, verbose=verbose, sweep_id=sweep.sweep_id,
-                                     grids={p.experiment_id: p.grid for p in pending}),
-                trial_resources(on_head))
-            tuner = tune.Tuner(
-                trainable,
-                param_space={"experiment_id": tune.grid_search([p.experiment_id for p in pending])},
-                tune_config=tune.TuneConfig(max_concurrent_trials=k_used,
-                                            trial_dirname_creator=lambda t: t.config["experiment_id"]),
-                run_config=tune.RunConfig(
-                    name="tune", storage_path=sd.path(), storage_filesystem=root.fs,   # as the driver does
-                    verbose=None if verbose else 0,
-                    # Train restarts lost workers itself; Tune restarts a lost driver, whose train() resumes.
-                    failure_config=tune.FailureConfig(max_failures=max(1, *(p.cfg.run.max_failures
-                                                                             for p in pending))),
-                ),
-            )
-            tuner.fit()
-        finally:
-            if started:
-                import ray
-
-                ray.shutdown()
+    log(f"sweep {sweep.sweep_id}: {len(sweep.points)} points, {len(sweep.points) - len(pending)} already "
+        f"finished, {len(pending)} to run; results under {root.uri}")
+    k_used = _run_trials(sweep, pending, root, sd, max_concurrent, verbose, log) if pending else None
     wall = time.perf_counter() - t0
+    rows = _summary_rows(sweep, root, sd, {p.experiment_id for p in pending})
+    summary = build_summary(sweep, rows, storage=root.uri, wall_time_s=wall,
+                            max_concurrent=k_used, trials_run=len(pending))
+    sd.write_json("summary.json", summary)
+    sd.write_bytes("summary.csv", to_csv(summary).encode())
+    return summary
 
+
+def _run_trials(sweep: Sweep, pending: list[Point], root: Store, sd: Store, max_concurrent: int | None,
+                verbose: bool, log: Log) -> int:
+    """The pending points as one Tuner's trials, on the joined or a local Ray; returns the concurrency used."""
+    if not verbose:
+        # Tune's newer console output prints its experiment box and paths even at verbose=0;
+        # the classic reporter at verbose=0 prints nothing. --verbose keeps Tune's status tables.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    started = ensure_sweep_ray(sweep, max_concurrent, verbose)
+    try:
+        k_used, on_head = _plan_concurrency(pending, max_concurrent, log)
+        _prebuild_corpora(pending, root, log)
+        for p in pending:   # a rerun of an interrupted sweep: forget the last attempt's error
+            if sd.is_file(f"trials/{p.experiment_id}.json"):
+                sd.write_json(f"trials/{p.experiment_id}.json",
+                              {"experiment_id": p.experiment_id, "wall_time_s": None, "error": None})
+        _tuner(sweep, pending, root, sd, k_used, on_head, verbose).fit()
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    return k_used
+
+
+def _plan_concurrency(pending: list[Point], max_concurrent: int | None, log: Log) -> tuple[int, bool]:
+    """(trials at once, drivers on the head), said in one line with what a trial holds and where it came from."""
+    import ray
+
+    now = ray.cluster_resources()
+    on_head = now.get(DRIVER_RESOURCE, 0.0) >= DRIVER_UNIT
+    capacity, source = autoscaler_capacity() or (now, "the cluster now")
+    k = max_concurrent or concurrency(capacity, pending, on_head, now.get(DRIVER_RESOURCE, 0.0))
+    k = min(k, len(pending))
+    need = trial_need(pending[0].cfg, on_head)
+    where = f"on the head ({DRIVER_RESOURCE})" if on_head else f"on {TRIAL_CPU} CPU each"
+    log(f"up to {k} trial(s) at once; drivers {where}; a trial holds "
+        + ", ".join(f"{v:g} {r}" for r, v in need.items())
+        + f"; capacity {', '.join(f'{capacity.get(r, 0):g} {r}' for r in need)} from {source}")
+    return k, on_head
+
+
+def _tuner(sweep: Sweep, pending: list[Point], root: Store, sd: Store, k_used: int, on_head: bool, verbose: bool):
+    from ray import tune
+
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, points={p.experiment_id: p.cfg.to_dict() for p in pending},
+                             sweep_store=sd.uri, verbose=verbose, sweep_id=sweep.sweep_id,
+                             grids={p.experiment_id: p.grid for p in pending}),
+        trial_resources(on_head))
+    return tune.Tuner(
+        trainable,
+        param_space={"experiment_id": tune.grid_search([p.experiment_id for p in pending])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=k_used,
+                                    trial_dirname_creator=lambda t: t.config["experiment_id"]),
+        run_config=tune.RunConfig(
+            name="tune", storage_path=sd.path(), storage_filesystem=root.fs,   # as the driver does
+            verbose=None if verbose else 0,
+            # Train restarts lost workers itself; Tune restarts a lost driver, whose train() resumes.
+            failure_config=tune.FailureConfig(max_failures=max(1, *(p.cfg.run.max_failures for p in pending))),
+        ),
+    )
+
+
+def _summary_rows(sweep: Sweep, root: Store, sd: Store, ran: set[str]) -> list[dict[str, Any]]:
+    """One row per point from its result.json and trial record; a torn one counts as not there."""
     rows = []
-    ran = {p.experiment_id for p in pending}
     for p in sweep.points:
         exp = root.sub(p.experiment_id)
         result = exp.read_json_or_warn("result.json", "result") if exp.is_file("result.json") else None
@@ -324,15 +342,11 @@ def run_sweep(sweep: Sweep, *, storage: str | None = None, max_concurrent: int |
         rec = rec if isinstance(rec, dict) else {}
         rec = {**rec, "trained_now": p.experiment_id in ran}
         rows.append(summary_row(p, result, rec, exp.child_uri("result.json") if result is not None else None))
-    summary = build_summary(sweep, rows, storage=root.uri, wall_time_s=wall, max_concurrent=k_used,
-                            trials_run=len(pending))
-    sd.write_json("summary.json", summary)
-    sd.write_bytes("summary.csv", to_csv(summary).encode())
-    return summary
+    return rows
 
 
 def print_summary(summary: dict[str, Any], root_uri: str, out=None) -> None:
     out = out or sys.stdout
     print(format_table(summary), file=out)
-    print(f"summary: {root_uri}/sweeps/{summary['sweep_id']}/summary.json (and summary.csv); "
+    print(f"summary: {join_uri(root_uri, 'sweeps', summary['sweep_id'], 'summary.json')} (and summary.csv); "
           f"{summary['trials_run']} trial(s) run in {summary['wall_time_s']:.0f}s", file=out)

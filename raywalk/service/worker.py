@@ -18,12 +18,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from raywalk.records import checkpoints as ckpt
-from raywalk.science import gate
-from raywalk.service import stops
+from raywalk.science.gate import Gate
+from raywalk.service import ray_private, stops
 from raywalk.config import Config
 from raywalk.service.corpus import Corpus
 from raywalk.records.result import ResultWriter
@@ -73,8 +72,7 @@ def torch_threads(cpus_per_worker: float) -> int:
 
 def _quiet_logs() -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)   # per-report INFO lines
-    from ray.train.v2._internal.execution import context as _ctx   # its logger is named by file path
-    logging.getLogger(_ctx.__file__).setLevel(logging.WARNING)   # "Reporting training result N: ..."
+    ray_private.quiet_train_reports()   # "Reporting training result N: ..."
 
 
 def _restore(state: TrainingState, checkpoints: Store, rank: int, world: int, say) -> str | None:
@@ -267,8 +265,7 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
     root = Store.open(cfg.run.storage)
     checkpoints = root.sub(spec.experiment_id, ckpt.RUN_DIR)
     corpus = Corpus(Store.open(spec.corpus_uri), spec.corpus_manifest)
-    table = corpus.rule_table()
-    share = gate.share(np.asarray(spec.gate_starts, dtype=np.int64), rank, world)
+    gate = Gate(spec.gate_starts, corpus.rule_table(), cfg).shard(rank, world)   # this rank's share
 
     state = TrainingState.create(cfg, spec.steps_per_epoch, device)
     restored = _restore(state, checkpoints, rank, world, say)
@@ -310,7 +307,7 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
         run = run_epoch(state, batches(e, state.step), spec.steps_per_epoch, rank, net, callbacks, previous_end)
         if progress is not None:
             progress.close(state)
-        end = epoch_end(state, run, share, table)
+        end = epoch_end(state, run, gate)
         metrics = {"epoch": state.epoch, "loss": end.loss, "edge": end.comp.edge, "rule": end.comp.rule,
                    "rule_checks": end.comp.rule_total, "gate_passed": end.passed,
                    "train_seconds": run.train_seconds, "first_batch_seconds": run.first_batch_seconds,
@@ -319,7 +316,7 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
         _report(state, spec, rank, metrics, upload_async=upload_async)
         state.timing.checkpoint_seconds.append(time.perf_counter() - t)
         if writer is not None:
-            writer.epoch_done(state.curves, end.comp, state.gate_epoch, state.epoch, share.n_distinct,
+            writer.epoch_done(state.curves, end.comp, state.gate_epoch, state.epoch, gate.n_distinct,
                               spec.steps_per_epoch, by_r=end.by_r, timing=state.timing, data=state.data_path)
         if tracking is not None:   # after the checkpoint and result.json; logs what is new
             tracking.epoch_end(state.curves)
