@@ -31,6 +31,7 @@ from raywalk.service.corpus import FORMAT_VERSION, Corpus
 from raywalk.science.graph import Graph, Jumpers
 from raywalk.science.model import GPT
 from raywalk.records.result import RESULT
+from raywalk.records.layout import CORPORA, MANIFEST
 from raywalk.records.storage import Store, StorageError, check_uri, is_remote, join_uri, split_query
 
 
@@ -194,7 +195,7 @@ def _checkpoint(exp: Store, result: dict[str, Any], eid: str, which: str | int) 
 def _find_corpus(exp_uri: str, result: dict[str, Any], cfg: Config, eid: str) -> Corpus:
     cid = cfg.corpus_id()
     tried = []
-    beside = join_uri(_parent(exp_uri), "corpora", cid)
+    beside = join_uri(_parent(exp_uri), CORPORA, cid)
     recorded = (result.get("corpus") or {}).get("uri")
     for uri in dict.fromkeys(u for u in (beside, recorded) if u):
         try:
@@ -208,10 +209,10 @@ def _find_corpus(exp_uri: str, result: dict[str, Any], cfg: Config, eid: str) ->
 
 def _open_checked(store: Store, cfg: Config) -> Corpus:
     """The corpus at store if it is the config's; the files read here are checked against the manifest."""
-    if not store.is_file("manifest.json"):
+    if not store.is_file(MANIFEST):
         raise LoadError("no manifest.json")
     try:
-        m = store.read_json("manifest.json")
+        m = store.read_json(MANIFEST)
     except ValueError as e:
         raise LoadError(f"manifest.json is not valid JSON ({e})") from None
     if m.get("format_version") != FORMAT_VERSION or m.get("config_hash") != cfg.corpus_id():

@@ -32,6 +32,8 @@ from raywalk.science.compliance import Compliance, RuleTable, check_sequences
 from raywalk.config import Config
 from raywalk.science.graph import Graph, Jumpers, build_graph, place_jumpers
 from raywalk.records.storage import Store
+from raywalk.records import layout
+from raywalk.records.layout import CORPORA, MANIFEST
 from raywalk.science.walks import jumper_events, sample_walks
 
 # 2: walks drawn by the exact-feasibility sampler; a version-1 corpus holds other walks for the same
@@ -218,10 +220,10 @@ def _verify(store: Store, cfg: Config, verify: str = "size") -> dict:
     """
     if verify not in VERIFY:
         raise ValueError(f"verify: {verify!r} is invalid: must be one of {', '.join(VERIFY)}")
-    if not store.is_file("manifest.json"):
+    if not store.is_file(MANIFEST):
         raise CorpusError("manifest.json is missing (an interrupted build?)")
     try:
-        m = store.read_json("manifest.json")
+        m = store.read_json(MANIFEST)
     except ValueError as e:
         raise CorpusError(f"manifest.json is not valid JSON ({e})") from None
     if m.get("format_version") != FORMAT_VERSION:
@@ -235,7 +237,7 @@ def _verify(store: Store, cfg: Config, verify: str = "size") -> dict:
 
 def open_corpus(root: Store, cfg: Config, verify: str = "size") -> Corpus:
     """The finished corpus for cfg under root, or CorpusError (verify: "size" or "full")."""
-    store = root.sub("corpora", cfg.corpus_id())
+    store = root.sub(CORPORA, cfg.corpus_id())
     return Corpus(store, _verify(store, cfg, verify))
 
 
@@ -254,7 +256,7 @@ def build_corpus(cfg: Config, root: Store, *, mapper: Mapper | None = None, prog
                  verify: str = "size") -> tuple[Corpus, dict]:
     """Build the corpus for cfg (or reuse one that passes `verify`). Returns (corpus, summary)."""
     t0 = time.perf_counter()
-    store = root.sub("corpora", cfg.corpus_id())
+    store = root.sub(CORPORA, cfg.corpus_id())
     if verify not in VERIFY:
         raise ValueError(f"verify: {verify!r} is invalid: must be one of {', '.join(VERIFY)}")
     if store.exists():
@@ -262,7 +264,7 @@ def build_corpus(cfg: Config, root: Store, *, mapper: Mapper | None = None, prog
             c = Corpus(store, _verify(store, cfg, verify))
             return c, {**c.manifest["summary"], "reused": True, "seconds": time.perf_counter() - t0}
         except CorpusError as e:
-            aside = f"corpora/{cfg.corpus_id()}.invalid-{time.strftime('%Y%m%d-%H%M%S')}"
+            aside = f"{CORPORA}/{layout.aside(cfg.corpus_id(), layout.INVALID)}"
             log(f"warning: corpus {store.uri} is not usable ({e}); moved to {root.child_uri(aside)} and rebuilding")
             root.move(f"corpora/{cfg.corpus_id()}", aside)
 
@@ -270,7 +272,7 @@ def build_corpus(cfg: Config, root: Store, *, mapper: Mapper | None = None, prog
     jumpers = place_jumpers(graph, cfg.graph.n_jumpers_per_block, cfg.graph.r_scales, cfg.w, cfg.seed)
     table = RuleTable.build(graph, jumpers)
     specs = plan_shards(cfg)
-    work = root.sub("corpora", f".building-{cfg.corpus_id()}") if root.local else store
+    work = root.sub(CORPORA, f"{layout.BUILDING}{cfg.corpus_id()}") if root.local else store
     work.delete_dir("")
     checksums: dict[str, dict] = {}
 
@@ -329,9 +331,9 @@ def build_corpus(cfg: Config, root: Store, *, mapper: Mapper | None = None, prog
         "summary": summary,
         "checksums": checksums,
     }
-    work.write_json("manifest.json", manifest)   # last: its presence marks a finished corpus
+    work.write_json(MANIFEST, manifest)   # last: its presence marks a finished corpus
     if work is not store:
-        root.makedirs("corpora")
+        root.makedirs(CORPORA)
         root.move(f"corpora/.building-{cfg.corpus_id()}", f"corpora/{cfg.corpus_id()}")
     return Corpus(store, manifest), {**summary, "reused": False}
 

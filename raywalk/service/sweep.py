@@ -42,6 +42,7 @@ from typing import Any, Mapping
 import yaml
 
 from raywalk.config import Config, ConfigError, apply_overrides, read_yaml, set_dotted
+from raywalk.records.overview import table_lines
 
 SCALING_RULE = ("corpus.corpus_size, unless set by the grid or `derived`, keeps the base's walks per vertex: "
                 "max(100*n, base_corpus_size * n // base_n)")
@@ -424,10 +425,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
             else:
                 cells.append(_cell(v))
         body.append(cells)
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    lines = ["  ".join(h.ljust(wd) for h, wd in zip(head, widths)),
-             "  ".join("-" * wd for wd in widths)]
-    lines += ["  ".join(c.ljust(wd) for c, wd in zip(b, widths)) for b in body]
+    lines = table_lines(head, body, rule=True)
     ex = summary["excluded_from_svd"]
     lines.append("")
     if ex:

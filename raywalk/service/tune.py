@@ -55,6 +55,8 @@ from typing import Any, Callable
 
 from raywalk.config import Config
 from raywalk.records.storage import Store
+from raywalk.records.storage import warn as _stderr
+from raywalk.records import layout
 from raywalk.service.sweep import Point, Sweep, build_summary, format_table, summary_row, to_csv
 
 TRIAL_CPU = 0.1
@@ -63,10 +65,6 @@ DRIVER_RESOURCE = "raywalk_driver"   # declared by the head node in cluster.yaml
 DRIVER_UNIT = 1.0                    # what one trial driver takes of it
 
 Log = Callable[[str], None]
-
-
-def _stderr(s: str) -> None:
-    print(s, file=sys.stderr, flush=True)
 
 
 def trial_need(cfg: Config, on_head: bool = False) -> dict[str, float]:
@@ -170,7 +168,7 @@ def autoscaler_capacity() -> tuple[dict[str, float], str] | None:
 
 
 def sweep_dir(root: Store, sweep_id: str) -> Store:
-    return root.sub("sweeps", sweep_id)
+    return root.sub(layout.SWEEPS, sweep_id)
 
 
 def ensure_sweep_ray(sweep: Sweep, max_concurrent: int | None, verbose: bool) -> bool:
@@ -205,13 +203,13 @@ def _trial(config: dict[str, Any], *, points: dict[str, dict[str, Any]], sweep_s
     eid = config["experiment_id"]
     cfg = Config.from_dict(points[eid])
     rec_store = Store.open(sweep_store)
-    rec = f"trials/{eid}.json"
+    rec = layout.trial_record(eid)
 
     def log(s: str) -> None:
         print(f"[{eid}] {s}", file=sys.stderr, flush=True)
 
     if "mlflow" in cfg.run.trackers and grids:   # the MLflow run tags its sweep and grid point (trackers.py)
-        from raywalk.service.trackers import SWEEP_FILE
+        from raywalk.records.layout import SWEEP_FILE
         Store.open(cfg.run.storage).sub(eid).write_json(SWEEP_FILE, {"sweep_id": sweep_id, "grid": grids[eid]})
 
     import ray
@@ -284,8 +282,8 @@ def run_sweep(sweep: Sweep, *, storage: str | None = None, max_concurrent: int |
                 + f"; capacity {', '.join(f'{capacity.get(r, 0):g} {r}' for r in need)} from {source}")
             _prebuild_corpora(pending, root, log)
             for p in pending:   # a rerun of an interrupted sweep: forget the last attempt's error
-                if sd.is_file(f"trials/{p.experiment_id}.json"):
-                    sd.write_json(f"trials/{p.experiment_id}.json",
+                if sd.is_file(layout.trial_record(p.experiment_id)):
+                    sd.write_json(layout.trial_record(p.experiment_id),
                                   {"experiment_id": p.experiment_id, "wall_time_s": None, "error": None})
             trainable = tune.with_resources(
                 tune.with_parameters(_trial, points={p.experiment_id: p.cfg.to_dict() for p in pending},
@@ -317,17 +315,17 @@ def run_sweep(sweep: Sweep, *, storage: str | None = None, max_concurrent: int |
     ran = {p.experiment_id for p in pending}
     for p in sweep.points:
         exp = root.sub(p.experiment_id)
-        result = exp.read_json_or_warn("result.json", "result") if exp.is_file("result.json") else None
+        result = exp.read_json_or_warn(layout.RESULT, "result") if exp.is_file(layout.RESULT) else None
         result = result if isinstance(result, dict) else None   # torn: the point counts as not run
-        rec = sd.read_json_or_warn(f"trials/{p.experiment_id}.json", "trial record") \
-            if sd.is_file(f"trials/{p.experiment_id}.json") else {}
+        rec = sd.read_json_or_warn(layout.trial_record(p.experiment_id), "trial record") \
+            if sd.is_file(layout.trial_record(p.experiment_id)) else {}
         rec = rec if isinstance(rec, dict) else {}
         rec = {**rec, "trained_now": p.experiment_id in ran}
-        rows.append(summary_row(p, result, rec, exp.child_uri("result.json") if result is not None else None))
+        rows.append(summary_row(p, result, rec, exp.child_uri(layout.RESULT) if result is not None else None))
     summary = build_summary(sweep, rows, storage=root.uri, wall_time_s=wall, max_concurrent=k_used,
                             trials_run=len(pending))
-    sd.write_json("summary.json", summary)
-    sd.write_bytes("summary.csv", to_csv(summary).encode())
+    sd.write_json(layout.SUMMARY, summary)
+    sd.write_bytes(layout.SUMMARY_CSV, to_csv(summary).encode())
     return summary
 
 
