@@ -20,7 +20,8 @@ def test_lease_liveness_rule():
 
 def test_timestamps_keep_each_files_form_and_all_parse_back():
     t = 1796119937.25   # 2026-12-01T10:12:17.250 UTC
-    forms = {"2026-12-01T10:12:17+00:00": layout.utc_iso(t), "2026-12-01T10:12:17.250+00:00": layout.utc_iso(t, ms=True),
+    forms = {"2026-12-01T10:12:17+00:00": layout.utc_iso(t),
+             "2026-12-01T10:12:17.250+00:00": layout.utc_iso(t, ms=True),
              "2026-12-01T10:12:17Z": layout.utc_iso(t, z=True)}
     assert all(want == got for want, got in forms.items()), forms
     assert [layout.parse_utc(s) for s in forms] == [int(t), t, int(t)]

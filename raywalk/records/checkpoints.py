@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from raywalk.records.layout import MANIFEST, RUN_DIR, STATE
+from raywalk.records.layout import MANIFEST, RUN_DIR, STATE  # noqa: F401  (RUN_DIR: callers say ckpt.RUN_DIR)
 from raywalk.records.storage import Store, replace_local
 
 CKPT_RE = re.compile(r"^epoch_(\d{4,})(?:_step_(\d{6,}))?$")   # epochs done (+ steps into the next)

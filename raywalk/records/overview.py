@@ -5,9 +5,9 @@ running) and ROOT/sweeps/<id>/summary.json, concurrently, so it stays fast on
 hundreds of experiments, locally or on s3://.
 
 Status: result.json's "passed" / "failed" as recorded; "interrupted" as recorded (a storage
-stop) unless a live lease says a driver runs it again. A run recorded as "running" is "running" while its driver's lease is live (time.time() -
-heartbeat_unix < stale_after_s) and "interrupted" once the lease is stale. With
-no lease file it is "interrupted", unless result.json was updated within
+stop) unless a live lease says a driver runs it again. A run recorded as "running" is
+"running" while its driver's lease is live (layout.lease_live) and "interrupted" once the
+lease is stale. With no lease file it is "interrupted", unless result.json was updated within
 NO_LEASE_GRACE_S: that covers a driver between writing result.json and taking or
 dropping its lease, and a driver older than leases in its first minutes.
 """
