@@ -266,7 +266,7 @@ def build_corpus(cfg: Config, root: Store, *, mapper: Mapper | None = None, prog
         except CorpusError as e:
             aside = f"{CORPORA}/{layout.aside(cfg.corpus_id(), layout.INVALID)}"
             log(f"warning: corpus {store.uri} is not usable ({e}); moved to {root.child_uri(aside)} and rebuilding")
-            root.move(f"corpora/{cfg.corpus_id()}", aside)
+            root.move(f"{CORPORA}/{cfg.corpus_id()}", aside)
 
     graph = build_graph(cfg.graph.n, cfg.graph.K, cfg.graph.p_in, cfg.graph.p_out, cfg.seed)
     jumpers = place_jumpers(graph, cfg.graph.n_jumpers_per_block, cfg.graph.r_scales, cfg.w, cfg.seed)
@@ -334,7 +334,7 @@ def build_corpus(cfg: Config, root: Store, *, mapper: Mapper | None = None, prog
     work.write_json(MANIFEST, manifest)   # last: its presence marks a finished corpus
     if work is not store:
         root.makedirs(CORPORA)
-        root.move(f"corpora/.building-{cfg.corpus_id()}", f"corpora/{cfg.corpus_id()}")
+        root.move(f"{CORPORA}/{layout.BUILDING}{cfg.corpus_id()}", f"{CORPORA}/{cfg.corpus_id()}")
     return Corpus(store, manifest), {**summary, "reused": False}
 
 
