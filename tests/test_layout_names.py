@@ -35,3 +35,14 @@ def test_what_under_a_root_is_an_experiment():
     assert not layout.is_experiment(layout.aside("exp1")) and layout.aside("exp1").startswith("exp1.old-2")
     assert layout.notice_of(layout.notice_name("d", 3).rsplit("/", 1)[1], 3)
     assert layout.resume_name("2026-12-01T09:32:17.250+00:00").startswith("resumes/2026-12-01T093217.250+0000-")
+
+
+def test_layout_needs_only_the_standard_library():
+    import subprocess
+    import sys
+
+    code = ("import sys, raywalk.records.layout\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'pyarrow', 'torch', 'numpy'))\n"
+            "print(bad); sys.exit(1 if bad else 0)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
