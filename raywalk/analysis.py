@@ -30,6 +30,7 @@ from raywalk.service.corpus import Corpus, CorpusError, check_files, read_manife
 from raywalk.science.graph import Graph, Jumpers
 from raywalk.science.model import GPT
 from raywalk.records.result import RESULT
+from raywalk.records.layout import CORPORA
 from raywalk.records.storage import Store, StorageError, check_uri, is_remote, join_uri, split_query
 
 
@@ -193,7 +194,7 @@ def _checkpoint(exp: Store, result: dict[str, Any], eid: str, which: str | int) 
 def _find_corpus(exp_uri: str, result: dict[str, Any], cfg: Config, eid: str) -> Corpus:
     cid = cfg.corpus_id()
     tried = []
-    beside = join_uri(_parent(exp_uri), "corpora", cid)
+    beside = join_uri(_parent(exp_uri), CORPORA, cid)
     recorded = (result.get("corpus") or {}).get("uri")
     for uri in dict.fromkeys(u for u in (beside, recorded) if u):
         try:

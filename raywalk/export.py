@@ -30,21 +30,19 @@ import io
 import json
 import os
 import shutil
-import uuid
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from raywalk.records.storage import Store, StorageError
+from raywalk.records.layout import MANIFEST, tmp_name, utc_iso
+from raywalk.records.storage import Store, StorageError, write_synced
 
 if TYPE_CHECKING:
     from raywalk.analysis import Experiment
     from raywalk.science.model import GPT
 
 FORMATS = ("reference", "raywalk")
-MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 # raywalk name -> reference name; ln_1, ln_2, mlp.0, mlp.2 and ln_f are the same in both
@@ -149,29 +147,9 @@ def export(exp: "Experiment", out: str, fmt: str = "reference", overwrite: bool 
     checkpoint: only recorded (how exp was loaded). overwrite: replace a non-empty out."""
     if fmt not in FORMATS:
         raise ExportError(f"format: {fmt!r} is invalid: must be one of {', '.join(FORMATS)}")
-    try:
-        dest = Store.open(str(out))
-        dest.check_writable()
-        if dest.is_file(""):
-            raise ExportError(f"--out {dest.uri}: is a file, not a directory")
-        existing = dest.listdir()
-    except (StorageError, OSError) as e:
-        raise ExportError(f"--out {out}: {e}") from None
-    if existing and not overwrite:
-        raise ExportError(f"--out {dest.uri} is not empty ({len(existing)} entries, e.g. {existing[0]}); "
-                          f"give another directory, or --overwrite (overwrite=True) to replace it")
-
+    dest, existing = _open_out(out, overwrite)
     files = _files(exp, fmt)
-    manifest = {
-        "format": fmt, "format_version": FORMAT_VERSION, "experiment_id": exp.experiment_id,
-        "checkpoint": {"requested": checkpoint, "epoch": exp.epoch, "uri": exp.checkpoint_uri},
-        "figures": _figures(exp),
-        "corpus": {"id": exp.config.corpus_id(), "uri": exp.corpus.uri},
-        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "files": {rel: {"what": what, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-                  for rel, (data, what) in files.items()},
-        "config": exp.config.to_dict(),
-    }
+    manifest = _manifest(exp, fmt, checkpoint, files)
     body = (json.dumps(manifest, indent=2) + "\n").encode()
     if dest.local:
         _write_local(dest.root, files, body)
@@ -184,20 +162,48 @@ def export(exp: "Experiment", out: str, fmt: str = "reference", overwrite: bool 
     return manifest
 
 
+def _open_out(out: str, overwrite: bool) -> tuple[Store, list[str]]:
+    """The --out store and what it holds; ExportError if it cannot be written or is not empty (unless overwrite)."""
+    try:
+        dest = Store.open(str(out))
+        dest.check_writable()
+        if dest.is_file(""):
+            raise ExportError(f"--out {dest.uri}: is a file, not a directory")
+        existing = dest.listdir()
+    except (StorageError, OSError) as e:
+        raise ExportError(f"--out {out}: {e}") from None
+    if existing and not overwrite:
+        raise ExportError(f"--out {dest.uri} is not empty ({len(existing)} entries, e.g. {existing[0]}); "
+                          f"give another directory, or --overwrite (overwrite=True) to replace it")
+    return dest, existing
+
+
+def _manifest(exp: "Experiment", fmt: str, checkpoint: str | int,
+              files: dict[str, tuple[bytes, str]]) -> dict[str, Any]:
+    return {
+        "format": fmt, "format_version": FORMAT_VERSION, "experiment_id": exp.experiment_id,
+        "checkpoint": {"requested": checkpoint, "epoch": exp.epoch, "uri": exp.checkpoint_uri},
+        "figures": _figures(exp),
+        "corpus": {"id": exp.config.corpus_id(), "uri": exp.corpus.uri},
+        "exported_at": utc_iso(),
+        "files": {rel: {"what": what, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                  for rel, (data, what) in files.items()},
+        "config": exp.config.to_dict(),
+    }
+
+
 def _write_local(root: str, files: dict[str, tuple[bytes, str]], manifest: bytes) -> None:
+    """Build the directory aside under layout's temp name, then rename it into place."""
     parent, name = os.path.split(root.rstrip("/"))
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex[:8]}-{name}")
+    tmp = os.path.join(parent, tmp_name(name))
     os.mkdir(tmp)
     try:
         for rel, (data, _) in [*files.items(), (MANIFEST, (manifest, ""))]:
-            with open(os.path.join(tmp, rel), "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            write_synced(os.path.join(tmp, rel), data)
         old = None
         if os.path.exists(root):   # an empty directory, or one the caller allowed to replace
-            old = os.path.join(parent, f".old-{uuid.uuid4().hex[:8]}-{name}")
+            old = os.path.join(parent, tmp_name(f"old-{name}"))
             os.replace(root, old)
         os.replace(tmp, root)
     except BaseException:

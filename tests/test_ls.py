@@ -11,7 +11,7 @@ import pytest
 from raywalk.cli import main
 from raywalk.science.compliance import Compliance
 from raywalk.records.overview import NO_LEASE_GRACE_S, format_overview, scan, status_of
-from raywalk.records.result import compose
+from raywalk.records.result import EpochFacts, build
 from raywalk.records.storage import Store
 from tests.conftest import tiny_config
 from tests.s3server import s3_server  # noqa: F401  (fixture)
@@ -32,8 +32,13 @@ def lease(heartbeat: float, stale_after: float = 60.0) -> dict:
             "heartbeat_at": iso(heartbeat), "heartbeat_unix": heartbeat, "stale_after_s": stale_after}
 
 
+def record(cfg, eid: str, gate_epoch: int | None, epochs: int, restarts: int = 0, last=Compliance(999, 1000, 36, 40)):
+    e = EpochFacts(CURVES, last, gate_epoch, epochs, 16, 25, by_r={2: (30, 27), 4: (10, 9)})
+    return build(cfg, eid, e, checkpoints={}, environment={}, restarts=restarts).to_json()
+
+
 def populate(root: Store, n: int, now: float) -> dict[str, str]:
-    """n experiments made by compose, cycling through KINDS; returns id -> expected status."""
+    """n experiments made by result.build, cycling through KINDS; returns id -> expected status."""
     expected = {}
     for i in range(n):
         kind = KINDS[i % len(KINDS)]
@@ -41,8 +46,7 @@ def populate(root: Store, n: int, now: float) -> dict[str, str]:
         eid = cfg.experiment_id()
         exp = root.sub(eid)
         gate_epoch = 2 if kind == "passed" else None
-        r = compose(cfg, eid, CURVES, Compliance(999, 1000, 36, 40), gate_epoch, 2, 16, 25, exp, {}, i % 3,
-                    finished=kind in ("passed", "failed"), by_r={2: (30, 27), 4: (10, 9)})
+        r = record(cfg, eid, gate_epoch, cfg.train.max_epochs if kind == "failed" else 2, i % 3)
         if kind in ("stale", "no_lease_old"):
             r["updated_at"] = iso(now - 3600)
         exp.write_json("result.json", r)
@@ -116,7 +120,7 @@ def test_two_hundred_local_experiments(tmp_path, capsys):
 def test_updated_at_falls_back_to_the_file_time(tmp_path):
     root = Store.open(str(tmp_path))
     cfg = tiny_config(root.uri)
-    r = compose(cfg, "old", CURVES, None, None, 1, 16, 25, root.sub("old"), {}, 0, finished=False)
+    r = record(cfg, "old", None, 1, last=None)
     del r["updated_at"]   # a result.json from before updated_at existed, written just now
     root.sub("old").write_json("result.json", r)
     (row,) = scan(root)["experiments"]

@@ -1,1 +1,2 @@
-"""What a run leaves under its storage root: storage I/O, checkpoints, result.json, the lease, the overview."""
+"""What a run leaves under its storage root: the layout (every name and rule), storage I/O,
+checkpoints, result.json, the lease, the overview."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import pickle
 import re
 from pathlib import Path
@@ -18,11 +17,9 @@ from typing import Any
 
 import torch
 
-from raywalk.records.storage import Store, fault_point, tmp_name
+from raywalk.records.layout import MANIFEST, RUN_DIR, STATE  # noqa: F401  (RUN_DIR: callers say ckpt.RUN_DIR)
+from raywalk.records.storage import Store, replace_local
 
-RUN_DIR = "checkpoints"        # ROOT/<experiment_id>/checkpoints: Ray's run directory (RunConfig.name)
-STATE = "state.pt"
-MANIFEST = "manifest.json"
 CKPT_RE = re.compile(r"^epoch_(\d{4,})(?:_step_(\d{6,}))?$")   # epochs done (+ steps into the next)
 
 
@@ -53,10 +50,8 @@ def save(directory: str | Path, state: dict[str, Any]) -> None:
     (d / STATE).write_bytes(data)
     manifest = {"files": {STATE: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}},
                 "epoch": int(state["epoch"])}
-    tmp = d / tmp_name(MANIFEST)   # storage's one temp rule: never listed, never read as a manifest
-    tmp.write_text(json.dumps(manifest))
-    fault_point(f"checkpoint:{d / MANIFEST}")   # tests: RAYWALK_FAULT_BEFORE_RENAME=checkpoint:...
-    os.replace(tmp, d / MANIFEST)
+    # layout's one temp rule (never listed, never read as a manifest); tests: RAYWALK_FAULT_BEFORE_RENAME=checkpoint:...
+    replace_local(str(d / MANIFEST), json.dumps(manifest).encode(), fault=f"checkpoint:{d / MANIFEST}")
 
 
 def load_bytes(files: dict[str, bytes]) -> dict[str, Any]:

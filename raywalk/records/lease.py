@@ -28,11 +28,9 @@ should run on hosts with synchronised clocks (the cluster's head runs them all).
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 import os
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -40,24 +38,15 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 from urllib.parse import parse_qs
 
-from raywalk.records.storage import S3_ATTEMPTS, Store, StorageUnwritable, fault_point, free_space, split_query, tmp_name, will_recur
+from raywalk.records.layout import LEASE, LEASE_LOCK, STALE_AFTER_S, lease_live, utc_iso
+from raywalk.records.storage import (S3_ATTEMPTS, Store, StorageUnwritable, free_space, rename_into, split_query, warn,
+                                     will_recur, write_temp)
 
-LEASE = "lease.json"
-LOCK = "lease.lock"
-STALE_AFTER_S = 60.0
 ENV_STALE = "RAYWALK_LEASE_STALE_AFTER_S"
 ENV_HEARTBEAT = "RAYWALK_LEASE_HEARTBEAT_S"
 ENV_WAIT = "RAYWALK_LEASE_WAIT_S"
 
 Log = Callable[[str], None]
-
-
-def _stderr(s: str) -> None:
-    print(s, file=sys.stderr, flush=True)
-
-
-def _iso(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _env_seconds(name: str) -> float | None:
@@ -116,7 +105,7 @@ class LeaseInfo:
         return (time.time() if now is None else now) - self.heartbeat_unix
 
     def live(self, now: float | None = None) -> bool:
-        return self.age(now) < self.stale_after_s
+        return lease_live(self.heartbeat_unix, self.stale_after_s, now)
 
     def describe(self) -> str:
         return (f"host {self.host}, pid {self.pid}, started {self.started_at}, last heartbeat {self.heartbeat_at} "
@@ -158,22 +147,14 @@ class _Local:
             os.unlink(tmp)
 
     def _write_tmp(self, data: bytes) -> str:
-        """A temp file (storage.tmp_name: never listed, swept by the next holder) holding data."""
-        tmp = os.path.join(self.dir, tmp_name(LEASE))
+        """A temp file (layout's temp rule: never listed, swept by the next holder) holding data."""
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            fault_point(self.path)
-        except BaseException as e:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            why = will_recur(e) if isinstance(e, OSError) else None
+            return write_temp(self.path, data)
+        except OSError as e:
+            why = will_recur(e)
             if why is not None:   # full disk, quota, read-only: the run stops with one line
                 raise StorageUnwritable(self.path, why, free_space(self.path)) from e
             raise
-        return tmp
 
     def read(self):
         try:
@@ -188,7 +169,7 @@ class _Local:
         import fcntl
 
         os.makedirs(self.dir, exist_ok=True)
-        fd = os.open(os.path.join(self.dir, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(os.path.join(self.dir, LEASE_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -200,13 +181,7 @@ class _Local:
             cur = self.read()
             if cur is None or cur[1] != token:
                 return None
-            tmp = self._write_tmp(data)
-            try:
-                os.replace(tmp, self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            rename_into(self._write_tmp(data), self.path)
             return data
 
     def delete(self, token) -> bool:
@@ -314,7 +289,7 @@ class Lease:
     """This driver's claim on one experiment (see the module doc)."""
 
     def __init__(self, exp: Store, experiment_id: str, *, stale_after_s: float | None = None,
-                 heartbeat_s: float | None = None, log: Log = _stderr):
+                 heartbeat_s: float | None = None, log: Log = warn):
         self.exp, self.experiment_id, self.log = exp, experiment_id, log
         self.stale_after_s, self.heartbeat_s = timings(stale_after_s, heartbeat_s)
         self.holder = uuid.uuid4().hex
@@ -330,7 +305,8 @@ class Lease:
 
     def _stamp(self, started_at: str | None = None) -> LeaseInfo:
         now = time.time()
-        return LeaseInfo(self.holder, socket.gethostname(), os.getpid(), started_at or _iso(now), _iso(now), now,
+        stamp = utc_iso(now, z=True)
+        return LeaseInfo(self.holder, socket.gethostname(), os.getpid(), started_at or stamp, stamp, now,
                          self.stale_after_s)
 
     def current(self) -> LeaseInfo | None:
@@ -436,8 +412,53 @@ def lost_line(experiment_id: str, cur: "LeaseInfo | None") -> str:
     return f"lost the lease on experiment {experiment_id}: {who}; this driver stopped training and writes nothing more"
 
 
+class _Heartbeat(threading.Thread):
+    """Renews the lease every heartbeat_s. Once it cannot (another holder, or renewing has failed
+    for longer than the stale limit) it sets `lease.lost` to the one-line reason, calls on_lost
+    once, and ends."""
+
+    def __init__(self, lease: Lease, log: Log, on_lost: Callable[[str], None] | None):
+        super().__init__(name=f"raywalk-lease-{lease.experiment_id}", daemon=True)
+        self.lease, self.log, self.on_lost = lease, log, on_lost
+        self.stopped = threading.Event()
+        lease.lost = None
+
+    def run(self) -> None:
+        lease, warned, last_ok = self.lease, False, time.monotonic()
+        while not self.stopped.wait(lease.heartbeat_s):
+            try:
+                lease.renew()
+                warned, last_ok = False, time.monotonic()
+            except LeaseLost:
+                cur = None
+                with contextlib.suppress(Exception):
+                    cur = lease.current()
+                return self._lose(lost_line(lease.experiment_id, cur))
+            except Exception as e:   # a storage hiccup: keep trying until the lease goes stale
+                down = time.monotonic() - last_ok
+                if down >= lease.stale_after_s:
+                    return self._lose(f"lost the lease on experiment {lease.experiment_id}: could not renew "
+                                      f"{lease.uri} for {down:.0f}s, longer than its stale limit "
+                                      f"({lease.stale_after_s:.0f}s; {type(e).__name__}: {str(e).splitlines()[0]}); "
+                                      f"another driver may take it over, so this one stopped training")
+                if not warned:
+                    self.log(f"warning: could not renew the lease {lease.uri} ({type(e).__name__}: {e}); retrying")
+                    warned = True
+
+    def _lose(self, reason: str) -> None:
+        if self.stopped.is_set():
+            return
+        self.lease.lost = reason
+        if self.on_lost is not None:
+            self.on_lost(reason)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(timeout=self.lease.heartbeat_s + 30)
+
+
 @contextlib.contextmanager
-def hold(exp: Store, experiment_id: str, *, log: Log = _stderr, stale_after_s: float | None = None,
+def hold(exp: Store, experiment_id: str, *, log: Log = warn, stale_after_s: float | None = None,
          heartbeat_s: float | None = None, wait_s: float | None = None,
          on_lost: Callable[[str], None] | None = None) -> Iterator[Lease | None]:
     """Hold the experiment's lease for the block: acquire (LeaseHeld if taken, after waiting up to
@@ -453,44 +474,12 @@ def hold(exp: Store, experiment_id: str, *, log: Log = _stderr, stale_after_s: f
         yield None
         return
     lease = Lease(exp, experiment_id, stale_after_s=stale_after_s, heartbeat_s=heartbeat_s, log=log).acquire(wait_s)
-    lease.lost = None
-    stop = threading.Event()
-
-    def lose(reason: str) -> None:
-        if stop.is_set():
-            return
-        lease.lost = reason
-        if on_lost is not None:
-            on_lost(reason)
-
-    def beat() -> None:
-        warned, last_ok = False, time.monotonic()
-        while not stop.wait(lease.heartbeat_s):
-            try:
-                lease.renew()
-                warned, last_ok = False, time.monotonic()
-            except LeaseLost:
-                cur = None
-                with contextlib.suppress(Exception):
-                    cur = lease.current()
-                return lose(lost_line(experiment_id, cur))
-            except Exception as e:   # a storage hiccup: keep trying until the lease goes stale
-                if time.monotonic() - last_ok >= lease.stale_after_s:
-                    return lose(f"lost the lease on experiment {experiment_id}: could not renew {lease.uri} for "
-                                f"{time.monotonic() - last_ok:.0f}s, longer than its stale limit "
-                                f"({lease.stale_after_s:.0f}s; {type(e).__name__}: {str(e).splitlines()[0]}); "
-                                f"another driver may take it over, so this one stopped training")
-                if not warned:
-                    log(f"warning: could not renew the lease {lease.uri} ({type(e).__name__}: {e}); retrying")
-                    warned = True
-
-    thread = threading.Thread(target=beat, name=f"raywalk-lease-{experiment_id}", daemon=True)
-    thread.start()
+    beat = _Heartbeat(lease, log, on_lost)
+    beat.start()
     try:
         yield lease
     finally:
-        stop.set()
-        thread.join(timeout=lease.heartbeat_s + 30)
+        beat.stop()
         try:
             if lease.lost is None:
                 lease.release()

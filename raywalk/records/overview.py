@@ -5,9 +5,9 @@ running) and ROOT/sweeps/<id>/summary.json, concurrently, so it stays fast on
 hundreds of experiments, locally or on s3://.
 
 Status: result.json's "passed" / "failed" as recorded; "interrupted" as recorded (a storage
-stop) unless a live lease says a driver runs it again. A run recorded as "running" is "running" while its driver's lease is live (time.time() -
-heartbeat_unix < stale_after_s) and "interrupted" once the lease is stale. With
-no lease file it is "interrupted", unless result.json was updated within
+stop) unless a live lease says a driver runs it again. A run recorded as "running" is
+"running" while its driver's lease is live (layout.lease_live) and "interrupted" once the
+lease is stale. With no lease file it is "interrupted", unless result.json was updated within
 NO_LEASE_GRACE_S: that covers a driver between writing result.json and taking or
 dropping its lease, and a driver older than leases in its first minutes.
 """
@@ -16,18 +16,15 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Sequence
 
 import pyarrow.fs as pafs
 
+from raywalk.records import layout
+from raywalk.records.layout import LEASE, RESULT, SUMMARY, SWEEPS, parse_utc, utc_iso
 from raywalk.records.storage import Store
 
-RESULT = "result.json"   # = raywalk.records.result.RESULT, which would pull in torch
-LEASE = "lease.json"
-SUMMARY = "summary.json"
 NO_LEASE_GRACE_S = 120.0
-NOT_EXPERIMENTS = {"corpora", "sweeps"}
 STATUSES = ("running", "passed", "failed", "interrupted")
 THREADS = 16   # concurrent reads: object stores answer each GET in tens of ms
 
@@ -50,17 +47,10 @@ def _dig(d: Any, *keys: str) -> Any:
     return d
 
 
-def _unix(iso: str | None) -> float | None:
-    try:
-        t = datetime.fromisoformat(iso)   # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
-
-
 def lease_live(lease: dict[str, Any] | None, now: float) -> bool:
+    """layout's liveness rule on a lease file as read; a torn or foreign one is not live."""
     try:
-        return now - float(lease["heartbeat_unix"]) < float(lease["stale_after_s"])   # type: ignore[index]
+        return layout.lease_live(float(lease["heartbeat_unix"]), float(lease["stale_after_s"]), now)  # type: ignore
     except (TypeError, KeyError, ValueError):
         return False
 
@@ -77,28 +67,40 @@ def status_of(result: dict[str, Any] | None, lease: dict[str, Any] | None, updat
     return "running" if updated is not None and now - updated < NO_LEASE_GRACE_S else "interrupted"
 
 
-def experiment_row(exp: Store, name: str, now: float) -> dict[str, Any] | None:
-    """The row of ROOT/name, or None when it holds neither result.json nor lease.json."""
-    error = None
+def _read_result(exp: Store) -> tuple[dict[str, Any] | None, str | None]:
+    """(result.json, None), (None, None) when absent, (None, why) when unreadable."""
     try:
         result = _read_json(exp, RESULT)
         if result is not None and not isinstance(result, dict):
             raise ValueError("not a JSON object")
+        return result, None
     except ValueError as e:
-        result, error = None, f"result.json unreadable: {e}"
-    lease = None
-    if result is None or result.get("status") not in ("passed", "failed"):
-        try:
-            lease = _read_json(exp, LEASE)
-        except ValueError:
-            lease = {}   # torn or foreign: counts as present but not live
+        return None, f"{RESULT} unreadable: {e}"
+
+
+def _read_lease(exp: Store) -> dict[str, Any] | None:
+    try:
+        return _read_json(exp, LEASE)
+    except ValueError:
+        return {}   # torn or foreign: counts as present but not live
+
+
+def _updated(exp: Store, result: dict[str, Any]) -> float | None:
+    updated = parse_utc(result.get("updated_at"))
+    if updated is None:   # written before updated_at existed
+        info = exp.fs.get_file_info(exp.path(RESULT))
+        updated = info.mtime.timestamp() if info.type == pafs.FileType.File and info.mtime else None
+    return updated
+
+
+def experiment_row(exp: Store, name: str, now: float) -> dict[str, Any] | None:
+    """The row of ROOT/name, or None when it holds neither result.json nor lease.json."""
+    result, error = _read_result(exp)
+    lease = _read_lease(exp) if result is None or result.get("status") not in ("passed", "failed") else None
     if result is None and lease is None and error is None:
         return None
     r = result or {}
-    updated = _unix(r.get("updated_at"))
-    if result is not None and updated is None:   # written before updated_at existed
-        info = exp.fs.get_file_info(exp.path(RESULT))
-        updated = info.mtime.timestamp() if info.type == pafs.FileType.File and info.mtime else None
+    updated = _updated(exp, result) if result is not None else None
     g = r.get("gate") if isinstance(r.get("gate"), dict) else {}   # partial records: missing fields are "-"
     status = "unreadable" if error else status_of(result, lease, updated, now)
     return {
@@ -111,8 +113,7 @@ def experiment_row(exp: Store, name: str, now: float) -> dict[str, Any] | None:
         "final_edge_compliance": g.get("final_edge_compliance"),
         "final_rule_compliance": g.get("final_rule_compliance"),
         "restarts": r.get("restarts"),
-        "updated_at": (datetime.fromtimestamp(updated, timezone.utc).isoformat(timespec="seconds")
-                       if updated is not None else None),
+        "updated_at": utc_iso(updated) if updated is not None else None,
         "host": (lease or {}).get("host") if status == "running" else None,
         "error": error,
         "result": exp.child_uri(RESULT) if result is not None else None,
@@ -125,7 +126,7 @@ def sweep_row(sd: Store, name: str, by_id: dict[str, dict[str, Any]]) -> dict[st
     try:
         s = _read_json(sd, SUMMARY)
     except ValueError as e:
-        return {"sweep_id": name, "points": None, "counts": {}, "error": f"summary.json unreadable: {e}"}
+        return {"sweep_id": name, "points": None, "counts": {}, "error": f"{SUMMARY} unreadable: {e}"}
     if not isinstance(s, dict):
         return None
     counts: dict[str, int] = {}
@@ -140,18 +141,25 @@ def sweep_row(sd: Store, name: str, by_id: dict[str, dict[str, Any]]) -> dict[st
 def scan(root: Store, now: float | None = None) -> dict[str, Any]:
     """Every experiment and sweep under root (experiments sorted by id)."""
     now = time.time() if now is None else now
-    names = [n for n in root.listdir() if n not in NOT_EXPERIMENTS and not n.startswith(".") and ".old-" not in n]
-    sweeps = root.listdir("sweeps")
+    names = [n for n in root.listdir() if layout.is_experiment(n)]
+    sweeps = root.listdir(SWEEPS)
     with ThreadPoolExecutor(THREADS) as pool:
         rows = [r for r in pool.map(lambda n: experiment_row(root.sub(n), n, now), names) if r is not None]
         rows.sort(key=lambda r: r["experiment_id"])
         by_id = {r["experiment_id"]: r for r in rows}
-        srows = [s for s in pool.map(lambda n: sweep_row(root.sub("sweeps", n), n, by_id), sweeps) if s is not None]
+        srows = [s for s in pool.map(lambda n: sweep_row(root.sub(SWEEPS, n), n, by_id), sweeps) if s is not None]
     counts = {s: 0 for s in STATUSES}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
-    return {"root": root.uri, "scanned_at": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),
+    return {"root": root.uri, "scanned_at": utc_iso(now),
             "counts": counts, "experiments": rows, "sweeps": srows}
+
+
+def table_lines(head: Sequence[str], body: Sequence[Sequence[str]], rule: bool = False) -> list[str]:
+    """Columns two spaces apart, each as wide as its widest cell; `rule`: a line of dashes under the head."""
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    rows = [head, *([["-" * w for w in widths]] if rule else []), *body]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
 
 
 def _fmt(v: Any, spec: str = "") -> str:
@@ -168,11 +176,7 @@ def format_overview(ov: dict[str, Any]) -> str:
         body.append([r["experiment_id"], r["status"] + (f" ({r['host']})" if r["host"] else ""), ep,
                      _fmt(r["gate_epoch"]), _fmt(r["final_edge_compliance"], ".3f"),
                      _fmt(r["final_rule_compliance"], ".3f"), _fmt(r["restarts"]), upd])
-    lines = []
-    if body:
-        widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-        lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip())
-        lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)).rstrip() for b in body]
+    lines = table_lines(head, body) if body else []
     c = ov["counts"]
     lines.append(f"{len(body)} experiment(s) under {ov['root']}: "
                  + ", ".join(f"{c[k]} {k}" for k in c if c[k] or k in STATUSES))

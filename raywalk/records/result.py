@@ -1,25 +1,98 @@
 """`ROOT/{experiment_id}/result.json`: raywalk's own record of a run (Ray Train V2 keeps none).
 
-Rank 0 rewrites it atomically after every epoch; the driver finalises it. It
-holds the config, the gate outcome, the curves (loss per optimizer step,
-compliance per epoch), where the checkpoints are, and environment facts.
+A `Result` is built by pure functions from the run's state (`build` after each epoch, then
+`finalised` or `interrupted`) and written only at the edges, by `write`: rank 0 after every
+epoch (ResultWriter.epoch_done), the driver once at the end (finalise, or a storage stop). It
+holds the config, the gate outcome, the curves (loss per optimizer step, compliance per epoch),
+where the checkpoints are, and environment facts. The run's accounting beside it (attempts/,
+notices/, resumes/: see layout.py) is written as it happens, one file per event.
 """
 from __future__ import annotations
 
+import dataclasses
 import platform
-import uuid
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from typing import Any
 
 from raywalk import __version__
+from raywalk.records import layout
 from raywalk.records.checkpoints import CKPT_RE, MANIFEST, RUN_DIR, dir_name, position
 from raywalk.science.compliance import Compliance
 from raywalk.science.gate import by_jump_length
 from raywalk.config import Config
+from raywalk.records.layout import RESULT, utc_iso  # noqa: F401  (RESULT: readers import it from here too)
 from raywalk.records.lease import check_holder
 from raywalk.records.storage import Store, warn
 
-RESULT = "result.json"
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()   # a key the file does not hold (a partial record, or one older than the key)
+
+
+@dataclass(frozen=True)
+class Result:
+    """result.json, key for key in the file's order; UNSET fields are not written.
+
+    Values are kept as read (a partial or hand-edited record round-trips unchanged); keys this
+    version does not know go to `extra`, written after the known ones.
+    """
+    experiment_id: str = UNSET
+    status: str = UNSET                     # running / passed / failed / interrupted
+    svd_eligible: bool = UNSET
+    failure: dict | None = UNSET            # why the gate was not passed (failed runs), else None
+    gate: dict = UNSET
+    epochs_trained: int = UNSET
+    steps_per_epoch: int = UNSET
+    curves: dict = UNSET                    # train_loss, edge_compliance, rule_compliance
+    gate_history: dict = UNSET              # n_rule_checks, n_distinct_sequences per epoch
+    checkpoints: dict = UNSET               # directory, kept, latest, gate
+    restarts: int = UNSET
+    environment: dict = UNSET
+    updated_at: str = UNSET
+    config: dict = UNSET
+    corpus: dict = UNSET                    # id, uri
+    resumes: list = UNSET
+    data_path: str = UNSET                  # resident / stream
+    timing: dict = UNSET                    # seconds per epoch (README "The timing block")
+    interrupted: dict = UNSET               # reason, at (a storage stop, a missing record)
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {f: getattr(self, f) for f in _FIELDS if getattr(self, f) is not UNSET}
+        return {**out, **{k: v for k, v in self.extra.items() if k not in out}}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Result":
+        return cls(**{k: d[k] for k in _FIELDS if k in d}, extra={k: v for k, v in d.items() if k not in _FIELDS})
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("passed", "failed")
+
+    @property
+    def gate_epoch(self) -> int | None:
+        return self.gate.get("epoch") if isinstance(self.gate, dict) else None
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(Result) if f.name != "extra")
+
+
+@dataclass(frozen=True)
+class EpochFacts:
+    """What rank 0 knows after an epoch, as plain facts."""
+    curves: Any                  # science.loop.Curves (or anything with its five lists)
+    last: Compliance | None      # the gate's counts of this epoch
+    gate_epoch: int | None       # the epoch the gate passed at, None while not passed
+    epochs_trained: int
+    n_distinct: int | None       # distinct gate sequences
+    steps_per_epoch: int
+    by_r: Any = None             # the counts per jump length (see by_jump_length)
+    timing: dict | None = None   # Timing.state_dict()
+    data_path: str | None = None
 
 
 def environment(workers: int, device: str) -> dict[str, Any]:
@@ -30,36 +103,35 @@ def environment(workers: int, device: str) -> dict[str, Any]:
             "python": platform.python_version(), "workers": workers, "device": device}
 
 
+# ---- the run's accounting: one file per event ---------------------------------------------
+
 def record_worker_start(exp: Store, driver_token: str) -> tuple[int, int]:
-    """Note a worker-group start; return (restarts of this experiment, restarts under this driver)."""
-    exp.write_bytes(f"attempts/{driver_token}/{uuid.uuid4().hex}", b"")
-    return count_restarts(exp), len(exp.listdir(f"attempts/{driver_token}")) - 1
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    """Note a worker-group start (its attempt marker); return (restarts of this experiment, restarts under
+    this driver)."""
+    exp.write_bytes(layout.attempt_marker(driver_token), b"")
+    return count_restarts(exp), len(exp.listdir(f"{layout.ATTEMPTS}/{driver_token}")) - 1
 
 
 def record_notice(exp: Store, driver_token: str, attempt: int, notice: dict[str, Any]) -> None:
     """A preemption notice seen by worker-group start `attempt` of this driver (read when the next one resumes)."""
-    exp.write_json(f"notices/{driver_token}/{attempt:04d}-{uuid.uuid4().hex[:8]}.json", notice)
+    exp.write_json(layout.notice_name(driver_token, attempt), notice)
 
 
 def noticed(exp: Store, driver_token: str, attempt: int) -> bool:
-    return any(n.startswith(f"{attempt:04d}-") for n in exp.listdir(f"notices/{driver_token}"))
+    return any(layout.notice_of(n, attempt) for n in exp.listdir(f"{layout.NOTICES}/{driver_token}"))
 
 
 def record_resume(exp: Store, entry: dict[str, Any]) -> None:
     """One resume, as its own file: written at once, so a kill right after cannot lose it."""
-    exp.write_json(f"resumes/{entry['at'].replace(':', '')}-{uuid.uuid4().hex[:8]}.json", entry)
+    exp.write_json(layout.resume_name(entry["at"]), entry)
 
 
 def list_resumes(exp: Store, log=warn) -> list[dict[str, Any]]:
     """Every resume of the experiment, oldest first; a torn record is skipped with a warning naming it."""
     out = []
-    for n in exp.listdir("resumes"):
+    for n in exp.listdir(layout.RESUMES):
         if n.endswith(".json"):
-            r = exp.read_json_or_warn(f"resumes/{n}", "resume record", log)
+            r = exp.read_json_or_warn(f"{layout.RESUMES}/{n}", "resume record", log)
             if isinstance(r, dict):
                 out.append(r)
     return out
@@ -67,7 +139,7 @@ def list_resumes(exp: Store, log=warn) -> list[dict[str, Any]]:
 
 def count_restarts(exp: Store) -> int:
     # Each driver run starts its worker group once; every further start is a restart.
-    return sum(max(0, len(exp.listdir(f"attempts/{t}")) - 1) for t in exp.listdir("attempts"))
+    return sum(max(0, len(exp.listdir(f"{layout.ATTEMPTS}/{t}")) - 1) for t in exp.listdir(layout.ATTEMPTS))
 
 
 def checkpoint_info(exp: Store, gate_epoch: int | None) -> dict[str, Any]:
@@ -79,44 +151,78 @@ def checkpoint_info(exp: Store, gate_epoch: int | None) -> dict[str, Any]:
             "gate": run.child_uri(gate_name) if gate_name and gate_name in names else None}
 
 
-def compose(cfg: Config, experiment_id: str, curves: Any, last: Compliance | None, gate_epoch: int | None,
-            epochs_trained: int, n_distinct: int | None, steps_per_epoch: int, exp: Store,
-            env: dict[str, Any], restarts: int, finished: bool, by_r: Any = None) -> dict[str, Any]:
-    """result.json's content. by_r: the last evaluation's counts per jump length (see by_jump_length)."""
-    passed = gate_epoch is not None
-    status = "passed" if passed else ("failed" if finished else "running")
-    final = {"final_edge_compliance": last.edge if last else None,
-             "final_rule_compliance": last.rule if last else None,
-             "n_rule_checks": last.rule_total if last else None,
-             "n_distinct_sequences": n_distinct}
-    per_r = by_jump_length(by_r, cfg.w)
-    failure = None
-    if status == "failed":
-        failure = {"reason": (f"gate not passed after {epochs_trained} epochs (max_epochs "
-                              f"{cfg.train.max_epochs}): needs edge > {cfg.gate.edge} and rule > {cfg.gate.rule}"
-                              + ("; no rule checks in the generated sequences" if last and last.rule_total == 0
-                                 else "")),
-                   **final, "by_jump_length": per_r}
-    return {
-        "experiment_id": experiment_id,
-        "status": status,
-        "svd_eligible": passed,
-        "failure": failure,
-        "gate": {"passed": passed, "epoch": gate_epoch, "edge_threshold": cfg.gate.edge,
-                 "rule_threshold": cfg.gate.rule, "sequences": cfg.gate.sequences, **final,
-                 "by_jump_length": per_r},
-        "epochs_trained": epochs_trained,
-        "steps_per_epoch": steps_per_epoch,
-        "curves": {"train_loss": list(curves.train_loss), "edge_compliance": list(curves.edge_compliance),
-                   "rule_compliance": list(curves.rule_compliance)},
-        "gate_history": {"n_rule_checks": list(curves.n_rule_checks),
-                         "n_distinct_sequences": list(curves.n_distinct_sequences)},
-        "checkpoints": checkpoint_info(exp, gate_epoch),
-        "restarts": restarts,
-        "environment": env,
-        "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config": cfg.to_dict(),
-    }
+# ---- the record, built by pure functions ------------------------------------------------
+
+def gate_block(cfg: Config, e: EpochFacts) -> dict[str, Any]:
+    last = e.last
+    return {"passed": e.gate_epoch is not None, "epoch": e.gate_epoch, "edge_threshold": cfg.gate.edge,
+            "rule_threshold": cfg.gate.rule, "sequences": cfg.gate.sequences,
+            "final_edge_compliance": last.edge if last else None,
+            "final_rule_compliance": last.rule if last else None,
+            "n_rule_checks": last.rule_total if last else None,
+            "n_distinct_sequences": e.n_distinct,
+            "by_jump_length": by_jump_length(e.by_r, cfg.w)}
+
+
+def failure_block(cfg: Config, e: EpochFacts, gate: dict[str, Any]) -> dict[str, Any]:
+    """Why a finished run did not pass: the reason, then the gate's final figures."""
+    none_checked = e.last is not None and e.last.rule_total == 0
+    reason = (f"gate not passed after {e.epochs_trained} epochs (max_epochs {cfg.train.max_epochs}): needs edge > "
+              f"{cfg.gate.edge} and rule > {cfg.gate.rule}"
+              + ("; no rule checks in the generated sequences" if none_checked else ""))
+    keep = ("final_edge_compliance", "final_rule_compliance", "n_rule_checks", "n_distinct_sequences",
+            "by_jump_length")
+    return {"reason": reason, **{k: gate[k] for k in keep}}
+
+
+def status_of(cfg: Config, e: EpochFacts) -> str:
+    if e.gate_epoch is not None:
+        return "passed"
+    return "failed" if e.epochs_trained >= cfg.train.max_epochs else "running"
+
+
+def build(cfg: Config, experiment_id: str, e: EpochFacts, *, checkpoints: dict[str, Any],
+          environment: dict[str, Any], restarts: int, corpus: dict[str, Any] = UNSET,
+          resumes: list[dict[str, Any]] = UNSET, updated_at: str | None = None) -> Result:
+    """The record after an epoch. corpus and resumes: UNSET leaves them out (the worker always gives them)."""
+    status, gate = status_of(cfg, e), gate_block(cfg, e)
+    c = e.curves
+    return Result(
+        experiment_id=experiment_id, status=status, svd_eligible=status == "passed",
+        failure=failure_block(cfg, e, gate) if status == "failed" else None, gate=gate,
+        epochs_trained=e.epochs_trained, steps_per_epoch=e.steps_per_epoch,
+        curves={"train_loss": list(c.train_loss), "edge_compliance": list(c.edge_compliance),
+                "rule_compliance": list(c.rule_compliance)},
+        gate_history={"n_rule_checks": list(c.n_rule_checks), "n_distinct_sequences": list(c.n_distinct_sequences)},
+        checkpoints=checkpoints, restarts=restarts, environment=environment,
+        updated_at=updated_at or utc_iso(), config=cfg.to_dict(), corpus=corpus, resumes=resumes,
+        data_path=UNSET if e.data_path is None else e.data_path, timing=UNSET if e.timing is None else e.timing)
+
+
+def finalised(r: Result, checkpoints: dict[str, Any], restarts: int) -> Result:
+    """The driver's last word: the checkpoints Ray kept and every restart, counted after the last epoch."""
+    return dataclasses.replace(r, checkpoints=checkpoints, restarts=restarts)
+
+
+def interrupted(r: Result, reason: str, checkpoints: dict[str, Any] = UNSET, at: str | None = None) -> Result:
+    """The record of a run that stopped unfinished (a storage stop, a record missing at the end)."""
+    r = dataclasses.replace(r, status="interrupted", interrupted={"reason": reason, "at": at or utc_iso(ms=True)})
+    return r if checkpoints is UNSET else dataclasses.replace(r, checkpoints=checkpoints)
+
+
+# ---- the edges: read and write --------------------------------------------------------
+
+def read(exp: Store, log=warn) -> Result | None:
+    """The experiment's record; None when there is none, or it is torn or not a JSON object (logged)."""
+    r = exp.read_json_or_warn(RESULT, "result", log) if exp.is_file(RESULT) else None
+    return Result.from_json(r) if isinstance(r, dict) else None
+
+
+def write(exp: Store, experiment_id: str, r: Result, lease_holder: str = "") -> None:
+    """Write the record; first LeaseLost unless `lease_holder` (when given) still holds the experiment,
+    so a paused or cut-off driver's run never writes over a new holder's."""
+    check_holder(exp, experiment_id, lease_holder)
+    exp.write_json(RESULT, r.to_json())
 
 
 class ResultWriter:
@@ -129,8 +235,13 @@ class ResultWriter:
         self.lease_holder = lease_holder
         self.env = environment(workers, device)
         self.corpus = {"id": cfg.corpus_id(), "uri": corpus_uri}
+        self.restarts = self.restarts_this_run = 0
+
+    def start(self) -> "ResultWriter":
+        """Record this worker-group start (its attempt marker) and count the restarts so far."""
         self._check_lease()
-        self.restarts, self.restarts_this_run = record_worker_start(self.exp, driver_token)
+        self.restarts, self.restarts_this_run = record_worker_start(self.exp, self.driver_token)
+        return self
 
     def _check_lease(self) -> None:
         """LeaseLost unless our driver still holds the experiment: never write over a new holder's run."""
@@ -144,7 +255,7 @@ class ResultWriter:
             reason = "preemption"       # the previous worker group had a reclaim notice
         else:
             reason = "failure"
-        entry = {"reason": reason, "checkpoint": checkpoint, "epoch": epoch, "step": step, "at": utc_now()}
+        entry = {"reason": reason, "checkpoint": checkpoint, "epoch": epoch, "step": step, "at": utc_iso(ms=True)}
         self._check_lease()
         record_resume(self.exp, entry)
         return entry
@@ -155,14 +266,8 @@ class ResultWriter:
 
     def epoch_done(self, curves: Any, last: Compliance, gate_epoch: int | None, epoch: int, n_distinct: int,
                    steps_per_epoch: int, by_r: Any = None, timing: Any = None, data: str | None = None) -> None:
-        finished = gate_epoch is not None or epoch >= self.cfg.train.max_epochs
-        r = compose(self.cfg, self.experiment_id, curves, last, gate_epoch, epoch, n_distinct, steps_per_epoch,
-                    self.exp, self.env, self.restarts, finished, by_r=by_r)
-        r["corpus"] = self.corpus
-        r["resumes"] = list_resumes(self.exp)
-        if data is not None:
-            r["data_path"] = data
-        if timing is not None:   # seconds per epoch (see README "The timing block"); not curves
-            r["timing"] = timing.state_dict()
-        self._check_lease()
-        self.exp.write_json(RESULT, r)
+        e = EpochFacts(curves, last, gate_epoch, epoch, n_distinct, steps_per_epoch, by_r,
+                       timing.state_dict() if timing is not None else None, data)
+        r = build(self.cfg, self.experiment_id, e, checkpoints=checkpoint_info(self.exp, gate_epoch),
+                  environment=self.env, restarts=self.restarts, corpus=self.corpus, resumes=list_resumes(self.exp))
+        write(self.exp, self.experiment_id, r, self.lease_holder)

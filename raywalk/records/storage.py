@@ -26,32 +26,59 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from raywalk.records.layout import is_temp, tmp_name  # noqa: F401  (storage's temp rule, named in layout)
+
 
 class StorageError(ValueError):
     """A storage root or URI that cannot be used; the message names it and why (CLI: exit 2)."""
 
 
-# ---- temporary files: one naming rule --------------------------------------------------
-# A temp file is `.raywalk-tmp-<hex>.<name>.part`: a leading dot (hidden from globs, from Ray
-# Data / pyarrow dataset discovery, from `raywalk ls`), a suffix no reader tests for (.json,
-# .parquet, .pt), and Store.listdir never returns it. Whatever a killed or full-disk write
-# leaves behind is therefore invisible, and swept by the next writer that holds the lease.
-TMP_PREFIX = ".raywalk-tmp-"
-TMP_SUFFIX = ".part"
-_TMP_RE = re.compile(r"^\.raywalk-tmp-[0-9a-f]{32}\..*\.part$")
-
-
-def tmp_name(name: str) -> str:
-    """The temp name for a file that will be renamed to `name` in the same directory."""
-    return f"{TMP_PREFIX}{uuid.uuid4().hex}.{name}{TMP_SUFFIX}"
-
-
-def is_temp(name: str) -> bool:
-    return bool(_TMP_RE.match(name.rsplit("/", 1)[-1]))
-
-
 def warn(msg: str) -> None:
+    """One line to stderr, flushed: the default `log` of every driver-side writer."""
     print(msg, file=sys.stderr, flush=True)
+
+
+# ---- local files: temp name, fsync, rename ---------------------------------------------
+
+def write_synced(path: str, data: bytes) -> None:
+    """data in the file at path, on the disk before this returns."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_temp(dest: str, data: bytes, fault: str | None = None) -> str:
+    """data in a new temp file beside dest (layout's temp rule, fsynced); returns its path.
+
+    fault_point(fault or dest) runs between the write and the caller's rename; a failure leaves
+    no temp behind (a full disk must not fill up further)."""
+    tmp = os.path.join(os.path.dirname(dest), tmp_name(os.path.basename(dest)))
+    try:
+        write_synced(tmp, data)
+        fault_point(fault or dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def rename_into(tmp: str, dest: str) -> None:
+    """os.replace(tmp, dest), removing tmp if that fails."""
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def replace_local(dest: str, data: bytes, fault: str | None = None) -> None:
+    """Atomic local write: readers see the old file or the new one, never a part."""
+    rename_into(write_temp(dest, data, fault), dest)
+
+
 
 
 # ---- errors that will recur: full disk, quota, read-only, no permission ---------------------
@@ -354,24 +381,12 @@ class Store:
             raise StorageUnwritable(self.child_uri(rel), why, free_space(dest) if self.local else None) from e
 
     def _write(self, dest: str, data: bytes) -> None:
-        parent, name = dest.rsplit("/", 1)
-        self.fs.create_dir(parent, recursive=True)
+        self.fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
         if not self.local:
             with self.fs.open_output_stream(dest) as f:
                 f.write(data)
             return
-        tmp = f"{parent}/{tmp_name(name)}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            fault_point(dest)
-            os.replace(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)   # a full disk must not leave a temp behind
-            raise
+        replace_local(dest, data)
 
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())

@@ -31,6 +31,8 @@ import pyarrow.parquet as pq
 from raywalk.science.compliance import Compliance, RuleTable, check_sequences
 from raywalk.config import Config
 from raywalk.science.graph import Graph, Jumpers, build_graph, place_jumpers
+from raywalk.records import layout
+from raywalk.records.layout import CORPORA, MANIFEST
 from raywalk.records.storage import Store
 from raywalk.science.walks import jumper_events, sample_walks
 
@@ -215,10 +217,10 @@ def check_files(store: Store, checksums: dict[str, dict], verify: str, only: lis
 
 def read_manifest(store: Store, cfg: Config) -> dict:
     """The manifest at store if it is a finished corpus of cfg's, else CorpusError with the reason."""
-    if not store.is_file("manifest.json"):
+    if not store.is_file(MANIFEST):
         raise CorpusError("manifest.json is missing (an interrupted build?)")
     try:
-        m = store.read_json("manifest.json")
+        m = store.read_json(MANIFEST)
     except ValueError as e:
         raise CorpusError(f"manifest.json is not valid JSON ({e})") from None
     if m.get("format_version") != FORMAT_VERSION:
@@ -248,7 +250,7 @@ def _verify(store: Store, cfg: Config, verify: str = "size") -> dict:
 
 def open_corpus(root: Store, cfg: Config, verify: str = "size") -> Corpus:
     """The finished corpus for cfg under root, or CorpusError (verify: "size" or "full")."""
-    store = root.sub("corpora", cfg.corpus_id())
+    store = root.sub(CORPORA, cfg.corpus_id())
     return Corpus(store, _verify(store, cfg, verify))
 
 
@@ -267,7 +269,7 @@ def build_corpus(cfg: Config, root: Store, *, mapper: Mapper | None = None, prog
                  verify: str = "size") -> tuple[Corpus, dict]:
     """Build the corpus for cfg (or reuse one that passes `verify`). Returns (corpus, summary)."""
     t0 = time.perf_counter()
-    store = root.sub("corpora", cfg.corpus_id())
+    store = root.sub(CORPORA, cfg.corpus_id())
     _check_verify(verify)
     if store.exists():
         reused = _reuse(root, store, cfg, verify, log)
@@ -277,7 +279,7 @@ def build_corpus(cfg: Config, root: Store, *, mapper: Mapper | None = None, prog
     graph = build_graph(cfg.graph.n, cfg.graph.K, cfg.graph.p_in, cfg.graph.p_out, cfg.seed)
     jumpers = place_jumpers(graph, cfg.graph.n_jumpers_per_block, cfg.graph.r_scales, cfg.w, cfg.seed)
     specs = plan_shards(cfg)
-    work = root.sub("corpora", f".building-{cfg.corpus_id()}") if root.local else store
+    work = root.sub(CORPORA, f"{layout.BUILDING}{cfg.corpus_id()}") if root.local else store
     work.delete_dir("")
     checksums = {"graph.parquet": _write_graph(work, graph)}
     # Each task writes its own shard and returns only its path, size, sha256 and stats.
@@ -290,10 +292,10 @@ def build_corpus(cfg: Config, root: Store, *, mapper: Mapper | None = None, prog
     _check_summary(summary)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     manifest = _manifest(cfg, graph, jumpers, files, stats, summary, checksums)
-    work.write_json("manifest.json", manifest)   # last: its presence marks a finished corpus
+    work.write_json(MANIFEST, manifest)   # last: its presence marks a finished corpus
     if work is not store:
-        root.makedirs("corpora")
-        root.move(f"corpora/.building-{cfg.corpus_id()}", f"corpora/{cfg.corpus_id()}")
+        root.makedirs(CORPORA)
+        root.move(f"{CORPORA}/{layout.BUILDING}{cfg.corpus_id()}", f"{CORPORA}/{cfg.corpus_id()}")
     return Corpus(store, manifest), {**summary, "reused": False}
 
 
@@ -302,9 +304,9 @@ def _reuse(root: Store, store: Store, cfg: Config, verify: str, log: Callable[[s
     try:
         return Corpus(store, _verify(store, cfg, verify))
     except CorpusError as e:
-        aside = f"corpora/{cfg.corpus_id()}.invalid-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside = f"{CORPORA}/{layout.aside(cfg.corpus_id(), layout.INVALID)}"
         log(f"warning: corpus {store.uri} is not usable ({e}); moved to {root.child_uri(aside)} and rebuilding")
-        root.move(f"corpora/{cfg.corpus_id()}", aside)
+        root.move(f"{CORPORA}/{cfg.corpus_id()}", aside)
         return None
 
 

@@ -11,13 +11,11 @@ from __future__ import annotations
 import functools
 import os
 import signal
-import sys
 import threading
-import time
 import uuid
 from typing import Any, Callable
 
-from raywalk.records import lease
+from raywalk.records import layout, lease, result
 from raywalk.service import ray_env
 from raywalk.service import stops
 from raywalk.service import trackers
@@ -26,14 +24,11 @@ from raywalk.config import Config, ConfigError
 from raywalk.service.dataset import windows_per_walk
 from raywalk.service.corpus import build_corpus, ray_mapper
 from raywalk.records.lease import LeaseLost
-from raywalk.records.result import RESULT, checkpoint_info, count_restarts, utc_now
+from raywalk.records.result import RESULT, checkpoint_info, count_restarts
 from raywalk.records.storage import FAULT_ENV, Store, StorageUnwritable
+from raywalk.records.storage import warn as _stderr
 
 Log = Callable[[str], None]
-
-
-def _stderr(s: str) -> None:
-    print(s, file=sys.stderr, flush=True)
 
 
 def steps_per_epoch(cfg: Config, n_windows: int) -> int:
@@ -45,7 +40,7 @@ def retire(root: Store, experiment_id: str, log: Log) -> None:
     """--fresh: move an earlier run aside (never delete it) and say where it went."""
     if not root.exists(experiment_id):
         return
-    aside = f"{experiment_id}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside = layout.aside(experiment_id)
     root.move(experiment_id, aside)
     log(f"--fresh: moved the earlier run to {root.child_uri(aside)}")
 
@@ -75,15 +70,10 @@ def resume_hint(exp: Store) -> str:
 def mark_interrupted(exp: Store, exp_id: str, cfg: Config, reason: str, log: Log) -> bool:
     """result.json says `interrupted` with the reason, if it can still be written (never over a finished run)."""
     try:
-        r = exp.read_json_or_warn(RESULT, "result", log) if exp.is_file(RESULT) else None
-        if isinstance(r, dict) and r.get("status") in ("passed", "failed"):
+        r = result.read(exp, log) or result.Result(experiment_id=exp_id, config=cfg.to_dict())
+        if r.finished:
             return False
-        if not isinstance(r, dict):
-            r = {"experiment_id": exp_id, "config": cfg.to_dict()}
-        r["status"] = "interrupted"
-        r["interrupted"] = {"reason": reason, "at": utc_now()}
-        r["checkpoints"] = checkpoint_info(exp, (r.get("gate") or {}).get("epoch"))
-        exp.write_json(RESULT, r)
+        result.write(exp, exp_id, result.interrupted(r, reason, checkpoint_info(exp, r.gate_epoch)))
         return True
     except Exception:   # the disk that stopped the run may refuse this too; the line says it all
         return False
@@ -239,30 +229,32 @@ def _f(v: Any) -> str:
 def finalise(root: Store, exp_id: str, log: Log, held: lease.Lease | None = None) -> dict[str, Any]:
     """Complete result.json (checkpoints, restarts) and print the outcome; tolerates partial records."""
     exp = root.sub(exp_id)
-    r = exp.read_json_or_warn(RESULT, "result", log) if exp.is_file(RESULT) else None
-    if not isinstance(r, dict):
+    r = result.read(exp, log)
+    if r is None:
         log(f"warning: {exp.child_uri(RESULT)} is missing or unreadable; recording the run as interrupted")
-        r = {"experiment_id": exp_id, "status": "interrupted",
-             "interrupted": {"reason": "result.json missing or unreadable at the end of the run", "at": utc_now()}}
-    g = r.get("gate") if isinstance(r.get("gate"), dict) else {}
-    r["checkpoints"] = checkpoint_info(exp, g.get("epoch"))
-    r["restarts"] = count_restarts(exp)
-    if held is not None:
-        try:
-            lease.check_holder(exp, exp_id, held.holder)
-        except LeaseLost as e:
-            raise LeaseLost(str(e)) from None
-    exp.write_json(RESULT, r)
-    status = r.get("status")
-    if status == "passed":
-        log(f"gate PASSED at epoch {g.get('epoch')} (edge {_f(g.get('final_edge_compliance'))}, rule "
-            f"{_f(g.get('final_rule_compliance'))}); gate checkpoint {r['checkpoints']['gate']}")
-    elif status == "failed":
-        reason = (r.get("failure") or {}).get("reason") or "gate not passed"
-        log(f"gate FAILED: {reason}; final edge {_f(g.get('final_edge_compliance'))}, "
-            f"rule {_f(g.get('final_rule_compliance'))}; not eligible for SVD analysis")
-    else:
-        log(f"run not finished: result.json says {status!r} after {r.get('epochs_trained', 0)} epoch(s); "
-            f"rerun the same command to resume from the newest checkpoint")
+        r = result.interrupted(result.Result(experiment_id=exp_id),
+                               "result.json missing or unreadable at the end of the run")
+    r = result.finalised(r, checkpoint_info(exp, r.gate_epoch), count_restarts(exp))
+    try:
+        result.write(exp, exp_id, r, held.holder if held is not None else "")
+    except LeaseLost as e:
+        raise LeaseLost(str(e)) from None
+    log(outcome_line(r))
     log(f"result: {exp.child_uri(RESULT)}")
-    return r
+    return r.to_json()
+
+
+def outcome_line(r: result.Result) -> str:
+    """What the driver prints at the end; tolerates partial records."""
+    g = r.gate if isinstance(r.gate, dict) else {}
+    edge, rule = _f(g.get("final_edge_compliance")), _f(g.get("final_rule_compliance"))
+    if r.status == "passed":
+        return (f"gate PASSED at epoch {g.get('epoch')} (edge {edge}, rule {rule}); "
+                f"gate checkpoint {r.checkpoints['gate']}")
+    if r.status == "failed":
+        reason = (r.failure if isinstance(r.failure, dict) else {}).get("reason") or "gate not passed"
+        return f"gate FAILED: {reason}; final edge {edge}, rule {rule}; not eligible for SVD analysis"
+    epochs = 0 if r.epochs_trained is result.UNSET else r.epochs_trained
+    status = None if r.status is result.UNSET else r.status
+    return (f"run not finished: result.json says {status!r} after {epochs} epoch(s); "
+            f"rerun the same command to resume from the newest checkpoint")

@@ -15,6 +15,7 @@ import json
 from typing import Any, Callable
 
 from raywalk.records.lease import LeaseLost, check_holder
+from raywalk.records.layout import RUN_DIR
 from raywalk.records.storage import Store, StorageUnwritable, free_space, will_recur
 from raywalk.service import ray_private
 
@@ -110,7 +111,7 @@ def checkpoint_upload(spec: Any, name: str, uploading: bool):
     except Exception as e:
         if not uploading:
             raise
-        ckpts = Store.open(spec.config.run.storage).sub(spec.experiment_id, "checkpoints")
+        ckpts = Store.open(spec.config.run.storage).sub(spec.experiment_id, RUN_DIR)
         u = unwritable(e, ckpts.child_uri(name))
         if u is None:
             raise

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from raywalk.config import Config, ConfigError, apply_overrides, read_yaml, set_dotted
+from raywalk.records.overview import table_lines
 
 SCALING_RULE = ("corpus.corpus_size, unless set by the grid or `derived`, keeps the base's walks per vertex: "
                 "max(100*n, base_corpus_size * n // base_n)")
@@ -442,11 +443,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
             else:
                 cells.append(_cell(v))
         body.append(cells)
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    lines = ["  ".join(h.ljust(wd) for h, wd in zip(head, widths)),
-             "  ".join("-" * wd for wd in widths)]
-    lines += ["  ".join(c.ljust(wd) for c, wd in zip(b, widths)) for b in body]
-    return "\n".join([*lines, "", *_excluded_lines(summary)])
+    return "\n".join([*table_lines(head, body, rule=True), "", *_excluded_lines(summary)])
 
 
 def _excluded_lines(summary: Mapping[str, Any]) -> list[str]:

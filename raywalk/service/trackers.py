@@ -32,15 +32,14 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from raywalk.config import ConfigError
+from raywalk.records.layout import SWEEP_FILE, TB_DIR
 
 if TYPE_CHECKING:
     from raywalk.records.storage import Store
 
 TRACKERS = {"tensorboard": ("tensorboard", "pip install 'raywalk[tensorboard]'"),
             "mlflow": ("mlflow", "pip install 'raywalk[mlflow]'")}
-TB_DIR = "tensorboard"
 MLFLOW_DIR = "mlruns"
-SWEEP_FILE = "sweep.json"
 CURVES = ("train_loss", "edge_compliance", "rule_compliance")
 _TB_NAME = re.compile(r"\.raywalk-e(\d+)-s(\d+)$")
 

@@ -54,7 +54,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from raywalk.config import Config
+from raywalk.records import layout
 from raywalk.records.storage import Store, join_uri
+from raywalk.records.storage import warn as _stderr
 from raywalk.service.sweep import Point, Sweep, build_summary, format_table, summary_row, to_csv
 
 TRIAL_CPU = 0.1
@@ -63,10 +65,6 @@ DRIVER_RESOURCE = "raywalk_driver"   # declared by the head node in cluster.yaml
 DRIVER_UNIT = 1.0                    # what one trial driver takes of it
 
 Log = Callable[[str], None]
-
-
-def _stderr(s: str) -> None:
-    print(s, file=sys.stderr, flush=True)
 
 
 def trial_need(cfg: Config, on_head: bool = False) -> dict[str, float]:
@@ -168,7 +166,7 @@ def autoscaler_capacity() -> tuple[dict[str, float], str] | None:
 
 
 def sweep_dir(root: Store, sweep_id: str) -> Store:
-    return root.sub("sweeps", sweep_id)
+    return root.sub(layout.SWEEPS, sweep_id)
 
 
 def ensure_sweep_ray(sweep: Sweep, max_concurrent: int | None, verbose: bool) -> bool:
@@ -197,7 +195,7 @@ def _trial(config: dict[str, Any], *, points: dict[str, dict[str, Any]], sweep_s
     eid = config["experiment_id"]
     cfg = Config.from_dict(points[eid])
     if "mlflow" in cfg.run.trackers and grids:   # the MLflow run tags its sweep and grid point (trackers.py)
-        from raywalk.service.trackers import SWEEP_FILE
+        from raywalk.records.layout import SWEEP_FILE
         Store.open(cfg.run.storage).sub(eid).write_json(SWEEP_FILE, {"sweep_id": sweep_id, "grid": grids[eid]})
     r, wall = _train_recorded(cfg, eid, Store.open(sweep_store), verbose)
     g = r["gate"]
@@ -217,7 +215,7 @@ def _train_recorded(cfg: Config, eid: str, sweep_store: Store, verbose: bool) ->
     def log(s: str) -> None:
         print(f"[{eid}] {s}", file=sys.stderr, flush=True)
 
-    rec = f"trials/{eid}.json"
+    rec = layout.trial_record(eid)
     base = {"experiment_id": eid, "trained_now": True, "started_at": time.time(),
             "driver_node_id": ray.get_runtime_context().get_node_id()}
     t0 = time.perf_counter()
@@ -262,8 +260,8 @@ def run_sweep(sweep: Sweep, *, storage: str | None = None, max_concurrent: int |
     rows = _summary_rows(sweep, root, sd, {p.experiment_id for p in pending})
     summary = build_summary(sweep, rows, storage=root.uri, wall_time_s=wall,
                             max_concurrent=k_used, trials_run=len(pending))
-    sd.write_json("summary.json", summary)
-    sd.write_bytes("summary.csv", to_csv(summary).encode())
+    sd.write_json(layout.SUMMARY, summary)
+    sd.write_bytes(layout.SUMMARY_CSV, to_csv(summary).encode())
     return summary
 
 
@@ -279,8 +277,8 @@ def _run_trials(sweep: Sweep, pending: list[Point], root: Store, sd: Store, max_
         k_used, on_head = _plan_concurrency(pending, max_concurrent, log)
         _prebuild_corpora(pending, root, log)
         for p in pending:   # a rerun of an interrupted sweep: forget the last attempt's error
-            if sd.is_file(f"trials/{p.experiment_id}.json"):
-                sd.write_json(f"trials/{p.experiment_id}.json",
+            if sd.is_file(layout.trial_record(p.experiment_id)):
+                sd.write_json(layout.trial_record(p.experiment_id),
                               {"experiment_id": p.experiment_id, "wall_time_s": None, "error": None})
         _tuner(sweep, pending, root, sd, k_used, on_head, verbose).fit()
     finally:
@@ -335,13 +333,13 @@ def _summary_rows(sweep: Sweep, root: Store, sd: Store, ran: set[str]) -> list[d
     rows = []
     for p in sweep.points:
         exp = root.sub(p.experiment_id)
-        result = exp.read_json_or_warn("result.json", "result") if exp.is_file("result.json") else None
+        result = exp.read_json_or_warn(layout.RESULT, "result") if exp.is_file(layout.RESULT) else None
         result = result if isinstance(result, dict) else None   # torn: the point counts as not run
-        rec = sd.read_json_or_warn(f"trials/{p.experiment_id}.json", "trial record") \
-            if sd.is_file(f"trials/{p.experiment_id}.json") else {}
+        rec = sd.read_json_or_warn(layout.trial_record(p.experiment_id), "trial record") \
+            if sd.is_file(layout.trial_record(p.experiment_id)) else {}
         rec = rec if isinstance(rec, dict) else {}
         rec = {**rec, "trained_now": p.experiment_id in ran}
-        rows.append(summary_row(p, result, rec, exp.child_uri("result.json") if result is not None else None))
+        rows.append(summary_row(p, result, rec, exp.child_uri(layout.RESULT) if result is not None else None))
     return rows
 
 

@@ -270,7 +270,7 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
     state = TrainingState.create(cfg, spec.steps_per_epoch, device)
     restored = _restore(state, checkpoints, rank, world, say)
     writer = ResultWriter(root, spec.experiment_id, cfg, world, device.type, spec.driver_token, spec.corpus_uri,
-                          lease_holder=spec.lease_holder) if rank == 0 else None
+                          lease_holder=spec.lease_holder).start() if rank == 0 else None
     if writer is not None and (restored is not None or writer.restarts_this_run):
         r = writer.resumed(restored, state.epoch + 1, state.step)
         at = f"continuing at epoch {state.epoch + 1}" + (f" step {state.step}" if state.step else "")

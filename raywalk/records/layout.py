@@ -1,0 +1,124 @@
+"""Every name raywalk gives a file under a storage root, and the rules that go with them.
+
+    ROOT/
+      corpora/<corpus_id>/          manifest.json (written last) + the corpus files
+      sweeps/<sweep_id>/            summary.json, summary.csv, trials/<experiment_id>.json
+      <experiment_id>/
+        result.json                 the run's record (records/result.py)
+        lease.json, lease.lock      one driver per experiment (records/lease.py)
+        checkpoints/                Ray's run directory: epoch_NNNN[_step_SSSSSS]/{state.pt, manifest.json}
+        attempts/<driver>/<hex>     one empty file per worker-group start (restarts are counted from them)
+        notices/<driver>/NNNN-<hex>.json    a preemption notice seen by start NNNN of that driver
+        resumes/<at>-<hex>.json     one file per resume
+        sweep.json, tensorboard/    the sweep point's grid; the TensorBoard sink
+      <experiment_id>.old-<stamp>/  an earlier run moved aside by --fresh
+
+Standard library only: `raywalk ls` and the driver read these names without torch.
+"""
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from datetime import datetime, timezone
+
+# ---- names ----------------------------------------------------------------------------
+RESULT = "result.json"
+LEASE = "lease.json"
+LEASE_LOCK = "lease.lock"
+MANIFEST = "manifest.json"    # the file written last in a corpus, a checkpoint and an export
+STATE = "state.pt"            # a checkpoint's state
+RUN_DIR = "checkpoints"       # ROOT/<experiment_id>/checkpoints: Ray's run directory (RunConfig.name)
+CORPORA = "corpora"
+SWEEPS = "sweeps"
+SUMMARY = "summary.json"
+SUMMARY_CSV = "summary.csv"
+TRIALS = "trials"
+ATTEMPTS = "attempts"
+NOTICES = "notices"
+RESUMES = "resumes"
+SWEEP_FILE = "sweep.json"     # ROOT/<experiment_id>/sweep.json: the sweep point's grid (trackers read it)
+TB_DIR = "tensorboard"
+NOT_EXPERIMENTS = frozenset({CORPORA, SWEEPS})
+RETIRED = ".old-"             # <experiment_id>.old-<stamp>: moved aside by --fresh
+INVALID = ".invalid-"         # corpora/<corpus_id>.invalid-<stamp>: a corpus that failed verification
+BUILDING = ".building-"       # corpora/.building-<corpus_id>: a local corpus being built
+
+
+def attempt_marker(driver_token: str) -> str:
+    return f"{ATTEMPTS}/{driver_token}/{uuid.uuid4().hex}"
+
+
+def notice_name(driver_token: str, attempt: int) -> str:
+    return f"{NOTICES}/{driver_token}/{attempt:04d}-{uuid.uuid4().hex[:8]}.json"
+
+
+def notice_of(name: str, attempt: int) -> bool:
+    """Whether a file under notices/<driver>/ was written by worker-group start `attempt`."""
+    return name.startswith(f"{attempt:04d}-")
+
+
+def resume_name(at: str) -> str:
+    return f"{RESUMES}/{at.replace(':', '')}-{uuid.uuid4().hex[:8]}.json"
+
+
+def trial_record(experiment_id: str) -> str:
+    return f"{TRIALS}/{experiment_id}.json"
+
+
+def is_experiment(name: str) -> bool:
+    """Whether a name directly under ROOT may be an experiment (not corpora/sweeps, hidden or retired)."""
+    return name not in NOT_EXPERIMENTS and not name.startswith(".") and RETIRED not in name
+
+
+def aside(name: str, kind: str = RETIRED) -> str:
+    """The name a directory is moved aside to, never over an earlier one (local time, to the second)."""
+    return f"{name}{kind}{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+# ---- temporary files: one naming rule --------------------------------------------------
+# A temp file is `.raywalk-tmp-<hex>.<name>.part`: a leading dot (hidden from globs, from Ray
+# Data / pyarrow dataset discovery, from `raywalk ls`), a suffix no reader tests for (.json,
+# .parquet, .pt), and Store.listdir never returns it. Whatever a killed or full-disk write
+# leaves behind is therefore invisible, and swept by the next writer that holds the lease.
+TMP_PREFIX = ".raywalk-tmp-"
+TMP_SUFFIX = ".part"
+_TMP_RE = re.compile(r"^\.raywalk-tmp-[0-9a-f]{32}\..*\.part$")
+
+
+def tmp_name(name: str) -> str:
+    """The temp name for a file (or directory) that will be renamed to `name` in the same directory."""
+    return f"{TMP_PREFIX}{uuid.uuid4().hex}.{name}{TMP_SUFFIX}"
+
+
+def is_temp(name: str) -> bool:
+    return bool(_TMP_RE.match(name.rsplit("/", 1)[-1]))
+
+
+# ---- the lease's liveness rule ----------------------------------------------------------
+STALE_AFTER_S = 60.0
+
+
+def lease_live(heartbeat_unix: float, stale_after_s: float, now: float | None = None) -> bool:
+    """A lease is live while its holder renewed it less than stale_after_s ago (the holder's clock)."""
+    return (time.time() if now is None else now) - heartbeat_unix < stale_after_s
+
+
+# ---- timestamps -------------------------------------------------------------------------
+# ISO-8601 UTC throughout. The files keep the forms they have always held, so old files read the
+# same: result.json's updated_at, ls and export to the second ("...+00:00"), resumes and
+# interruptions to the millisecond, the lease with a "Z".
+
+def utc_iso(t: float | None = None, ms: bool = False, z: bool = False) -> str:
+    d = datetime.now(timezone.utc) if t is None else datetime.fromtimestamp(t, timezone.utc)
+    s = d.isoformat(timespec="milliseconds" if ms else "seconds")
+    return s.replace("+00:00", "Z") if z else s
+
+
+def parse_utc(s: object) -> float | None:
+    """Seconds since the epoch of any of those forms (no zone: UTC); None for anything else."""
+    try:
+        t = datetime.fromisoformat(s)   # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
