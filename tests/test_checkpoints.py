@@ -115,8 +115,9 @@ def test_a_checkpoint_with_a_pickled_object_is_refused_and_the_resume_goes_back(
 def test_the_resume_point_is_rays_registered_checkpoint(tmp_path):
     run = make(tmp_path / "run", "epoch_0001", "epoch_0002", "epoch_0002_step_000005", "epoch_0003")
     warnings: list[str] = []
-    # nothing registered yet (the first checkpoint reported just before a crash): start over, whatever is on disk
-    assert ckpt.resume_point(run, None, warnings.append) == (None, None)
+    # Ray registered none (a driver killed within Ray's 2 s poll of its first report): the newest on disk
+    assert ckpt.resume_point(run, None, warnings.append)[1] == "epoch_0003"
+    assert ckpt.resume_point(Store.open(str(tmp_path / "none")), None, warnings.append) == (None, None)
     # Ray registered epoch_0002; epoch_0002_step_000005 and epoch_0003 were reported but not registered
     s, name = ckpt.resume_point(run, Registered(run.path("epoch_0002") + "/"), warnings.append)
     assert (name, s["name"]) == ("epoch_0002", "epoch_0002") and warnings == []

@@ -10,10 +10,14 @@ good one. Loading uses `torch.load(weights_only=True)`: a checkpoint that would 
 code to load (a pickled object) is refused.
 
 Where a restarted run goes on from is Ray's: the checkpoint `ray.train.get_checkpoint()`
-returns (the latest one Ray registered, also after a driver rerun, from its snapshot).
-The run directory is listed only when that one is torn, for the newest older one that
-verifies. A checkpoint reported just before a crash may not be registered yet; it is
-then not resumed from (the restart goes on from the one before) and stays on disk.
+returns, the latest one Ray registered (after a worker-group restart, the controller's;
+after a driver rerun, the one its checkpoint_manager_snapshot.json names). Ray registers
+a report at its next poll of the workers (every 2 s), so a checkpoint reported just
+before a crash may not be: a newer one on disk is then not resumed from (the restart
+goes on from the registered one) and stays outside Ray's accounting. The run directory
+is listed only when Ray's is torn (for the newest older one that verifies), or when
+Ray has registered none yet: a driver killed within those 2 s of its first checkpoint
+leaves no snapshot, and its rerun goes on from that checkpoint on disk.
 """
 from __future__ import annotations
 
@@ -194,12 +198,13 @@ def resume_point(run: Store, registered: Any, warn: Warn) -> tuple[dict[str, Any
     """(state, name) to go on from, or (None, None): start at epoch 1.
 
     `registered` is what `ray.train.get_checkpoint()` returned (a ray.train.Checkpoint: `.path`
-    on `.filesystem`; None before Ray registered any): it is read where it points. Only when it
-    is torn is `run` listed, for the newest older checkpoint that verifies (each skipped one is
-    warned about). A directory on disk newer than Ray's (reported, not yet registered) is never used.
+    on `.filesystem`), read where it points. Only when it is torn is `run` listed, for the newest
+    older checkpoint that verifies (each skipped one is warned about): a directory on disk newer
+    than Ray's (reported, not yet registered) is never used. None (Ray has registered nothing):
+    the newest on disk that verifies, if any (see the module's note on Ray's registration lag).
     """
     if registered is None:
-        return None, None
+        return newest(run, warn)
     path = registered.path.rstrip("/")
     name = path.rsplit("/", 1)[-1]
     ray_own = Store(registered.filesystem, path, run.child_uri(name))
