@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from raywalk.records import checkpoints as ckpt  # noqa: E402
 from raywalk.config import Config  # noqa: E402
 from raywalk.faults import Preempt  # noqa: E402
-from raywalk.service.driver import train  # noqa: E402
+from raywalk.service.driver import Instruments, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,8 @@ def main() -> None:
     poll_every_s = base.run.preemption_check_seconds
     try:
         # the shared corpus, built once
-        train(base.replace(**{"train.max_epochs": 1}), progress=False, max_steps_per_epoch=1, log=lambda s: None)
+        train(base.replace(**{"train.max_epochs": 1}), progress=False, instruments=Instruments(max_steps_per_epoch=1),
+              log=lambda s: None)
 
         def run(label: str, hooks=None, **dotted):
             store = tmp / label
@@ -96,7 +97,7 @@ def main() -> None:
             cfg = base.replace(**{"run.storage": str(store), **dotted})
             metrics = store / "metrics.jsonl"
             t = time.time()
-            r = train(cfg, progress=False, hooks=hooks, max_steps_per_epoch=max_steps, log=lambda s: None,
+            r = train(cfg, progress=False, instruments=Instruments(hooks, max_steps), log=lambda s: None,
                       callbacks=[_Capture(str(metrics))])
             return r, time.time() - t, [json.loads(x) for x in metrics.read_text().splitlines()], cfg
 

@@ -42,13 +42,13 @@ def anchor_shaped(storage: str) -> Config:
 
 
 class StepClock:
-    """A hook that notes when step 1 starts: 'steady' figures leave out the first step."""
+    """A step callback that notes when step 1 starts: 'steady' figures leave out the first step."""
 
     def __init__(self, device: torch.device):
         self.t1, self.device = None, device
 
-    def before_step(self, epoch: int, step: int) -> None:
-        if step == 1:
+    def __call__(self, state: TrainingState) -> None:
+        if state.step == 1:
             sync(self.device)
             self.t1 = time.perf_counter()
 
@@ -58,10 +58,10 @@ def plain_loop(cfg: Config, windows: np.ndarray, steps: int, device: str = "cpu"
     state = TrainingState.create(cfg, steps, device)
     order = np.random.default_rng(0).permutation(len(windows))
     B = cfg.train.batch_size
-    batches = ({"tokens": torch.from_numpy(windows[order[s * B:(s + 1) * B]]).long()} for s in range(steps))
+    batches = (torch.from_numpy(windows[order[s * B:(s + 1) * B]]).long() for s in range(steps))
     clock = StepClock(state.device)
     t0 = time.perf_counter()
-    run_epoch(state, batches, steps, hooks=clock)   # synchronises the device before it returns
+    run_epoch(state, batches, steps, callbacks=[clock])   # synchronises the device before it returns
     end = time.perf_counter()
     return steps * B * cfg.w / (end - t0), (steps - 1) * B * cfg.w / (end - clock.t1)
 
@@ -69,7 +69,7 @@ def plain_loop(cfg: Config, windows: np.ndarray, steps: int, device: str = "cpu"
 def under_ray(cfg: Config, workers: int, steps: int, tmp: Path, tag: str = "") -> float:
     import ray.train
 
-    from raywalk.service.driver import train
+    from raywalk.service.driver import Instruments, train
 
     class Capture(ray.train.UserCallback):
         def __init__(self, path: str):
@@ -85,7 +85,8 @@ def under_ray(cfg: Config, workers: int, steps: int, tmp: Path, tag: str = "") -
     # the corpus is shared: link the built one into this storage root
     (tmp / name).mkdir(exist_ok=True)
     os.symlink(tmp / "corpora", tmp / name / "corpora")
-    train(cfg, progress=False, callbacks=[Capture(str(out))], max_steps_per_epoch=steps, log=lambda s: None)
+    train(cfg, progress=False, callbacks=[Capture(str(out))], instruments=Instruments(max_steps_per_epoch=steps),
+          log=lambda s: None)
     m = json.loads(out.read_text().splitlines()[-1])
     tokens = steps * cfg.train.batch_size * cfg.w
     steady = (tokens - cfg.train.batch_size * cfg.w) / (m["train_seconds"] - m["first_batch_seconds"])

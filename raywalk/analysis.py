@@ -15,7 +15,6 @@ sizes and sha256. The train split is never read here, so it is not hashed.
 """
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +31,6 @@ from raywalk.science.model import GPT
 from raywalk.records.result import RESULT
 from raywalk.records.layout import CORPORA
 from raywalk.records.storage import Store, StorageError, check_uri, is_remote, join_uri, split_query
-
-
-_EPOCH_DIR = re.compile(r"^epoch_(\d{4,})$")
 
 
 class LoadError(ValueError):
@@ -104,7 +100,7 @@ def load(where: str | Path, checkpoint: str | int = "gate", device: str | torch.
 
     state, name = _checkpoint(exp, result, eid, checkpoint)
     if state.get("experiment_id", eid) != eid:
-        raise LoadError(f"experiment {eid}: checkpoint {exp.child_uri('checkpoints', name)} belongs to "
+        raise LoadError(f"experiment {eid}: checkpoint {exp.child_uri(ckpt.RUN_DIR, name)} belongs to "
                         f"experiment {state['experiment_id']}")
     model = GPT.from_config(cfg)
     try:
@@ -163,32 +159,30 @@ def _read_result(exp: Store) -> dict[str, Any]:
 
 def _checkpoint(exp: Store, result: dict[str, Any], eid: str, which: str | int) -> tuple[dict[str, Any], str]:
     run = exp.sub(ckpt.RUN_DIR)
-    on_disk = sorted(n for n in run.listdir() if _EPOCH_DIR.match(n))   # whole epochs (not mid-epoch saves)
-    have = ", ".join(str(int(_EPOCH_DIR.match(n).group(1))) for n in on_disk) or "none"
     if which == "gate":
-        gate = result.get("gate") or {}
-        if not gate.get("passed") or gate.get("epoch") is None:
-            reason = (result.get("failure") or {}).get("reason") or f"status {result.get('status')!r}"
-            raise LoadError(f"experiment {eid} did not pass the sufficiency gate ({reason}); it is excluded from "
-                            f"SVD analysis. checkpoint='latest' or an epoch number loads it anyway "
-                            f"(epochs on disk: {have})")
-        name = ckpt.dir_name(int(gate["epoch"]))
+        epoch = _gate_epoch(result, eid, run)
     elif which == "latest":
-        state, name = ckpt.find_resume_state(run, None, lambda s: warnings.warn(s, stacklevel=3))
-        if state is None:
-            raise LoadError(f"experiment {eid}: no usable checkpoint under {run.uri} (epochs on disk: {have})")
-        return state, name
+        epoch = None
     elif isinstance(which, (int, np.integer)) and not isinstance(which, bool):
-        name = ckpt.dir_name(int(which))
+        epoch = int(which)
     else:
         raise LoadError(f"checkpoint: {which!r} is invalid: must be 'gate', 'latest' or an epoch number")
-    if name not in on_disk:
-        raise LoadError(f"experiment {eid}: no checkpoint {run.child_uri(name)} (epochs on disk: {have}; "
-                        f"the last 3 and the gate checkpoint are kept)")
     try:
-        return ckpt.read(run.sub(name)), name
+        # the warning names the caller of load(): warn <- checkpoints (3 frames) <- _checkpoint <- load
+        return ckpt.select(run, epoch, lambda s: warnings.warn(s, stacklevel=7))
     except ckpt.CheckpointError as e:
-        raise LoadError(f"experiment {eid}: checkpoint {run.child_uri(name)} is unusable: {e}") from None
+        raise LoadError(f"experiment {eid}: {e}") from None
+
+
+def _gate_epoch(result: dict[str, Any], eid: str, run: Store) -> int:
+    """The gate-pass epoch; a run that never passed is refused (it is not for SVD analysis)."""
+    gate = result.get("gate") or {}
+    if not gate.get("passed") or gate.get("epoch") is None:
+        reason = (result.get("failure") or {}).get("reason") or f"status {result.get('status')!r}"
+        raise LoadError(f"experiment {eid} did not pass the sufficiency gate ({reason}); it is excluded from "
+                        f"SVD analysis. checkpoint='latest' or an epoch number loads it anyway "
+                        f"(epochs on disk: {ckpt.epochs_on_disk(run)})")
+    return int(gate["epoch"])
 
 
 def _find_corpus(exp_uri: str, result: dict[str, Any], cfg: Config, eid: str) -> Corpus:

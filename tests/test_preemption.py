@@ -18,7 +18,7 @@ import torch
 from raywalk.records import checkpoints as ckpt
 from raywalk.faults import Preempt, WorkerKill
 from raywalk.records.storage import Store
-from raywalk.service.driver import train
+from raywalk.service.driver import Instruments, train
 from tests.conftest import tiny_config
 
 # Never passes (rule must be > 1.0): every run trains exactly 2 epochs; 2 ranks, so the
@@ -112,7 +112,7 @@ def test_drained_node_killed_mid_epoch_resumes_from_the_just_in_time_checkpoint(
         return bool(jit_seen) and time.time() - jit_seen[0] > 3   # let Ray register it (about 2 s)
 
     killer = kill_node_when(cluster, marker, ready, killed)
-    r = train(cfg, progress=False, log=lambda s: None, hooks=Preempt(epoch=2, step=5, marker=str(marker)))
+    r = train(cfg, progress=False, log=lambda s: None, instruments=Instruments(Preempt(epoch=2, step=5, marker=str(marker))))
     killer.join(timeout=60)
     replace_lost_nodes(cluster)
     assert killed == [marker.read_text().split()[0]]   # the training worker's node really went
@@ -135,7 +135,7 @@ def test_node_killed_without_notice_resumes_from_the_latest_checkpoint(cluster, 
 
     killer = kill_node_when(cluster, marker, ready, killed)
     r = train(cfg, progress=False, log=lambda s: None,
-              hooks=Preempt(epoch=2, step=5, marker=str(marker), notice=False))
+              instruments=Instruments(Preempt(epoch=2, step=5, marker=str(marker), notice=False)))
     killer.join(timeout=60)
     replace_lost_nodes(cluster)
     assert killed == [marker.read_text().split()[0]]
@@ -149,7 +149,8 @@ def test_worker_killed_right_after_a_just_in_time_checkpoint_resumes_from_it(clu
     cfg = tiny_config(tmp_path, **LONG)
     marker = tmp_path / "reclaimed"
     r = train(cfg, progress=False, log=lambda s: None,
-              hooks=Preempt(epoch=2, step=5, marker=str(marker), deadline_s=600, kill_after_jit=True))
+              instruments=Instruments(Preempt(epoch=2, step=5, marker=str(marker), deadline_s=600,
+                                                 kill_after_jit=True)))
     assert marker.exists()
     assert_identical(r, reference)
     (res,) = r["resumes"]
@@ -169,7 +170,7 @@ def test_a_plain_worker_kill_on_the_streaming_path_is_a_failure_resume(cluster, 
     assert ref["curves"] != reference["curves"]    # another (equally uniform) permutation per epoch
     cfg = tiny_config(tmp_path / "killed", **STREAM)
     r = train(cfg, progress=False, log=lambda s: None,
-              hooks=WorkerKill(rank=1, epoch=2, step=3, marker=str(tmp_path / "killed.marker")))
+              instruments=Instruments(WorkerKill(rank=1, epoch=2, step=3, marker=str(tmp_path / "killed.marker"))))
     assert r["data_path"] == "stream"
     assert_identical(r, ref)
     assert [(x["reason"], x["checkpoint"], x["step"]) for x in r["resumes"]] == [("failure", "epoch_0001", 0)]

@@ -18,7 +18,7 @@ from raywalk.records.lease import LEASE, Lease, LeaseLost, check_holder, hold
 from raywalk.records.overview import experiment_row, status_of
 from raywalk.records.result import RESULT, count_restarts, list_resumes, record_resume, record_worker_start
 from raywalk.records.storage import Store, StorageUnwritable, is_temp, tmp_name, will_recur
-from raywalk.service.driver import finalise, finished_result, mark_interrupted, resume_hint
+from raywalk.service.driver import finalise, finished_result, mark_interrupted
 from tests.conftest import tiny_config
 
 
@@ -130,22 +130,6 @@ def test_interrupted_is_recorded_without_touching_a_finished_run(exp):
     exp.write_json(RESULT, {"status": "passed"})
     assert not mark_interrupted(exp, "exp1", cfg, "x", lambda s: None)
     assert exp.read_json(RESULT) == {"status": "passed"}
-
-
-def test_newest_intact_checkpoint_skips_torn_and_incomplete_ones(exp):
-    run = exp.sub(ckpt.RUN_DIR)
-    assert resume_hint(exp).startswith("no intact checkpoint yet")
-    for e in (1, 2, 3):
-        ckpt.save(run.path(ckpt.dir_name(e)), {"epoch": e, "x": [e]})
-    data = run.read_bytes("epoch_0003/state.pt")
-    run.write_bytes("epoch_0003/state.pt", data[: len(data) // 2])      # torn by a full disk
-    run.write_bytes("epoch_0002/manifest.json", b'{"epoch": 2}')         # a manifest without its files
-    with pytest.raises(ckpt.CheckpointError, match="incomplete"):
-        ckpt.read(run.sub("epoch_0002"))
-    assert ckpt.newest_intact(run) == ("epoch_0001", 1)
-    assert resume_hint(exp) == (f"newest intact checkpoint {run.child_uri('epoch_0001')} (epoch 1); rerun the same "
-                                f"command to resume from it once there is room")
-    assert not any(is_temp(f) or f.endswith(".tmp") for f in os.listdir(run.path("epoch_0001")))
 
 
 def test_lease_temps_follow_the_rule_and_a_worker_sees_a_lost_lease(exp):

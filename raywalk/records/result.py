@@ -16,7 +16,7 @@ from typing import Any
 
 from raywalk import __version__
 from raywalk.records import layout
-from raywalk.records.checkpoints import CKPT_RE, MANIFEST, RUN_DIR, dir_name, position
+from raywalk.records.checkpoints import info as checkpoint_info   # the `checkpoints` block
 from raywalk.science.compliance import Compliance
 from raywalk.science.gate import by_jump_length
 from raywalk.config import Config
@@ -140,15 +140,6 @@ def list_resumes(exp: Store, log=warn) -> list[dict[str, Any]]:
 def count_restarts(exp: Store) -> int:
     # Each driver run starts its worker group once; every further start is a restart.
     return sum(max(0, len(exp.listdir(f"{layout.ATTEMPTS}/{t}")) - 1) for t in exp.listdir(layout.ATTEMPTS))
-
-
-def checkpoint_info(exp: Store, gate_epoch: int | None) -> dict[str, Any]:
-    run = exp.sub(RUN_DIR)
-    names = sorted((n for n in run.listdir() if CKPT_RE.match(n) and run.is_file(f"{n}/{MANIFEST}")), key=position)
-    gate_name = dir_name(gate_epoch) if gate_epoch else None
-    return {"directory": run.uri, "kept": [run.child_uri(n) for n in names],
-            "latest": run.child_uri(names[-1]) if names else None,
-            "gate": run.child_uri(gate_name) if gate_name and gate_name in names else None}
 
 
 # ---- the record, built by pure functions ------------------------------------------------

@@ -29,9 +29,6 @@ from raywalk.config import Config, ConfigError
 from raywalk.science.model import GPT
 from raywalk.science.schedule import make_scheduler
 
-FORMAT = 1   # checkpoint state format
-
-
 # ---- seeds and RNG state ------------------------------------------------------------
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -187,7 +184,7 @@ class TrainingState:
                    epoch_losses: list[torch.Tensor] | None = None) -> dict[str, Any]:
         """Plain data for a checkpoint. `rng`: every rank's RNG state, in rank order; mid-epoch,
         `epoch_losses`: every rank's losses of the `step` steps done (the epoch-end mean needs them)."""
-        return {"format": FORMAT, "epoch": self.epoch, "gate_epoch": self.gate_epoch, "step": self.step,
+        return {"epoch": self.epoch, "gate_epoch": self.gate_epoch, "step": self.step,
                 "epoch_losses": epoch_losses if self.step else None,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "rng": rng, "curves": self.curves.state_dict(),

@@ -13,18 +13,19 @@ import os
 import signal
 import threading
 import uuid
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from raywalk.records import layout, lease, result
 from raywalk.service import ray_env
 from raywalk.service import stops
 from raywalk.service import trackers
-from raywalk.records.checkpoints import RUN_DIR, newest_intact
+from raywalk.records.checkpoints import KEEP, RUN_DIR, info as checkpoint_info, newest_intact
 from raywalk.config import Config, ConfigError
 from raywalk.service.dataset import windows_per_walk
 from raywalk.service.corpus import build_corpus, ray_mapper
 from raywalk.records.lease import LeaseLost
-from raywalk.records.result import RESULT, checkpoint_info, count_restarts
+from raywalk.records.result import RESULT, count_restarts
 from raywalk.records.storage import FAULT_ENV, Store, StorageUnwritable
 from raywalk.records.storage import warn as _stderr
 
@@ -97,14 +98,41 @@ def worker_env(cfg: Config, verbose: bool) -> dict[str, str]:
     return env
 
 
+@dataclass(frozen=True)
+class Instruments:
+    """What tests and benchmarks hand `train` (never a real run): shorter epochs, and a hook in every
+    worker's hot loop.
+
+    `hooks` is a factory (tests' fault injection: WorkerKill, Preempt, FillDisk): on each worker
+    `hooks.for_worker(rank, checkpoints)` gives that worker's hook or None, and the hook's
+    `before_step(epoch, step)` runs before every step (epoch 1-based, step = steps of it done),
+    as one of run_epoch's step callbacks. `max_steps_per_epoch` cuts epochs short (benchmarks time
+    a few steps); the schedule is planned for the shortened epochs.
+    """
+    hooks: Any = None
+    max_steps_per_epoch: int | None = None
+
+    def __post_init__(self):
+        n = self.max_steps_per_epoch
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"max_steps_per_epoch: {n!r} is invalid: must be a whole number >= 1 (or None)")
+
+    def steps(self, planned: int) -> int:
+        return min(planned, self.max_steps_per_epoch) if self.max_steps_per_epoch else planned
+
+    def step_callback(self, rank: int, checkpoints: Store) -> Callable | None:
+        """This worker's hook as a run_epoch step callback (called on the worker), or None."""
+        hook = self.hooks.for_worker(rank, checkpoints) if self.hooks is not None else None
+        return None if hook is None else (lambda state: hook.before_step(state.epoch + 1, state.step))
+
+
 def train(cfg: Config, *, fresh: bool = False, verbose: bool = False, progress: bool = True,
-          hooks: Any = None, callbacks: list | None = None, max_steps_per_epoch: int | None = None,
-          log: Log = _stderr) -> dict[str, Any]:
+          callbacks: list | None = None, log: Log = _stderr, instruments: Instruments | None = None
+          ) -> dict[str, Any]:
     """Run (or resume, or report) the experiment for cfg; returns its result.json content.
 
-    `hooks` is a fault-injection factory for tests (faults.WorkerKill); `callbacks` are
-    Ray Train UserCallbacks (a Tune trial passes TuneReportCallback); `max_steps_per_epoch`
-    shortens epochs for benchmarks.
+    `callbacks` are Ray Train UserCallbacks (a Tune trial passes TuneReportCallback);
+    `instruments` are for tests and benchmarks only (see Instruments).
     """
     root = Store.open(cfg.run.storage)
     cfg = cfg.replace(**{"run.storage": root.uri})   # absolute: workers run in other directories
@@ -117,13 +145,23 @@ def train(cfg: Config, *, fresh: bool = False, verbose: bool = False, progress: 
         log(f"experiment {exp_id} already finished ({done['status']}); not training again "
             f"(use --fresh to start over)")
         return done
+    _check_before_ray(cfg)
+    run = functools.partial(_train_leased, cfg, root, exp_id, verbose=verbose, progress=progress,
+                            callbacks=callbacks, instruments=instruments, log=log)
+    return _leased(cfg, root.sub(exp_id), exp_id, run, log)
 
+
+def _check_before_ray(cfg: Config) -> None:
+    """Refuse what cannot train before any cluster resources are taken."""
     planned = cfg.corpus.corpus_size * windows_per_walk(cfg.corpus.walk_length, cfg.w)
-    if steps_per_epoch(cfg, planned) < 1:   # refuse before any cluster resources are taken
+    if steps_per_epoch(cfg, planned) < 1:
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is invalid: the corpus gives only {planned} "
                           f"windows of w+1 tokens, fewer than one batch per worker")
-    trackers.check(cfg.run.trackers, cfg.run.storage)   # a missing tracker package: refused before Ray starts
-    exp = root.sub(exp_id)
+    trackers.check(cfg.run.trackers, cfg.run.storage)   # a missing tracker package
+
+
+def _leased(cfg: Config, exp: Store, exp_id: str, run: Callable, log: Log) -> dict[str, Any]:
+    """run(held=, fitting=) under the experiment's lease; a storage that refuses writes stops it in one line."""
     fitting = threading.Event()   # set while trainer.fit() runs in the main thread
 
     def lost(reason: str) -> None:
@@ -133,9 +171,7 @@ def train(cfg: Config, *, fresh: bool = False, verbose: bool = False, progress: 
     try:
         with lease.hold(exp, exp_id, log=log, on_lost=lost) as held:   # one driver per experiment
             exp.sweep_temps()   # the lease holder is the only writer here: leftovers of killed writes go
-            return _train_leased(cfg, root, exp_id, verbose=verbose, progress=progress, hooks=hooks,
-                                 callbacks=callbacks, max_steps_per_epoch=max_steps_per_epoch, log=log,
-                                 held=held, fitting=fitting)
+            return run(held=held, fitting=fitting)
     except (LeaseLost, lease.LeaseHeld):
         raise
     except Exception as e:   # full disk, quota, read-only, denied: stop at once, say how to go on
@@ -151,53 +187,71 @@ def _storage_stop(exp: Store, exp_id: str, cfg: Config, u: StorageUnwritable, lo
     return stop
 
 
-def _train_leased(cfg: Config, root: Store, exp_id: str, *, verbose: bool, progress: bool, hooks: Any,
-                  callbacks: list | None, max_steps_per_epoch: int | None, log: Log,
-                  held: lease.Lease | None = None, fitting: threading.Event | None = None) -> dict[str, Any]:
+def _train_leased(cfg: Config, root: Store, exp_id: str, *, verbose: bool, progress: bool, callbacks: list | None,
+                  instruments: Instruments | None, log: Log, held: lease.Lease | None = None,
+                  fitting: threading.Event | None = None) -> dict[str, Any]:
     ray_env.ensure_ray(cfg, verbose=verbose)
     import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from raywalk.service.dataset import window_dataset, windows_per_epoch
-    from raywalk.service.worker import WorkerSpec, train_loop_per_worker
 
     check_storage_reachable(root, ray.nodes())
+    spec = _worker_spec(cfg, root, exp_id, verbose=verbose, progress=progress, instruments=instruments, log=log,
+                        holder=held.holder if held is not None else "")
+    _fit(_trainer(spec, root, callbacks), spec, root.sub(exp_id), held, fitting)
+    return finalise(root, exp_id, log, held=held)
+
+
+def _worker_spec(cfg: Config, root: Store, exp_id: str, *, verbose: bool, progress: bool,
+                 instruments: Instruments | None, log: Log, holder: str):
+    """The corpus (built or reused), the epoch's steps and what every worker is handed."""
+    from raywalk.service.dataset import window_dataset, windows_per_epoch
+    from raywalk.service.worker import WorkerSpec
+
     corpus, summary = build_corpus(cfg, root, mapper=ray_mapper(), progress=progress, log=log)
     log(f"corpus {'reused' if summary['reused'] else 'built'}: {corpus.uri}")
     n_windows = windows_per_epoch(corpus, cfg.w)
     steps = steps_per_epoch(cfg, n_windows)
-    if max_steps_per_epoch:
-        steps = min(steps, max_steps_per_epoch)
+    if instruments is not None:
+        steps = instruments.steps(steps)
     exp = root.sub(exp_id)
-    resuming = exp.exists(RUN_DIR)
-    log(f"experiment {exp_id}: {'resuming' if resuming else 'starting'}; {steps} steps/epoch, "
+    log(f"experiment {exp_id}: {'resuming' if exp.exists(RUN_DIR) else 'starting'}; {steps} steps/epoch, "
         f"{cfg.run.workers} worker(s), results in {exp.uri}")
-
-    use_gpu = cfg.run.gpus_per_worker > 0
-    resources = {"CPU": cfg.run.cpus_per_worker, **({"GPU": cfg.run.gpus_per_worker} if use_gpu else {})}
-    spec = WorkerSpec(config=cfg, experiment_id=exp_id, corpus_uri=corpus.uri, corpus_manifest=corpus.manifest,
+    return WorkerSpec(config=cfg, experiment_id=exp_id, corpus_uri=corpus.uri, corpus_manifest=corpus.manifest,
                       gate_starts=tuple(corpus.gate_starts(cfg.gate.sequences).tolist()), steps_per_epoch=steps,
-                      driver_token=uuid.uuid4().hex, progress=progress, verbose=verbose, hooks=hooks,
+                      driver_token=uuid.uuid4().hex, progress=progress, verbose=verbose,
                       windows=window_dataset(corpus, cfg.w, materialize=True), n_windows=n_windows,
-                      lease_holder=held.holder if held is not None else "")
-    trainer = TorchTrainer(
+                      instruments=instruments, lease_holder=holder)
+
+
+def _trainer(spec, root: Store, callbacks: list | None):
+    """The TorchTrainer: a fixed RunConfig(storage_path, name) is what lets a rerun resume Ray's run."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raywalk.service.worker import train_loop_per_worker
+
+    cfg, use_gpu = spec.config, spec.config.run.gpus_per_worker > 0
+    resources = {"CPU": cfg.run.cpus_per_worker, **({"GPU": cfg.run.gpus_per_worker} if use_gpu else {})}
+    return TorchTrainer(
         functools.partial(stops.guarded_loop, spec, train_loop_per_worker),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.workers, use_gpu=use_gpu,
                                                resources_per_worker=resources,
                                                accelerator_type=cfg.run.accelerator_type or None),
         run_config=ray.train.RunConfig(
             name=RUN_DIR,
-            storage_path=exp.path(),
+            storage_path=root.sub(spec.experiment_id).path(),
             storage_filesystem=root.fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures,
                                                    max_preemption_failures=cfg.run.max_preemptions),
             callbacks=callbacks,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),
-            worker_runtime_env={"env_vars": worker_env(cfg, verbose)},
-            logging_config=None if verbose else ray_env.quiet_train_logging(),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP),
+            worker_runtime_env={"env_vars": worker_env(cfg, spec.verbose)},
+            logging_config=None if spec.verbose else ray_env.quiet_train_logging(),
         ),
     )
+
+
+def _fit(trainer, spec, exp: Store, held: lease.Lease | None, fitting: threading.Event | None) -> None:
+    """trainer.fit(), then the stop it ended on, as the one error that says what happened."""
     in_main = threading.current_thread() is threading.main_thread()
     error: BaseException | None = None
     try:
@@ -219,7 +273,6 @@ def _train_leased(cfg: Config, root: Store, exp_id: str, *, verbose: bool, progr
         raise StorageUnwritable(stop.get("what") or exp.uri, stop.get("why") or "unwritable", stop.get("free"))
     if error is not None:
         raise error
-    return finalise(root, exp_id, log, held=held)
 
 
 def _f(v: Any) -> str:

@@ -1,10 +1,10 @@
 """The function Ray Train runs on every worker: a thin shell around science/loop.py.
 
-It sets the worker up (threads, device, determinism), restores the newest
-checkpoint that verifies, then per epoch: feed this worker's Ray Data shard to
-`run_epoch`, gate with `epoch_end`, report metrics + checkpoint, rewrite
-result.json (rank 0), print one line. It stops once the gate passes or the
-epochs run out. The science lives in science/loop.py and never sees Ray.
+It sets the worker up (threads, device, determinism), restores the resume
+point (Ray's latest registered checkpoint, records/checkpoints.py), then per
+epoch: feed this worker's Ray Data shard to `run_epoch`, gate with `epoch_end`,
+report metrics + checkpoint, rewrite result.json (rank 0), print one line. It
+stops once the gate passes or the epochs run out. The science lives in science/loop.py and never sees Ray.
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ from raywalk.records.result import ResultWriter
 from raywalk.records.storage import Store
 from raywalk.science.batches import ResidentWindows
 from raywalk.service.dataset import DataPlan, epoch_stream, load_resident, plan_data
-from raywalk.science.loop import (TrainingState, check_precision, compiled, epoch_end, gather_epoch_losses, gather_rng,
-                       run_epoch, set_determinism)
+from raywalk.science.loop import (EpochEnd, EpochRun, TrainingState, check_precision, compiled, epoch_end,
+                                  gather_epoch_losses, gather_rng, run_epoch, set_determinism)
 from raywalk.service.trackers import open_trackers
 
 
@@ -59,8 +59,8 @@ class WorkerSpec:
     """Draw rank 0's per-epoch progress bar."""
     verbose: bool = False
     """Keep Ray Train's own INFO logs."""
-    hooks: Any = None
-    """A fault-injection factory (faults.py) for tests and benchmarks; None in real runs."""
+    instruments: Any = None
+    """Tests' and benchmarks' driver.Instruments; None in real runs."""
     lease_holder: str = ""
     """The driver's lease id: workers write only while it holds a live lease (stops.py)."""
 
@@ -75,14 +75,11 @@ def _quiet_logs() -> None:
     ray_private.quiet_train_reports()   # "Reporting training result N: ..."
 
 
-def _restore(state: TrainingState, checkpoints: Store, rank: int, world: int, say) -> str | None:
+def _restore(state: TrainingState, run: Store, rank: int, world: int, say) -> str | None:
+    """Load the resume point into `state` (Ray's latest registered checkpoint, see checkpoints.py); its name."""
     import ray.train
 
-    latest = ray.train.get_checkpoint()
-    if latest is None and not checkpoints.exists():
-        return None
-    name = latest.path.rstrip("/").rsplit("/", 1)[-1] if latest else None
-    s, name = ckpt.find_resume_state(checkpoints, name, say)
+    s, name = ckpt.resume_point(run, ray.train.get_checkpoint(), say)
     if s is not None:
         state.load_state_dict(s, rank, world)   # the model is on its device already
     return name
@@ -255,74 +252,116 @@ def _data(spec: WorkerSpec, state: TrainingState, rank: int, world: int, say):
     return lambda epoch, start: resident.epoch(epoch, start, spec.steps_per_epoch)
 
 
-def train_loop_per_worker(spec: WorkerSpec) -> None:
-    import ray.train
+def _net(state: TrainingState, cfg: Config) -> torch.nn.Module:
+    """What runs forward/backward: the model, DDP-wrapped across ranks, compiled with train.compile."""
     import ray.train.torch
-    from ray.experimental.tqdm_ray import tqdm
-
-    cfg = spec.config
-    rank, world, device, say = _setup(spec)
-    root = Store.open(cfg.run.storage)
-    checkpoints = root.sub(spec.experiment_id, ckpt.RUN_DIR)
-    corpus = Corpus(Store.open(spec.corpus_uri), spec.corpus_manifest)
-    gate = Gate(spec.gate_starts, corpus.rule_table(), cfg).shard(rank, world)   # this rank's share
-
-    state = TrainingState.create(cfg, spec.steps_per_epoch, device)
-    restored = _restore(state, checkpoints, rank, world, say)
-    writer = ResultWriter(root, spec.experiment_id, cfg, world, device.type, spec.driver_token, spec.corpus_uri,
-                          lease_holder=spec.lease_holder).start() if rank == 0 else None
-    if writer is not None and (restored is not None or writer.restarts_this_run):
-        r = writer.resumed(restored, state.epoch + 1, state.step)
-        at = f"continuing at epoch {state.epoch + 1}" + (f" step {state.step}" if state.step else "")
-        say(f"{r['reason']} (restart {writer.restarts}): " + (
-            f"resuming from {checkpoints.child_uri(restored)} (epoch {state.epoch} done), {at}" if restored
-            else "no checkpoint yet, starting at epoch 1"))
-    batches = _data(spec, state, rank, world, say)
-
-    # rank 0 streams result.json's curves to run.trackers
-    tracking = open_trackers(cfg, root, spec.experiment_id, state.curves) if rank == 0 else None
 
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     net = ray.train.torch.prepare_model(state.model) if distributed else state.model
-    if cfg.train.compile:
-        net = compiled(net, device)
-    hooks = spec.hooks.for_worker(rank, checkpoints) if spec.hooks is not None else None
-    watch = NoticeWatch(spec, rank, spec.steps_per_epoch, checkpoints, writer, say)
-    max_epochs = cfg.train.max_epochs
-    upload_async = not root.local
-    previous_end = None
+    return compiled(net, state.device) if cfg.train.compile else net
 
-    while not state.done:
-        e, t0 = state.epoch, time.perf_counter()
-        callbacks = []
-        if hooks is not None:
-            callbacks.append(lambda st: hooks.before_step(st.epoch + 1, st.step))
-        if watch.active:
-            watch.start_epoch(state.step)
-            callbacks.append(watch)
-        progress = Progress(tqdm(total=spec.steps_per_epoch, desc=f"epoch {e + 1}/{max_epochs}", unit="step"),
-                            state.step) if rank == 0 and spec.progress else None
-        if progress is not None:
-            callbacks.append(progress)
-        run = run_epoch(state, batches(e, state.step), spec.steps_per_epoch, rank, net, callbacks, previous_end)
-        if progress is not None:
-            progress.close(state)
-        end = epoch_end(state, run, gate)
-        metrics = {"epoch": state.epoch, "loss": end.loss, "edge": end.comp.edge, "rule": end.comp.rule,
-                   "rule_checks": end.comp.rule_total, "gate_passed": end.passed,
-                   "train_seconds": run.train_seconds, "first_batch_seconds": run.first_batch_seconds,
-                   "tokens_per_second": spec.steps_per_epoch * cfg.train.batch_size * cfg.w / run.train_seconds}
-        t = time.perf_counter()
-        _report(state, spec, rank, metrics, upload_async=upload_async)
-        state.timing.checkpoint_seconds.append(time.perf_counter() - t)
-        if writer is not None:
-            writer.epoch_done(state.curves, end.comp, state.gate_epoch, state.epoch, gate.n_distinct,
-                              spec.steps_per_epoch, by_r=end.by_r, timing=state.timing, data=state.data_path)
-        if tracking is not None:   # after the checkpoint and result.json; logs what is new
-            tracking.epoch_end(state.curves)
-        say(f"epoch {state.epoch}/{max_epochs}  loss {end.loss:.3f}  edge {end.comp.edge:.3f}  "
-            f"rule {end.comp.rule:.3f}  gate {'PASS' if end.passed else 'no'}  "
-            f"{time.perf_counter() - t0:.0f}s")
-        previous_end = run.ended
-    if tracking is not None:
-        tracking.close()
+
+def _announce_resume(writer: ResultWriter | None, restored: str | None, state: TrainingState, run: Store,
+                     say) -> None:
+    """Rank 0 records a resume (or a restart with nothing to resume from) and says where it goes on."""
+    if writer is None or (restored is None and not writer.restarts_this_run):
+        return
+    r = writer.resumed(restored, state.epoch + 1, state.step)
+    at = f"continuing at epoch {state.epoch + 1}" + (f" step {state.step}" if state.step else "")
+    say(f"{r['reason']} (restart {writer.restarts}): " + (
+        f"resuming from {run.child_uri(restored)} (epoch {state.epoch} done), {at}" if restored
+        else "no checkpoint yet, starting at epoch 1"))
+
+
+@dataclass
+class _Worker:
+    """One worker's run: what every epoch uses."""
+    spec: WorkerSpec
+    rank: int
+    say: Any
+    run: Store                       # the checkpoints' run directory
+    state: TrainingState
+    gate: Gate                       # this rank's share of the gate
+    batches: Any                     # (epoch, start step) -> this rank's batches
+    net: torch.nn.Module
+    writer: ResultWriter | None      # rank 0 only
+    tracking: Any                    # rank 0's trackers, or None
+    watch: NoticeWatch
+    instrument: Any                  # a test's step callback, or None
+    previous_end: float | None = None
+
+
+def _start(spec: WorkerSpec) -> _Worker:
+    """Set up, restore the resume point, open the records and choose the data path."""
+    cfg = spec.config
+    rank, world, device, say = _setup(spec)
+    root = Store.open(cfg.run.storage)
+    run = root.sub(spec.experiment_id, ckpt.RUN_DIR)
+    corpus = Corpus(Store.open(spec.corpus_uri), spec.corpus_manifest)
+    gate = Gate(spec.gate_starts, corpus.rule_table(), cfg).shard(rank, world)   # this rank's share
+    state = TrainingState.create(cfg, spec.steps_per_epoch, device)
+    restored = _restore(state, run, rank, world, say)
+    writer = ResultWriter(root, spec.experiment_id, cfg, world, device.type, spec.driver_token, spec.corpus_uri,
+                          lease_holder=spec.lease_holder).start() if rank == 0 else None
+    _announce_resume(writer, restored, state, run, say)
+    batches = _data(spec, state, rank, world, say)
+    # rank 0 streams result.json's curves to run.trackers
+    tracking = open_trackers(cfg, root, spec.experiment_id, state.curves) if rank == 0 else None
+    return _Worker(spec, rank, say, run, state, gate, batches, _net(state, cfg), writer,
+                   tracking, NoticeWatch(spec, rank, spec.steps_per_epoch, run, writer, say),
+                   spec.instruments.step_callback(rank, run) if spec.instruments is not None else None)
+
+
+def _callbacks(w: _Worker) -> tuple[list, Progress | None]:
+    """This epoch's step callbacks, in order: a test's instrument, the notice watch, rank 0's bar."""
+    from ray.experimental.tqdm_ray import tqdm
+
+    callbacks = [w.instrument] if w.instrument is not None else []
+    if w.watch.active:
+        w.watch.start_epoch(w.state.step)
+        callbacks.append(w.watch)
+    progress = None
+    if w.rank == 0 and w.spec.progress:
+        bar = tqdm(total=w.spec.steps_per_epoch, desc=f"epoch {w.state.epoch + 1}/{w.spec.config.train.max_epochs}",
+                   unit="step")
+        progress = Progress(bar, w.state.step)
+        callbacks.append(progress)
+    return callbacks, progress
+
+
+def _metrics(spec: WorkerSpec, end: EpochEnd, run: EpochRun, epoch: int) -> dict[str, Any]:
+    """What each epoch's checkpoint is reported to Ray with."""
+    tokens = spec.steps_per_epoch * spec.config.train.batch_size * spec.config.w
+    return {"epoch": epoch, "loss": end.loss, "edge": end.comp.edge, "rule": end.comp.rule,
+            "rule_checks": end.comp.rule_total, "gate_passed": end.passed, "train_seconds": run.train_seconds,
+            "first_batch_seconds": run.first_batch_seconds, "tokens_per_second": tokens / run.train_seconds}
+
+
+def _epoch(w: _Worker) -> None:
+    """Train, gate, checkpoint and record one epoch (or the rest of one, after a just-in-time checkpoint)."""
+    state, spec, t0 = w.state, w.spec, time.perf_counter()
+    callbacks, progress = _callbacks(w)
+    run = run_epoch(state, w.batches(state.epoch, state.step), spec.steps_per_epoch, w.rank, w.net, callbacks,
+                    w.previous_end)
+    if progress is not None:
+        progress.close(state)
+    end = epoch_end(state, run, w.gate)
+    t = time.perf_counter()
+    _report(state, spec, w.rank, _metrics(spec, end, run, state.epoch), upload_async=not w.run.local)
+    state.timing.checkpoint_seconds.append(time.perf_counter() - t)
+    if w.writer is not None:
+        w.writer.epoch_done(state.curves, end.comp, state.gate_epoch, state.epoch, w.gate.n_distinct,
+                            spec.steps_per_epoch, by_r=end.by_r, timing=state.timing, data=state.data_path)
+    if w.tracking is not None:   # after the checkpoint and result.json; logs what is new
+        w.tracking.epoch_end(state.curves)
+    w.say(f"epoch {state.epoch}/{spec.config.train.max_epochs}  loss {end.loss:.3f}  edge {end.comp.edge:.3f}  "
+          f"rule {end.comp.rule:.3f}  gate {'PASS' if end.passed else 'no'}  {time.perf_counter() - t0:.0f}s")
+    w.previous_end = run.ended
+
+
+def train_loop_per_worker(spec: WorkerSpec) -> None:
+    w = _start(spec)
+    while not w.state.done:
+        _epoch(w)
+    if w.tracking is not None:
+        w.tracking.close()
