@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from raywalk import checkpoint as ckpt
-from raywalk.faults import Preempt, WorkerKill
+from faults import Preempt, WorkerKill
 from raywalk.storage import Store
 from raywalk.trainer import train
 from tests.conftest import tiny_config

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from raywalk import checkpoint as ckpt
-from raywalk.faults import WorkerKill
+from faults import WorkerKill
 from raywalk.storage import Store
 from raywalk.trainer import train
 from raywalk.training import rng_state, set_rng_state

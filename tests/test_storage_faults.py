@@ -19,7 +19,7 @@ import pytest
 
 from raywalk import trainer
 from raywalk.cli import main
-from raywalk.faults import FillDisk
+from faults import FillDisk
 from raywalk.lease import LEASE
 from raywalk.result import RESULT, list_resumes
 from raywalk.storage import FAULT_ENV, Store, is_temp

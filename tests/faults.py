@@ -3,6 +3,10 @@
 A hook factory travels in the WorkerSpec; each worker asks it for its own hooks
 (`for_worker`), and the epoch runner calls `before_step(epoch, step)`. Nothing
 here is on the path of a normal run (no hooks: no calls).
+
+It lives with the tests, not in the package, so Ray workers cannot import it by name (a local
+Ray gives workers the driver's cwd, not pytest's tests/ on sys.path): each factory registers this
+module with Ray's cloudpickle to travel by value, so its classes go inside the pickled WorkerSpec.
 """
 from __future__ import annotations
 
@@ -11,8 +15,17 @@ import signal
 import time
 from dataclasses import dataclass
 
-from . import checkpoint as ckpt
-from .storage import Store
+from raywalk import checkpoint as ckpt
+from raywalk.storage import Store
+
+
+def _by_value() -> None:
+    """Ship this module's classes inside the pickle (ray imported here, after the tests' quiet_defaults)."""
+    import sys
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def _fire_once(marker: str, due: bool) -> bool:
@@ -40,6 +53,9 @@ class WorkerKill:
     marker: str
     delay: float = 0.0
     truncate_latest: bool = False
+
+    def __post_init__(self) -> None:
+        _by_value()
 
     def for_worker(self, rank: int, checkpoints: Store) -> "_KillHook | _FirstStepProbe | None":
         if os.path.exists(self.marker):
@@ -96,6 +112,9 @@ class Preempt:
     slow_s: float = 0.4
     kill_after_jit: bool = False
     settle_s: float = 3.0
+
+    def __post_init__(self) -> None:
+        _by_value()
 
     def for_worker(self, rank: int, checkpoints: Store) -> "_PreemptHook | _FirstStepProbe | None":
         if os.path.exists(self.marker):   # after the reclaim: a normal run, timed from its first step
@@ -156,6 +175,9 @@ class FillDisk:
     path: str
     marker: str
     leave: int = 4096
+
+    def __post_init__(self) -> None:
+        _by_value()
 
     def for_worker(self, rank: int, checkpoints: Store) -> "_FillHook | None":
         return _FillHook(self) if rank == 0 and not os.path.exists(self.marker) else None
