@@ -152,11 +152,11 @@ class NodeWatch:
         return self.seen
 
 
-def write_sweep(path: Path, name: str, **train) -> Path:
+def write_sweep(path: Path, name: str, gate: dict | None = None, **train) -> Path:
     sweep = yaml.safe_load((ROOT / "configs" / "sweep_tiny.yaml").read_text())
     sweep["name"] = name
     sweep["base"]["train"].update(train)
-    sweep["base"]["gate"]["sequences"] = 32
+    sweep["base"]["gate"].update({"sequences": 32, **(gate or {})})
     path.write_text(yaml.safe_dump(sweep))
     return path
 
@@ -195,8 +195,9 @@ def test_sweep_from_cold_scales_out_and_survives_a_lost_node(cluster, tmp_path):
     hosting a training worker is SIGKILLed mid-trial and every point still finishes, resumed."""
     storage = tmp_path / "store"
     assert cluster.worker_raylets() == {}, "not cold: worker nodes before the sweep"
-    # lr low enough that no point passes the gate at epoch 1: each trains on past its first checkpoint
-    sweep = write_sweep(tmp_path / "sweep.yaml", "cold-lost-node", max_epochs=4, lr=2.0e-3)
+    # A gate no point can pass (rule must be > 1.0): every trial trains all 4 epochs, so whichever
+    # training worker is killed after a first checkpoint is mid-trial (a passed gate would end it).
+    sweep = write_sweep(tmp_path / "sweep.yaml", "cold-lost-node", gate={"rule": 1.0}, max_epochs=4)
     from raywalk.sweep import load_sweep
 
     exps = [storage / q.experiment_id / "checkpoints" for q in load_sweep(str(sweep)).points]
@@ -220,8 +221,8 @@ def test_sweep_from_cold_scales_out_and_survives_a_lost_node(cluster, tmp_path):
     assert p.returncode == 0, out[-5000:]
     assert "up to 2 trial(s) at once" in out and str(cluster.config_file) in out, out[-3000:]
     rows, trials = results(storage, sweep)
-    assert all(r["status"] in ("passed", "failed") for r in rows)
-    assert all(r["epochs_trained"] == (r["gate"]["epoch"] or 4) for r in rows)
+    assert all(r["status"] == "failed" and r["epochs_trained"] == 4 for r in rows), \
+        [(r["status"], r["epochs_trained"]) for r in rows]
     assert sum(r["restarts"] for r in rows) >= 1, [r["restarts"] for r in rows]
     assert len(nodes) >= 2, f"the autoscaler added {len(nodes)} node(s)"
     starts = [t["started_at"] for t in trials.values()]

@@ -14,6 +14,7 @@ import torch
 
 from raywalk import checkpoint as ckpt
 from faults import WorkerKill
+from raywalk.lease import LEASE
 from raywalk.storage import Store
 from raywalk.trainer import train
 from raywalk.training import rng_state, set_rng_state
@@ -72,8 +73,9 @@ def test_torn_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, refere
     ref_cfg, ref = reference
     cfg = tiny_config(tmp_path, **LONG)
     marker = tmp_path / "killed"
+    # delay: Train registers epoch_0002 first (it polls every 0.5 s in tests, conftest)
     r = train(cfg, progress=False, log=lambda s: None,
-              hooks=WorkerKill(rank=0, epoch=3, step=2, marker=str(marker), truncate_latest=True, delay=5))
+              hooks=WorkerKill(rank=0, epoch=3, step=2, marker=str(marker), truncate_latest=True, delay=2))
     assert marker.exists() and r["restarts"] == 1
     err = capfd.readouterr().err
     assert "skipping checkpoint" in err and "epoch_0002" in err and "truncated" in err, err[-4000:]
@@ -91,6 +93,7 @@ def _cli(storage: Path) -> list[str]:
 
 
 def test_driver_sigkill_then_rerun_resumes_the_same_experiment(tmp_path, reference):
+    """Also the lease's real-driver case: the killed driver's stale lease is taken over by the rerun."""
     ref_cfg, ref = reference
     cfg = tiny_config(tmp_path, **LONG)
     result = tmp_path / cfg.experiment_id() / "result.json"
@@ -111,12 +114,17 @@ def test_driver_sigkill_then_rerun_resumes_the_same_experiment(tmp_path, referen
         first.wait()
     killed = json.loads(result.read_text())
     assert killed["epochs_trained"] == 2 and killed["status"] == "running"
-
-    time.sleep(3.5)                  # ...goes stale: the rerun takes it over (tests/test_lease.py)
+    # SIGKILL: no release, the lease stays behind...
+    held = json.loads((tmp_path / cfg.experiment_id() / LEASE).read_text())
+    assert held["pid"] == first.pid and held["stale_after_s"] == 3.0
+    while time.time() - held["heartbeat_unix"] < held["stale_after_s"] + 0.5:
+        time.sleep(0.2)              # ...goes stale: the rerun takes it over
     second = subprocess.run(_cli(tmp_path), capture_output=True, text=True, env=env, cwd=tmp_path,
                             start_new_session=True, timeout=400)
     out = second.stdout + second.stderr
     assert second.returncode == 0, out
+    assert f"taking over experiment {cfg.experiment_id()}" in out and f"pid {first.pid}" in out
+    assert not (tmp_path / cfg.experiment_id() / LEASE).exists()      # released at the end
     assert "resuming from" in out and "continuing at epoch" in out
     assert "epoch 1/3" not in out                # nothing already done is trained again
     r = json.loads(result.read_text())
