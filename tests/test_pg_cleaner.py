@@ -61,14 +61,15 @@ def test_sigkilled_driver_placement_groups_are_released_by_the_cleaner(target, t
     storage = tmp_path / "store"
     env = cli_env(RAY_ADDRESS=f"127.0.0.1:{target.port}")
     log = open(tmp_path / "driver.log", "w+")
-    p = subprocess.Popen(train_cmd(storage, "train.max_epochs=30"), cwd=ROOT, env=env, stdout=log,
+    # A gate it cannot pass (rule must be > 1.0): the run is still training whenever the test looks.
+    p = subprocess.Popen(train_cmd(storage, "train.max_epochs=50", "gate.rule=1.0"), cwd=ROOT, env=env, stdout=log,
                          stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         pgs: list[dict] = []
         while time.monotonic() < deadline and p.poll() is None:    # training has its placement group
             log.seek(0)
-            if any(line.startswith("epoch 1/30 ") for line in log.read().splitlines()):
+            if any(line.startswith("epoch 1/50 ") for line in log.read().splitlines()):
                 pgs = [g for g in target.state("placement-groups") if g["state"] == "CREATED"]
                 if pgs:
                     break

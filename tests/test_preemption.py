@@ -20,6 +20,7 @@ from faults import Preempt, WorkerKill
 from raywalk.storage import Store
 from raywalk.trainer import train
 from tests.conftest import tiny_config
+from tests.test_trackers import expected, mlflow_runs, mlflow_scalars, tb_scalars
 
 # Never passes (rule must be > 1.0): every run trains exactly 2 epochs; 2 ranks, so the
 # mid-epoch state holds both ranks' losses and RNG streams. Poll for notices every 5 steps.
@@ -162,14 +163,21 @@ STREAM = {**LONG, "train.data_budget": 1e-9}
 
 
 def test_a_plain_worker_kill_on_the_streaming_path_is_a_failure_resume(cluster, reference, tmp_path):
-    """No notice, no node lost: a crashed worker, on the streaming path that `auto` chose because the
-    windows exceed the budget; resumed from the epoch checkpoint, recorded as a failure, exact."""
+    """No notice, no node lost: a crashed worker (SIGKILL of rank 1 mid-epoch), on the streaming path that
+    `auto` chose because the windows exceed the budget; resumed from the epoch checkpoint, recorded as a
+    failure, exact, and its TensorBoard and MLflow curves hold every point once across the kill."""
     ref = train(tiny_config(tmp_path / "ref", **STREAM), progress=False, log=lambda s: None)
     assert ref["data_path"] == "stream" and reference["data_path"] == "resident"
     assert ref["curves"] != reference["curves"]    # another (equally uniform) permutation per epoch
-    cfg = tiny_config(tmp_path / "killed", **STREAM)
-    r = train(cfg, progress=False, log=lambda s: None,
-              hooks=WorkerKill(rank=1, epoch=2, step=3, marker=str(tmp_path / "killed.marker")))
+    root = tmp_path / "killed"
+    cfg = tiny_config(root, **STREAM, **{"run.trackers": ["tensorboard", "mlflow"]})
+    marker = tmp_path / "killed.marker"
+    r = train(cfg, progress=False, log=lambda s: None, hooks=WorkerKill(rank=1, epoch=2, step=3, marker=str(marker)))
+    assert marker.exists() and r["restarts"] == 1     # the worker really was killed, once
     assert r["data_path"] == "stream"
     assert_identical(r, ref)
     assert [(x["reason"], x["checkpoint"], x["step"]) for x in r["resumes"]] == [("failure", "epoch_0001", 0)]
+    eid = r["experiment_id"]
+    assert tb_scalars(root / eid / "tensorboard") == expected(r["curves"], f32=True)
+    c, runs = mlflow_runs(root, eid)
+    assert len(runs) == 1 and mlflow_scalars(c, runs[0].info.run_id) == expected(r["curves"], f32=False)

@@ -54,19 +54,9 @@ def check_tracked(root: Path, r: dict) -> None:
     assert len(runs) == 1 and mlflow_scalars(c, runs[0].info.run_id) == expected(r["curves"], f32=False)
 
 
-def test_worker_sigkill_mid_epoch_continues_bit_for_bit(tmp_path, reference):
-    ref_cfg, ref = reference
-    cfg = tiny_config(tmp_path, **LONG, **TRACKED)
-    marker = tmp_path / "killed"
-    logs: list[str] = []
-    r = train(cfg, progress=False, log=logs.append,
-              hooks=WorkerKill(rank=1, epoch=2, step=5, marker=str(marker)))
-    assert marker.exists()                      # the worker really was killed
-    assert r["restarts"] == 1
-    assert comparable(r) == comparable(ref)
-    a, b = final_weights(r), final_weights(ref)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    check_tracked(tmp_path, r)
+# A plain worker SIGKILL mid-epoch, continued bit for bit with its tracked curves: tests/test_preemption.py
+# (test_a_plain_worker_kill_on_the_streaming_path_is_a_failure_resume); on the resident path a worker lost
+# with its node is test_preemption's test_node_killed_without_notice_resumes_from_the_latest_checkpoint.
 
 
 def test_torn_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, reference, capfd):
