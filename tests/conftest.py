@@ -11,13 +11,6 @@ import pytest
 from raywalk.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# Ray Train's controller polls its workers every 2 s by default: each fit's end, each dead worker and each
-# registered checkpoint waits for the next poll. Ray Train copies this variable from the driver's
-# environment to its controller (train/v2/_internal/constants.py ENV_VARS_TO_PROPAGATE), and every
-# Ray and CLI a test starts inherits it from here. A slow poll is only awaited on the next round
-# (hanging polls count as dead after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 min), so 0.5 s is safe.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
 # Small enough for seconds per epoch on 2 cores, big enough to have rule checks.
@@ -77,6 +70,16 @@ def kill_session(sid: int) -> None:
             except ProcessLookupError:
                 pass
         time.sleep(0.2)
+
+
+def pytest_configure(config):
+    # Ray Train's controller polls its workers every 2 s by default: each fit's end, each dead worker and
+    # each registered checkpoint waits for the next poll. Ray Train copies this variable from the driver's
+    # environment to its controller (train/v2/_internal/constants.py ENV_VARS_TO_PROPAGATE), and every Ray
+    # and CLI a test starts inherits it. A slow poll is only awaited on the next round (hanging polls count
+    # as dead after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 min), so 0.5 s is safe. Here, not at import:
+    # benchmarks import test modules and keep Ray's default.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="module")
