@@ -46,14 +46,17 @@ def tiny_overrides(storage: str | Path, **dotted) -> list[str]:
 
 
 def session_pids(sid: int) -> list[int]:
-    """Every live process in session `sid` (a subprocess started with start_new_session=True)."""
+    """Every live process in session `sid` (a subprocess started with start_new_session=True).
+
+    Zombies are not live: a killed process stays in /proc until its parent (or init) reaps it,
+    and waiting for that cost kill_session its whole 4 s loop after every SIGKILL of a tree."""
     pids = []
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
             try:
-                if os.getsid(int(p.name)) == sid:
+                if os.getsid(int(p.name)) == sid and (p / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
                     pids.append(int(p.name))
-            except (ProcessLookupError, PermissionError):
+            except (ProcessLookupError, PermissionError, FileNotFoundError, IndexError):
                 pass
     return pids
 
