@@ -40,9 +40,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from raywalk.compliance import RuleTable, check_sequences  # noqa: E402
-from raywalk.graph import build_graph, place_jumpers  # noqa: E402
-from raywalk.walks import sample_walks  # noqa: E402
+from raywalk.science.compliance import RuleTable, check_sequences  # noqa: E402
+from raywalk.science.graph import build_graph, place_jumpers  # noqa: E402
+from raywalk.science.walks import sample_walks  # noqa: E402
 
 P_IN, P_OUT, K, SEED = 0.25, 0.03, 4, 42
 SCALES = (0.5, 0.7, 0.9, 1.0, 1.1, 1.3, 1.5, 2.0)
@@ -113,9 +113,9 @@ def full_corpus() -> None:
     import tempfile
 
     from raywalk.config import Config
-    from raywalk.corpus import build_corpus, ray_mapper
-    from raywalk.ray_env import ensure_ray
-    from raywalk.storage import Store
+    from raywalk.service.corpus import build_corpus, ray_mapper
+    from raywalk.service.ray_env import ensure_ray
+    from raywalk.records.storage import Store
 
     anchor = Path(__file__).resolve().parents[1] / "configs" / "anchor.yaml"
     cfg = Config.load(anchor)
@@ -164,7 +164,7 @@ def build_before(cfg, root, mapper) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from raywalk.corpus import make_shard, plan_shards, shard_rel
+    from raywalk.service.corpus import make_shard, plan_shards, shard_rel
 
     graph = build_graph(cfg.graph.n, cfg.graph.K, cfg.graph.p_in, cfg.graph.p_out, cfg.seed)
     jumpers = place_jumpers(graph, cfg.graph.n_jumpers_per_block, cfg.graph.r_scales, cfg.w, cfg.seed)
@@ -203,9 +203,9 @@ def measure_one(variant: str, corpus_size: int) -> None:
     import tempfile
 
     from raywalk.config import Config
-    from raywalk.corpus import build_corpus, ray_mapper
-    from raywalk.ray_env import ensure_ray
-    from raywalk.storage import Store
+    from raywalk.service.corpus import build_corpus, ray_mapper
+    from raywalk.service.ray_env import ensure_ray
+    from raywalk.records.storage import Store
 
     cfg = Config.load(Path(__file__).resolve().parents[1] / "configs" / "anchor.yaml",
                       [f"corpus.corpus_size={corpus_size}"])
@@ -266,8 +266,8 @@ def cold_cluster_part() -> None:
     from ray.cluster_utils import Cluster
 
     from raywalk.config import Config
-    from raywalk.corpus import build_corpus, plan_shards, ray_mapper
-    from raywalk.storage import Store
+    from raywalk.service.corpus import build_corpus, plan_shards, ray_mapper
+    from raywalk.records.storage import Store
 
     os.environ["RAY_SCHEDULER_EVENTS"] = "0"    # no "(autoscaler) cannot fulfill" lines: the cold head is the point
     cfg = Config.load(Path(__file__).resolve().parents[1] / "configs" / "anchor.yaml")
@@ -342,9 +342,9 @@ def horizons_part(scale: float) -> None:
     import tempfile
 
     from raywalk.config import Config
-    from raywalk.corpus import ShardSpec, build_corpus, make_shard, ray_mapper
-    from raywalk.ray_env import ensure_ray
-    from raywalk.storage import Store
+    from raywalk.service.corpus import ShardSpec, build_corpus, make_shard, ray_mapper
+    from raywalk.service.ray_env import ensure_ray
+    from raywalk.records.storage import Store
 
     anchor = Path(__file__).resolve().parents[1] / "configs" / "anchor.yaml"
     base = Config.load(anchor)

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from raywalk.batches import ResidentWindows, token_dtype  # noqa: E402
+from raywalk.science.batches import ResidentWindows, token_dtype  # noqa: E402
 from raywalk.config import Config  # noqa: E402
-from raywalk.corpus import build_corpus, ray_mapper  # noqa: E402
-from raywalk.dataset import epoch_order, load_resident, window_dataset, windows_per_epoch  # noqa: E402
-from raywalk.ray_env import ensure_ray  # noqa: E402
-from raywalk.storage import Store  # noqa: E402
+from raywalk.service.corpus import build_corpus, ray_mapper  # noqa: E402
+from raywalk.service.dataset import epoch_order, load_resident, window_dataset, windows_per_epoch  # noqa: E402
+from raywalk.service.ray_env import ensure_ray  # noqa: E402
+from raywalk.records.storage import Store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -43,14 +43,14 @@ def main() -> None:
         return
 
     from benchmarks.pace import bare_loop
-    from raywalk import gate
-    from raywalk.batches import ResidentWindows, token_dtype
+    from raywalk.science import gate
+    from raywalk.science.batches import ResidentWindows, token_dtype
     from raywalk.config import Config
-    from raywalk.corpus import build_corpus
-    from raywalk.dataset import walks_to_windows
-    from raywalk.generate import greedy_generate, reference_generate
-    from raywalk.storage import Store
-    from raywalk.training import TrainingState, compiled, epoch_end, run_epoch, set_determinism, sync
+    from raywalk.service.corpus import build_corpus
+    from raywalk.service.dataset import walks_to_windows
+    from raywalk.science.generate import greedy_generate, reference_generate
+    from raywalk.records.storage import Store
+    from raywalk.science.loop import TrainingState, compiled, epoch_end, run_epoch, set_determinism, sync
 
     tmp = args.storage or tempfile.mkdtemp(prefix="raywalk-bench-gpu-")
     cfg = Config.load(ROOT / "configs" / "anchor.yaml", [f"run.storage={tmp}", f"corpus.corpus_size={args.walks}",
@@ -121,7 +121,7 @@ def main() -> None:
 
 def under_ray(cfg, tmp: str, steps: int) -> None:
     """One epoch under TorchTrainer (1 worker, 1 GPU) per data path, from result.json's timing."""
-    from raywalk.trainer import train
+    from raywalk.service.driver import train
 
     print("\nTorchTrainer, 1 GPU, one epoch")
     for data in ("resident", "stream"):

@@ -21,8 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from raywalk.generate import greedy_generate, reference_generate  # noqa: E402
-from raywalk.model import GPT  # noqa: E402
+from raywalk.science.generate import greedy_generate, reference_generate  # noqa: E402
+from raywalk.science.model import GPT  # noqa: E402
 
 VOCAB, D, LAYERS, HEADS, W, BATCH = 500, 128, 4, 1, 64, 64
 

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from raywalk.config import Config  # noqa: E402
-from raywalk.model import GPT  # noqa: E402
+from raywalk.science.model import GPT  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def bare_loop(cfg: Config, steps: int) -> float:
 
 
 def overhead(tmp: Path, epochs: int) -> None:
-    from raywalk.trainer import train
+    from raywalk.service.driver import train
 
     cfg = Config.load(ROOT / "configs" / "quickstart.yaml", [
         f"run.storage={tmp / 'overhead'}", "model.d_model=8", "model.n_layers=1", "corpus.corpus_size=64000",
@@ -69,7 +69,7 @@ def overhead(tmp: Path, epochs: int) -> None:
 
 
 def seam(tmp: Path, anchor: Path | None) -> None:
-    from raywalk.trainer import train
+    from raywalk.service.driver import train
 
     storage = anchor or tmp / "seam"
     cfg = Config.load(ROOT / "configs" / "anchor.yaml", [

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_model import reference_forward, to_reference  # noqa: E402
 
-from raywalk.model import GPT  # noqa: E402
+from raywalk.science.model import GPT  # noqa: E402
 
 V, W, B = 64, 64, 64
 print(f"{'d_model':>7} {'heads':>5} {'d_head':>6} | {'explicit':>18} | {'fused SDPA':>18} | {'old divide':>18}")

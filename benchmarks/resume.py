@@ -27,9 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))   # faults.py: test-only fault injection
-from raywalk import checkpoint as ckpt  # noqa: E402
+from raywalk.records import checkpoints as ckpt  # noqa: E402
 from raywalk.config import Config  # noqa: E402
-from raywalk.trainer import train  # noqa: E402
+from raywalk.service.driver import train  # noqa: E402
 from faults import Preempt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ def main() -> None:
 
     from ray.cluster_utils import Cluster
 
-    from raywalk.ray_env import quiet_defaults
+    from raywalk.service.ray_env import quiet_defaults
 
     quiet_defaults()
     import ray

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from raywalk.config import Config  # noqa: E402
-from raywalk.trainer import train  # noqa: E402
+from raywalk.service.driver import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

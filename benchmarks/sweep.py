@@ -21,7 +21,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from raywalk.sweep import load_sweep  # noqa: E402
+from raywalk.service.sweep import load_sweep  # noqa: E402
 
 
 def timed(cmd: list[str], log: Path) -> float:

@@ -10,9 +10,9 @@ import tempfile
 import time
 from types import SimpleNamespace
 
-from raywalk import trackers
+from raywalk.service import trackers
 from raywalk.config import Config
-from raywalk.storage import Store
+from raywalk.records.storage import Store
 
 STEPS = 9375
 

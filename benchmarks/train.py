@@ -27,10 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from raywalk.config import Config  # noqa: E402
-from raywalk.corpus import build_corpus  # noqa: E402
-from raywalk.dataset import walks_to_windows  # noqa: E402
-from raywalk.storage import Store  # noqa: E402
-from raywalk.training import TrainingState, run_epoch, sync  # noqa: E402
+from raywalk.service.corpus import build_corpus  # noqa: E402
+from raywalk.service.dataset import walks_to_windows  # noqa: E402
+from raywalk.records.storage import Store  # noqa: E402
+from raywalk.science.loop import TrainingState, run_epoch, sync  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ def plain_loop(cfg: Config, windows: np.ndarray, steps: int, device: str = "cpu"
 def under_ray(cfg: Config, workers: int, steps: int, tmp: Path, tag: str = "") -> float:
     import ray.train
 
-    from raywalk.trainer import train
+    from raywalk.service.driver import train
 
     class Capture(ray.train.UserCallback):
         def __init__(self, path: str):
@@ -100,10 +100,10 @@ def main() -> None:
     tmp = Path(args.storage or tempfile.mkdtemp(prefix="raywalk-bench-train-"))
     cfg = anchor_shaped(str(tmp))
 
-    from raywalk.ray_env import ensure_ray
+    from raywalk.service.ray_env import ensure_ray
 
     ensure_ray(cfg.replace(**{"run.workers": 2}))
-    from raywalk.corpus import ray_mapper
+    from raywalk.service.corpus import ray_mapper
 
     t = time.perf_counter()
     corpus, _ = build_corpus(cfg, Store.open(str(tmp)), mapper=ray_mapper(), progress=False)

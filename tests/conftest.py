@@ -88,7 +88,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="module")
 def local_ray():
     """One real local Ray for a whole test module (start-up costs seconds)."""
-    from raywalk.ray_env import quiet_defaults
+    from raywalk.service.ray_env import quiet_defaults
 
     quiet_defaults()
     import ray

@@ -15,8 +15,8 @@ import signal
 import time
 from dataclasses import dataclass
 
-from raywalk import checkpoint as ckpt
-from raywalk.storage import Store
+from raywalk.records import checkpoints as ckpt
+from raywalk.records.storage import Store
 
 
 def _by_value() -> None:

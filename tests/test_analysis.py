@@ -18,18 +18,18 @@ import torch
 
 import raywalk
 import raywalk.export
-from raywalk import checkpoint as ckpt
-from raywalk.compliance import RuleTable, check_sequences
-from raywalk.corpus import eval_size
-from raywalk.generate import greedy_generate
-from raywalk.storage import Store
+from raywalk.records import checkpoints as ckpt
+from raywalk.science.compliance import RuleTable, check_sequences
+from raywalk.service.corpus import eval_size
+from raywalk.science.generate import greedy_generate
+from raywalk.records.storage import Store
 from tests.conftest import tiny_config
 from tests.s3server import s3_server  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")
 def runs(local_ray, tmp_path_factory):
-    from raywalk.trainer import train
+    from raywalk.service.driver import train
 
     root = tmp_path_factory.mktemp("analysis") / "root"
     quiet = dict(progress=False, log=lambda s: None)
@@ -262,7 +262,7 @@ def test_export_hands_the_gate_model_to_the_reference(runs, tmp_path, capsys):
                  "--overwrite"]) == 0
     assert json.loads((out / "manifest.json").read_text())["format"] == "raywalk"
     assert {p.name for p in tmp_path.iterdir()} == {"handoff"}   # no .tmp- or .old- left beside it
-    from raywalk.model import GPT
+    from raywalk.science.model import GPT
     own = GPT(**json.loads((out / "model.json").read_text()))
     own.load_state_dict(torch.load(out / "model.pt", weights_only=True))
     assert weights_equal(own, exp.model.state_dict())

@@ -177,7 +177,7 @@ def finish(p: subprocess.Popen, log: Path, timeout: float) -> str:
 
 
 def results(storage: Path, sweep_file: Path) -> tuple[list[dict], dict[str, dict]]:
-    from raywalk.sweep import load_sweep
+    from raywalk.service.sweep import load_sweep
 
     sweep = load_sweep(str(sweep_file))
     rows = []
@@ -198,7 +198,7 @@ def test_sweep_from_cold_scales_out_and_survives_a_lost_node(cluster, tmp_path):
     # A gate no point can pass (rule must be > 1.0): every trial trains all 4 epochs, so whichever
     # training worker is killed after a first checkpoint is mid-trial (a passed gate would end it).
     sweep = write_sweep(tmp_path / "sweep.yaml", "cold-lost-node", gate={"rule": 1.0}, max_epochs=4)
-    from raywalk.sweep import load_sweep
+    from raywalk.service.sweep import load_sweep
 
     exps = [storage / q.experiment_id / "checkpoints" for q in load_sweep(str(sweep)).points]
     t0 = time.monotonic()

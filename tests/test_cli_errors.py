@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from raywalk.cli import main
-from raywalk.storage import Store, StorageError
+from raywalk.records.storage import Store, StorageError
 from tests.conftest import QUICKSTART, ROOT
 from tests.s3server import s3_server  # noqa: F401  (fixture)
 

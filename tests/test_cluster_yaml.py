@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 import ray
-from raywalk.storage import is_remote
-from raywalk.tune import DRIVER_RESOURCE
+from raywalk.records.storage import is_remote
+from raywalk.service.tune import DRIVER_RESOURCE
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
@@ -83,7 +83,7 @@ def raywalk_problems(cfg: dict) -> list[str]:
         out.append("idle_timeout_minutes must be set")
     storage = cfg.get("metadata", {}).get("raywalk", {}).get("storage", "")
     if not (is_remote(storage) and re.match(r"^(s3|gs|abfss?)://[^/?]+", storage)):
-        out.append(f"metadata.raywalk.storage must be a remote URI (s3://bucket/prefix), got {storage!r}")
+        out.append(f"metadata.raywalk.records.storage must be a remote URI (s3://bucket/prefix), got {storage!r}")
     for name in types:
         cmds = " ".join(setup_of(cfg, name))
         tokens = shlex.split(cmds)
@@ -118,8 +118,8 @@ def test_follows_raywalks_rules(cluster):
 
 def test_a_cold_cluster_sweeps_at_the_width_it_can_grow_to(cluster):
     """`raywalk tune` sizes trial concurrency from the autoscaler's node types, not the cold cluster's 0 CPUs."""
-    from raywalk.sweep import load_sweep
-    from raywalk.tune import capacity_from_autoscaling_config, concurrency
+    from raywalk.service.sweep import load_sweep
+    from raywalk.service.tune import capacity_from_autoscaling_config, concurrency
 
     cap = capacity_from_autoscaling_config(cluster)
     types = workers(cluster)

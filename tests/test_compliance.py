@@ -1,9 +1,9 @@
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from raywalk.compliance import (Compliance, RuleTable, check_sequences, per_sequence_edge_violations,
+from raywalk.science.compliance import (Compliance, RuleTable, check_sequences, per_sequence_edge_violations,
                                 per_sequence_rule_violations, rule_counts_by_jump_length)
-from raywalk.graph import Graph, Jumpers
+from raywalk.science.graph import Graph, Jumpers
 
 # n=8, K=2: block 0 = {0..3}, block 1 = {4..7}; complete digraph minus 1->2
 N = 8
@@ -110,7 +110,7 @@ def test_matches_naive_reference(rows):
 def test_searchsorted_path_agrees_with_bitmap(monkeypatch):
     seqs = np.random.default_rng(0).integers(0, N, (50, 9))
     fast = check_sequences(seqs, T)
-    import raywalk.compliance as cm
+    import raywalk.science.compliance as cm
     monkeypatch.setattr(cm, "_BITMAP_MAX_BITS", 0)
     T2 = RuleTable.build(G, J)
     assert T2.edge_bits is None
@@ -159,7 +159,7 @@ def test_by_jump_length_matches_reference_and_totals(rows):
 
 
 def test_by_jump_length_on_a_real_graph():
-    from raywalk.graph import build_graph, place_jumpers
+    from raywalk.science.graph import build_graph, place_jumpers
 
     g = build_graph(32, 2, 0.6, 0.2, seed=1)
     j = place_jumpers(g, 2, (0.5, 1.0, 1.5, 2.0), 4, seed=1)

@@ -111,8 +111,8 @@ def test_gpu_settings_that_are_fine():
 
 
 def test_a_local_storage_root_is_refused_on_a_multi_host_cluster(tmp_path):
-    from raywalk.storage import Store
-    from raywalk.trainer import check_storage_reachable
+    from raywalk.records.storage import Store
+    from raywalk.service.driver import check_storage_reachable
 
     one_host = [{"NodeManagerAddress": "127.0.0.1", "Alive": True}] * 3          # several nodes, one machine
     two_hosts = one_host + [{"NodeManagerAddress": "10.0.0.7", "Alive": True}]

@@ -5,8 +5,8 @@ import yaml
 
 from raywalk.cli import main
 from raywalk.config import Config
-from raywalk.graph import jump_lengths
-from raywalk.sweep import load_sweep
+from raywalk.science.graph import jump_lengths
+from raywalk.service.sweep import load_sweep
 from tests.conftest import ROOT
 
 CONFIGS = ROOT / "configs"

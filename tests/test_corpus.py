@@ -7,9 +7,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from raywalk.compliance import check_sequences
-from raywalk.corpus import FORMAT_VERSION, CorpusError, build_corpus, eval_size, open_corpus
-from raywalk.storage import Store
+from raywalk.science.compliance import check_sequences
+from raywalk.service.corpus import FORMAT_VERSION, CorpusError, build_corpus, eval_size, open_corpus
+from raywalk.records.storage import Store
 from tests.conftest import tiny_config
 
 quiet = dict(progress=False, log=lambda s: None)
@@ -149,7 +149,7 @@ def test_reuse_checks_sizes_only_and_a_full_verify_rehashes(built):
 
 def test_shards_are_written_by_the_tasks_not_returned(tmp_path):
     """The mapper sees only (path, size, sha256, stats): no walk data travels back to the driver."""
-    from raywalk.corpus import _serial_map
+    from raywalk.service.corpus import _serial_map
 
     seen: list = []
 
@@ -169,7 +169,7 @@ def test_shards_are_written_by_the_tasks_not_returned(tmp_path):
 
 def test_cli_verify_rehashes_and_moves_a_corrupt_corpus_aside(built, capsys, monkeypatch):
     """`raywalk corpus` reuses on sizes (without starting Ray); `--verify` finds a flipped byte."""
-    from raywalk import ray_env
+    from raywalk.service import ray_env
     from raywalk.cli import main
 
     monkeypatch.setenv("RAY_ADDRESS", "unset-after-the-test")   # ensure_ray pins it; undone at teardown

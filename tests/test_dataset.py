@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raywalk.batches import ResidentWindows, epoch_permutation, fill_windows, token_dtype
+from raywalk.science.batches import ResidentWindows, epoch_permutation, fill_windows, token_dtype
 from raywalk.config import ConfigError, TrainConfig
-from raywalk.dataset import plan_data
+from raywalk.service.dataset import plan_data
 
 CPU = torch.device("cpu")
 N, WIDTH = 600_000, 65          # the anchor's windows: 78 MB as int16

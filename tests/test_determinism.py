@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from raywalk import gate
-from raywalk.corpus import build_corpus
-from raywalk.model import GPT
-from raywalk.storage import Store
-from raywalk.training import TrainingState, epoch_end, optimizer_step, run_epoch
+from raywalk.science import gate
+from raywalk.service.corpus import build_corpus
+from raywalk.science.model import GPT
+from raywalk.records.storage import Store
+from raywalk.science.loop import TrainingState, epoch_end, optimizer_step, run_epoch
 from tests.conftest import tiny_config
 from tests.test_training import resident
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from raywalk.generate import greedy_generate, reference_generate
-from raywalk.model import GPT
+from raywalk.science.generate import greedy_generate, reference_generate
+from raywalk.science.model import GPT
 
 V, W = 20, 8
 

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from scipy.sparse.csgraph import connected_components
 
-from raywalk.graph import (Graph, GraphValidationError, Jumpers, _failed_checks, _sample,
+from raywalk.science.graph import (Graph, GraphValidationError, Jumpers, _failed_checks, _sample,
                            build_graph, jump_lengths, place_jumpers, reachable_blocks, zipf_theta)
 
 SCALES = (0.5, 0.7, 0.9, 1.0, 1.1, 1.3, 1.5, 2.0)

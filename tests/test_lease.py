@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from raywalk.lease import LEASE, Lease, LeaseHeld, LeaseInfo, LeaseLost, hold, timings
-from raywalk.storage import Store
+from raywalk.records.lease import LEASE, Lease, LeaseHeld, LeaseInfo, LeaseLost, hold, timings
+from raywalk.records.storage import Store
 from tests.conftest import kill_session, tiny_config
 
 from tests.s3server import s3_server  # noqa: E402,F401  (the fixture)

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import pytest
 
 from raywalk.cli import main
-from raywalk.compliance import Compliance
-from raywalk.overview import NO_LEASE_GRACE_S, format_overview, scan, status_of
-from raywalk.result import compose
-from raywalk.storage import Store
+from raywalk.science.compliance import Compliance
+from raywalk.records.overview import NO_LEASE_GRACE_S, format_overview, scan, status_of
+from raywalk.records.result import compose
+from raywalk.records.storage import Store
 from tests.conftest import tiny_config
 from tests.s3server import s3_server  # noqa: F401  (fixture)
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from raywalk.model import GPT
+from raywalk.science.model import GPT
 
 V, W, D = 20, 8, 32
 
@@ -88,7 +88,7 @@ def test_invalid_heads(n_heads):
 
 
 def test_next_logits_match_forward():
-    from raywalk.model import KVCache
+    from raywalk.science.model import KVCache
     m = tiny(2).eval()
     idx = torch.randint(0, V, (3, W))
     with torch.no_grad():
@@ -153,7 +153,7 @@ def test_internals_come_from_the_forward_pass(n_heads):
 
 
 def test_internals_need_the_full_pass():
-    from raywalk.model import KVCache
+    from raywalk.science.model import KVCache
 
     m = tiny().eval()
     with pytest.raises(ValueError, match="full causal pass"):

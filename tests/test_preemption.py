@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from raywalk import checkpoint as ckpt
+from raywalk.records import checkpoints as ckpt
 from faults import Preempt, WorkerKill
-from raywalk.storage import Store
-from raywalk.trainer import train
+from raywalk.records.storage import Store
+from raywalk.service.driver import train
 from tests.conftest import tiny_config
 from tests.test_trackers import expected, mlflow_runs, mlflow_scalars, tb_scalars
 
@@ -33,7 +33,7 @@ NODE_CPUS = 3
 def cluster():
     from ray.cluster_utils import Cluster
 
-    from raywalk.ray_env import quiet_defaults
+    from raywalk.service.ray_env import quiet_defaults
 
     quiet_defaults()
     import ray

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from raywalk.compliance import Compliance, JumpLengthCounts
-from raywalk.result import compose
-from raywalk.storage import Store
+from raywalk.science.compliance import Compliance, JumpLengthCounts
+from raywalk.records.result import compose
+from raywalk.records.storage import Store
 from tests.conftest import tiny_config
 
 CURVES = SimpleNamespace(train_loss=[2.0, 1.5], edge_compliance=[0.99], rule_compliance=[0.5],

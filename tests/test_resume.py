@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from raywalk import checkpoint as ckpt
+from raywalk.records import checkpoints as ckpt
 from faults import WorkerKill
-from raywalk.lease import LEASE
-from raywalk.storage import Store
-from raywalk.trainer import train
-from raywalk.training import rng_state, set_rng_state
+from raywalk.records.lease import LEASE
+from raywalk.records.storage import Store
+from raywalk.service.driver import train
+from raywalk.science.loop import rng_state, set_rng_state
 from tests.conftest import QUICKSTART, kill_session, tiny_config, tiny_overrides
 from tests.test_trackers import expected, mlflow_runs, mlflow_scalars, tb_scalars
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from raywalk.schedule import lr_factor, make_scheduler, warmup_steps
+from raywalk.science.schedule import lr_factor, make_scheduler, warmup_steps
 
 
 def lrs(total: int, warmup_frac: float = 0.1, floor: float = 0.1, peak: float = 3e-4) -> list[float]:

@@ -13,12 +13,12 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from raywalk import checkpoint as ckpt
-from raywalk.lease import LEASE, Lease, LeaseLost, check_holder, hold
-from raywalk.overview import experiment_row, status_of
-from raywalk.result import RESULT, count_restarts, list_resumes, record_resume, record_worker_start
-from raywalk.storage import Store, StorageUnwritable, is_temp, tmp_name, will_recur
-from raywalk.trainer import finalise, finished_result, mark_interrupted, resume_hint
+from raywalk.records import checkpoints as ckpt
+from raywalk.records.lease import LEASE, Lease, LeaseLost, check_holder, hold
+from raywalk.records.overview import experiment_row, status_of
+from raywalk.records.result import RESULT, count_restarts, list_resumes, record_resume, record_worker_start
+from raywalk.records.storage import Store, StorageUnwritable, is_temp, tmp_name, will_recur
+from raywalk.service.driver import finalise, finished_result, mark_interrupted, resume_hint
 from tests.conftest import tiny_config
 
 
@@ -180,7 +180,7 @@ def test_hold_reports_a_takeover_once_and_does_not_release_the_new_holders_lease
 def test_read_only_storage_is_told_apart_and_a_ray_task_error_is_seen_through(tmp_path):
     import subprocess
 
-    from raywalk.stops import unwritable
+    from raywalk.service.stops import unwritable
 
     d = tmp_path / "ro"
     d.mkdir()

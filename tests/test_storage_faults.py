@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from raywalk import trainer
+from raywalk.service import driver as trainer
 from raywalk.cli import main
 from faults import FillDisk
-from raywalk.lease import LEASE
-from raywalk.result import RESULT, list_resumes
-from raywalk.storage import FAULT_ENV, Store, is_temp
+from raywalk.records.lease import LEASE
+from raywalk.records.result import RESULT, list_resumes
+from raywalk.records.storage import FAULT_ENV, Store, is_temp
 from tests.conftest import QUICKSTART, kill_session, session_pids, tiny_config, tiny_overrides
 from tests.flaky_proxy import FlakyProxy
 from tests.s3server import s3_server  # noqa: F401  (the fixture)
@@ -41,7 +41,7 @@ def comparable(r: dict) -> dict:
 def local_ray(s3_server):
     """One local Ray for the module, started after the S3 server put its credentials in the environment
     (Ray's workers inherit the environment of its start)."""
-    from raywalk.ray_env import quiet_defaults
+    from raywalk.service.ray_env import quiet_defaults
 
     quiet_defaults()
     import ray
@@ -112,7 +112,7 @@ def test_a_full_filesystem_stops_at_once_in_one_line_and_the_rerun_finishes(tmpf
     assert r["status"] == "interrupted" and r["interrupted"]["reason"] == last.removeprefix("raywalk train: ")
     assert r["restarts"] == 0 and r["epochs_trained"] == 1
     assert ckpts.listdir() == [".validate_storage_marker", "checkpoint_manager_snapshot.json", "epoch_0001"]
-    from raywalk import checkpoint as ckpt
+    from raywalk.records import checkpoints as ckpt
     assert ckpt.read(ckpts.sub("epoch_0001"))["epoch"] == 1                # nothing on disk damaged
 
     monkeypatch.undo()

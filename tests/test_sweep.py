@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from raywalk.config import ConfigError
-from raywalk.sweep import (build_summary, evaluate, format_table, load_sweep, parse_sweep, read_csv,
+from raywalk.service.sweep import (build_summary, evaluate, format_table, load_sweep, parse_sweep, read_csv,
                            summary_row, to_csv)
 from tests.conftest import ROOT, TINY
 

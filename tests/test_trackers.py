@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from raywalk import trackers
+from raywalk.service import trackers
 from raywalk.config import ConfigError
-from raywalk.storage import Store
+from raywalk.records.storage import Store
 from tests.conftest import QUICKSTART, tiny_config
 
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from raywalk import checkpoint as ckpt
-from raywalk.corpus import build_corpus, ray_mapper
-from raywalk.storage import Store
-from raywalk.trainer import train
+from raywalk.records import checkpoints as ckpt
+from raywalk.service.corpus import build_corpus, ray_mapper
+from raywalk.records.storage import Store
+from raywalk.service.driver import train
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.usefixtures("local_ray")
@@ -26,7 +26,7 @@ def test_corpus_is_identical_whatever_the_parallelism(tmp_path):
 
 
 def test_window_dataset_yields_int64_windows(tmp_path):
-    from raywalk.dataset import walks_to_windows, window_dataset
+    from raywalk.service.dataset import walks_to_windows, window_dataset
 
     cfg = tiny_config(tmp_path)
     corpus, _ = build_corpus(cfg, Store.open(str(tmp_path)), **quiet)

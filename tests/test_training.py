@@ -21,17 +21,17 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
-from raywalk import gate
-from raywalk.compliance import Compliance, JumpLengthCounts
+from raywalk.science import gate
+from raywalk.science.compliance import Compliance, JumpLengthCounts
 from raywalk.config import ConfigError
-from raywalk.corpus import build_corpus
-from raywalk.dataset import walks_to_windows
-from raywalk.batches import ResidentWindows, token_dtype
-from raywalk.generate import greedy_generate, reference_generate
-from raywalk.model import GPT
-from raywalk.storage import Store
-from raywalk.train_loop import torch_threads
-from raywalk.training import (TrainingState, all_reduce_epoch, check_precision, compiled, epoch_end,
+from raywalk.service.corpus import build_corpus
+from raywalk.service.dataset import walks_to_windows
+from raywalk.science.batches import ResidentWindows, token_dtype
+from raywalk.science.generate import greedy_generate, reference_generate
+from raywalk.science.model import GPT
+from raywalk.records.storage import Store
+from raywalk.service.worker import torch_threads
+from raywalk.science.loop import (TrainingState, all_reduce_epoch, check_precision, compiled, epoch_end,
                               gather_epoch_losses, reduce_epoch, rng_state, run_epoch, set_determinism)
 from tests.conftest import tiny_config
 
@@ -192,10 +192,10 @@ def test_threads_follow_the_reserved_cpus():
 
 def test_science_modules_import_neither_ray_nor_storage():
     code = ("import sys\n"
-            "import raywalk.graph, raywalk.walks, raywalk.compliance, raywalk.model, raywalk.generate, "
-            "raywalk.gate, raywalk.schedule, raywalk.training, raywalk.batches\n"
+            "import raywalk.science.graph, raywalk.science.walks, raywalk.science.compliance, raywalk.science.model, raywalk.science.generate, "
+            "raywalk.science.gate, raywalk.science.schedule, raywalk.science.loop, raywalk.science.batches\n"
             "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.') "
-            "or m in ('raywalk.storage', 'pyarrow.fs'))\n"
+            "or m in ('raywalk.records.storage', 'pyarrow.fs'))\n"
             "print(bad)\nsys.exit(1 if bad else 0)\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from raywalk.storage import Store
-from raywalk.sweep import parse_sweep, read_csv
-from raywalk.tune import (DATA_CPU, DRIVER_RESOURCE, TRIAL_CPU, capacity_from_autoscaling_config, concurrency,
+from raywalk.records.storage import Store
+from raywalk.service.sweep import parse_sweep, read_csv
+from raywalk.service.tune import (DATA_CPU, DRIVER_RESOURCE, TRIAL_CPU, capacity_from_autoscaling_config, concurrency,
                           default_concurrency, monitor_config_path, run_sweep, trial_resources)
 from tests.conftest import TINY
 

@@ -1,9 +1,9 @@
 import numpy as np
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
-from raywalk.compliance import RuleTable, check_sequences
-from raywalk.graph import GraphValidationError, build_graph, place_jumpers
-from raywalk.walks import EVENT_FIELDS, jumper_events, reachability, sample_walks
+from raywalk.science.compliance import RuleTable, check_sequences
+from raywalk.science.graph import GraphValidationError, build_graph, place_jumpers
+from raywalk.science.walks import EVENT_FIELDS, jumper_events, reachability, sample_walks
 
 SCALES = (0.5, 0.7, 0.9, 1.0, 1.1, 1.3, 1.5, 2.0)
 
@@ -129,7 +129,7 @@ def test_steps_uniform_when_unconstrained():
 
 def test_verification_redraws_what_the_stepwise_check_misses(monkeypatch):
     # skip the jumper's own rule at each step: nested conflicts now reach verification and must be redrawn
-    import raywalk.walks as wk
+    import raywalk.science.walks as wk
 
     g, J, T = anchor_like()
     monkeypatch.setattr(wk._Sampler, "check_new", False)
@@ -178,7 +178,7 @@ def test_constrained_steps_uniform_over_exact_valid_set():
 
     from scipy.stats import chi2
 
-    from raywalk.walks import _Sampler
+    from raywalk.science.walks import _Sampler
 
     g = build_graph(60, 3, 0.4, 0.08, 1)
     J = place_jumpers(g, 2, (0.5, 1.0, 1.5), 4, 1)   # r = 2, 4, 6
@@ -213,8 +213,8 @@ def test_constrained_steps_uniform_over_exact_valid_set():
 def test_every_step_exact_on_a_periodic_graph():
     # period 2 (edges only between parities): never primitive, so the sampler tables every gap (no
     # saturation shortcut); every step of every raw walk is in the plainly enumerated valid set
-    from raywalk.graph import Graph, Jumpers
-    from raywalk.walks import _Sampler
+    from raywalk.science.graph import Graph, Jumpers
+    from raywalk.science.walks import _Sampler
 
     rng = np.random.default_rng(5)
     src, dst = np.nonzero(((np.add.outer(np.arange(16), np.arange(16)) % 2) == 1) & (rng.random((16, 16)) < 0.5))
