@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import kill_session, tiny_overrides  # noqa: E402
-from test_jobs import LocalCluster, cli_env, submit_cmd  # noqa: E402
+from clusters import LocalCluster, cli_env  # noqa: E402
+from test_jobs import submit_cmd  # noqa: E402
 
 EPOCH = re.compile(r"^epoch (\d+)/(\d+) .* (\d+)s\s*$")
 

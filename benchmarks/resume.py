@@ -26,10 +26,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))   # faults.py: test-only fault injection
 from raywalk.records import checkpoints as ckpt  # noqa: E402
 from raywalk.config import Config  # noqa: E402
-from raywalk.faults import Preempt  # noqa: E402
 from raywalk.service.driver import Instruments, train  # noqa: E402
+from faults import Preempt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

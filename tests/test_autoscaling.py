@@ -1,10 +1,10 @@
-"""A sweep on a cold autoscaling cluster, on this machine.
+"""A sweep on a cold autoscaling cluster, on this machine (issue 11, item 5).
 
 The cluster is Ray's own fake multi-node autoscaler, set up as
 `ray.cluster_utils.AutoscalingCluster` does (its config; `RAY_FAKE_CLUSTER=1`
 and a 1 s autoscaler interval), but started and stopped here: its `start()` and
 `shutdown()` run `ray stop --force`, which ends every Ray on the machine. The
-head (`ray start --head --block`, own ports, temp dir and process session)
+head (tests/clusters.py's `ray start --head --block`, own ports, temp dir and process session)
 has 0 CPUs and the `raywalk_driver` resource, as in cluster.yaml; one worker
 type (2 CPUs) scales from 0 to MAX_WORKERS. Worker nodes are raylets the
 autoscaler's monitor spawns on this machine, so they live in the head's
@@ -13,9 +13,10 @@ session and are stopped with it, by PID.
 `raywalk tune` runs as a user would run it (a subprocess with RAY_ADDRESS set).
 From cold: the autoscaler adds nodes, the corpus shards run on them, two
 trials overlap, their drivers run on the head, and every point ends with its
-result.json. Then a second sweep, and the worker node hosting a training
-worker is SIGKILLed mid-trial (its raylet and everything under it): the sweep
-still completes every point, the killed run resumed from its checkpoint.
+result.json; in the same sweep, once a checkpoint is written, the worker node
+hosting a training worker is SIGKILLed mid-trial (its raylet and everything
+under it): the sweep still completes every point, the killed run resumed from
+its checkpoint.
 """
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from clusters import LocalCluster, cli_env, free_ports, running
 from conftest import ROOT, kill_session, session_pids
-from test_jobs import cli_env, free_ports
 
 FAKE_HEAD_NODE_ID = "f" * 51 + "00000"     # ray.autoscaler._private.fake_multi_node.node_provider
 WORKER_TYPE = "ray.worker.cpu"
@@ -50,7 +51,7 @@ def autoscaling_config(gcs_port: int) -> dict:
         "cluster_name": "raywalk-fake",
         "max_workers": MAX_WORKERS,
         "upscaling_speed": 1.0,
-        "idle_timeout_minutes": 5,           # nodes stay between the two sweeps
+        "idle_timeout_minutes": 5,           # no node leaves while the sweep runs
         "provider": {
             "type": "external",
             "module": "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
@@ -80,41 +81,18 @@ def proc_info(pid: int) -> tuple[int, list[str]] | None:
     return ppid, argv
 
 
-class FakeAutoscalingCluster:
+class FakeAutoscalingCluster(LocalCluster):
     def __init__(self, temp_dir: Path):
-        self.temp_dir = Path(temp_dir)
+        temp_dir = Path(temp_dir)
+        self.config_file = temp_dir / "autoscaling.json"
+        gcs_port = free_ports(1)[0]
+        self.config_file.write_text(json.dumps(autoscaling_config(gcs_port)))
         # Ray's own temp dir short: its socket paths must fit AF_UNIX's 107 bytes.
-        self.ray_dir = Path(tempfile.mkdtemp(prefix="rw-as-", dir="/tmp"))
-        ports = free_ports(9)
-        self.port, self.dashboard_port = ports[0], ports[1]
-        self.gcs = f"127.0.0.1:{self.port}"
-        self.address = f"http://127.0.0.1:{self.dashboard_port}"
-        self.config_file = self.temp_dir / "autoscaling.json"
-        self.config_file.write_text(json.dumps(autoscaling_config(self.port)))
-        self.log = open(self.temp_dir / "ray-start.log", "w+")
-        cmd = ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", f"--port={self.port}",
-               "--num-cpus=0", "--resources", json.dumps({"raywalk_driver": 1000}),
-               f"--autoscaling-config={self.config_file}", f"--object-store-memory={OBJECT_STORE}",
-               "--disable-usage-stats", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-               f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={ports[2]}",
-               f"--dashboard-agent-listen-port={ports[3]}", f"--dashboard-agent-grpc-port={ports[4]}",
-               f"--runtime-env-agent-port={ports[5]}", f"--metrics-export-port={ports[6]}",
-               f"--node-manager-port={ports[7]}", f"--object-manager-port={ports[8]}",
-               f"--temp-dir={self.ray_dir}"]
-        env = cli_env(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")   # as AutoscalingCluster.start
-        self.proc = subprocess.Popen(cmd, cwd=self.temp_dir, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            p = subprocess.run(["ray", "job", "list", "--address", self.address], env=cli_env(),
-                               capture_output=True, text=True, cwd=self.temp_dir)
-            if p.returncode == 0:
-                return
-            time.sleep(2)
-        self.log.seek(0)
-        raise RuntimeError(f"the fake autoscaling head did not come up:\n{self.log.read()[-3000:]}")
+        ray_dir = Path(tempfile.mkdtemp(prefix="rw-as-", dir="/tmp"))
+        super().__init__(temp_dir, num_cpus=0, ray_dir=ray_dir, port=gcs_port,
+                         args=("--resources", json.dumps({"raywalk_driver": 1000}),
+                               f"--autoscaling-config={self.config_file}", f"--object-store-memory={OBJECT_STORE}"),
+                         env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})   # as AutoscalingCluster
 
     def worker_raylets(self) -> dict[int, str]:
         """pid -> socket name of every worker node's raylet (the head's socket is `raylet`)."""
@@ -144,37 +122,13 @@ class FakeAutoscalingCluster:
         return None
 
     def stop(self) -> None:
-        sid = self.proc.pid
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-        kill_session(sid)        # the monitor's fake worker nodes are in this session too
-        self.proc.wait()
-        self.log.close()
+        super().stop()        # the monitor's fake worker nodes are in the head's session too
         shutil.rmtree(self.ray_dir, ignore_errors=True)
-
-    def state(self, what: str, *filters: str) -> list[dict]:
-        cmd = ["ray", "list", what, "--address", self.address, "--format", "json", "--detail", "--limit", "10000"]
-        for f in filters:
-            cmd += ["--filter", f]
-        p = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=120, cwd=ROOT)
-        assert p.returncode == 0, p.stdout + p.stderr
-        return json.loads(p.stdout)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = FakeAutoscalingCluster(tmp_path_factory.mktemp("autoscaling"))
-    try:
-        c.wait_ready()
-        yield c
-    finally:
-        sid = c.proc.pid
-        c.stop()
-        assert session_pids(sid) == [], "processes of the autoscaling cluster survived"
+    yield from running(FakeAutoscalingCluster(tmp_path_factory.mktemp("autoscaling")))
 
 
 class NodeWatch:
@@ -198,11 +152,11 @@ class NodeWatch:
         return self.seen
 
 
-def write_sweep(path: Path, name: str, **train) -> Path:
+def write_sweep(path: Path, name: str, gate: dict | None = None, **train) -> Path:
     sweep = yaml.safe_load((ROOT / "configs" / "sweep_tiny.yaml").read_text())
     sweep["name"] = name
     sweep["base"]["train"].update(train)
-    sweep["base"]["gate"]["sequences"] = 32
+    sweep["base"]["gate"].update({"sequences": 32, **(gate or {})})
     path.write_text(yaml.safe_dump(sweep))
     return path
 
@@ -237,21 +191,39 @@ def results(storage: Path, sweep_file: Path) -> tuple[list[dict], dict[str, dict
 
 
 def test_sweep_from_cold_scales_out_and_survives_a_lost_node(cluster, tmp_path):
+    """One sweep proves both: from cold the autoscaler adds nodes and two trials overlap; a worker node
+    hosting a training worker is SIGKILLed mid-trial and every point still finishes, resumed."""
     storage = tmp_path / "store"
     assert cluster.worker_raylets() == {}, "not cold: worker nodes before the sweep"
+    # A gate no point can pass (rule must be > 1.0): every trial trains all 4 epochs, so whichever
+    # training worker is killed after a first checkpoint is mid-trial (a passed gate would end it).
+    sweep = write_sweep(tmp_path / "sweep.yaml", "cold-lost-node", gate={"rule": 1.0}, max_epochs=4)
+    from raywalk.service.sweep import load_sweep
 
-    # 1. From cold.
-    sweep1 = write_sweep(tmp_path / "sweep1.yaml", "cold", max_epochs=2)
+    exps = [storage / q.experiment_id / "checkpoints" for q in load_sweep(str(sweep)).points]
     t0 = time.monotonic()
     watch = NodeWatch(cluster)
-    p = tune(cluster, sweep1, storage, tmp_path / "tune1.log")
-    out = finish(p, tmp_path / "tune1.log", timeout=420)
+    log = tmp_path / "tune.log"
+    p = tune(cluster, sweep, storage, log)
+    killed = None
+    try:
+        deadline = time.monotonic() + 400
+        while killed is None and time.monotonic() < deadline and p.poll() is None:
+            if any(any(d.glob("epoch_0001*")) for d in exps if d.is_dir()):    # a checkpoint to resume from
+                killed = cluster.kill_node_of("ray::RayTrainWorker")
+            time.sleep(0.5)
+        assert killed is not None, log.read_text()[-3000:]
+        out = finish(p, log, timeout=420)
+    finally:
+        kill_session(p.pid)
     nodes = watch.done()
-    wall1 = time.monotonic() - t0
+    wall = time.monotonic() - t0
     assert p.returncode == 0, out[-5000:]
     assert "up to 2 trial(s) at once" in out and str(cluster.config_file) in out, out[-3000:]
-    rows, trials = results(storage, sweep1)
-    assert all(r["status"] in ("passed", "failed") for r in rows)
+    rows, trials = results(storage, sweep)
+    assert all(r["status"] == "failed" and r["epochs_trained"] == 4 for r in rows), \
+        [(r["status"], r["epochs_trained"]) for r in rows]
+    assert sum(r["restarts"] for r in rows) >= 1, [r["restarts"] for r in rows]
     assert len(nodes) >= 2, f"the autoscaler added {len(nodes)} node(s)"
     starts = [t["started_at"] for t in trials.values()]
     ends = [t["finished_at"] for t in trials.values()]
@@ -259,33 +231,6 @@ def test_sweep_from_cold_scales_out_and_survives_a_lost_node(cluster, tmp_path):
     assert {t["driver_node_id"] for t in trials.values()} == {FAKE_HEAD_NODE_ID}, trials
     shards = cluster.state("tasks", "name=write_shard")
     assert shards and all(t["node_id"] and t["node_id"] != FAKE_HEAD_NODE_ID for t in shards), shards
-    overlap = min(ends) - max(starts)
 
-    # 2. A worker node is lost mid-trial; the sweep still finishes every point.
-    sweep2 = write_sweep(tmp_path / "sweep2.yaml", "lost-node", max_epochs=4, lr=2.0e-3)
-    t1 = time.monotonic()
-    log2 = tmp_path / "tune2.log"
-    p = tune(cluster, sweep2, storage, log2)
-    from raywalk.service.sweep import load_sweep
-
-    exps = [storage / q.experiment_id / "checkpoints" for q in load_sweep(str(sweep2)).points]
-    killed = None
-    try:
-        deadline = time.monotonic() + 300
-        while killed is None and time.monotonic() < deadline and p.poll() is None:
-            if any(any(d.glob("epoch_0001*")) for d in exps if d.is_dir()):    # a checkpoint to resume from
-                killed = cluster.kill_node_of("ray::RayTrainWorker")
-            time.sleep(0.5)
-        assert killed is not None, log2.read_text()[-3000:]
-        out2 = finish(p, log2, timeout=420)
-    finally:
-        kill_session(p.pid)
-    wall2 = time.monotonic() - t1
-    assert p.returncode == 0, out2[-5000:]
-    rows2, _ = results(storage, sweep2)
-    assert all(r["status"] in ("passed", "failed") for r in rows2)
-    assert all(r["epochs_trained"] == (r["gate"]["epoch"] or 4) for r in rows2)
-    assert sum(r["restarts"] for r in rows2) >= 1, [r["restarts"] for r in rows2]
-
-    print(f"\n[autoscaling] sweep 1 from cold: {wall1:.0f}s, worker nodes added at {sorted(nodes.values())} s, "
-          f"trials overlapped {overlap:.0f}s; sweep 2 with a node killed: {wall2:.0f}s")
+    print(f"\n[autoscaling] sweep from cold with a node killed: {wall:.0f}s, worker nodes added at "
+          f"{sorted(nodes.values())} s, trials overlapped {min(ends) - max(starts):.0f}s")

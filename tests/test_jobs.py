@@ -1,90 +1,17 @@
 """`ray job submit` for real: a `ray start --head` cluster on 127.0.0.1, the quickstart (shrunk) through the Jobs API.
 
-The cluster is started with `--block` in its own session and stopped by PID
-(SIGTERM, then SIGKILL of whatever is left in that session: a SIGKILLed driver's
-DashboardAgent/RuntimeEnvAgent orphans). Not `ray stop`: that stops every Ray
-on the machine, including other people's runs on this shared box.
+The cluster is tests/clusters.py's: `--block` in its own session, stopped by PID.
 """
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
-
-from conftest import ROOT, kill_session, session_pids, tiny_overrides
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    # RAY_DASHBOARD_STARTUP_TIMEOUT_S: on a loaded shared box the dashboard can take over the default 60 s.
-    env.update({"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "240"},
-               **extra)
-    return env
-
-
-class LocalCluster:
-    """`ray start --head --block` on 127.0.0.1 with its own ports and temp dir; stop() cleans up by PID."""
-
-    def __init__(self, temp_dir: Path, num_cpus: int = 4):
-        self.temp_dir = Path(temp_dir)
-        self.temp_dir.mkdir(parents=True, exist_ok=True)
-        (self.port, self.dashboard_port, self.client_port, self.agent_listen, self.agent_grpc, self.rte_port,
-         self.metrics_port, self.nm_port, self.om_port) = free_ports(9)
-        self.address = f"http://127.0.0.1:{self.dashboard_port}"
-        self.log = open(self.temp_dir / "ray-start.log", "w+")
-        cmd = ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", f"--port={self.port}",
-               f"--num-cpus={num_cpus}", "--disable-usage-stats", "--include-dashboard=true",
-               "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-               f"--ray-client-server-port={self.client_port}", f"--dashboard-agent-listen-port={self.agent_listen}",
-               f"--dashboard-agent-grpc-port={self.agent_grpc}", f"--runtime-env-agent-port={self.rte_port}",
-               f"--metrics-export-port={self.metrics_port}", f"--node-manager-port={self.nm_port}",
-               f"--object-manager-port={self.om_port}", f"--temp-dir={self.temp_dir / 'ray'}"]
-        self.proc = subprocess.Popen(cmd, cwd=self.temp_dir, env=cli_env(), stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        """Until `ray job list` answers. The CLI, not an in-process client: ray reads RAY_AUTH_MODE once, at import."""
-        deadline = time.monotonic() + timeout
-        err = ""
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            p = subprocess.run(["ray", "job", "list", "--address", self.address], env=cli_env(),
-                               capture_output=True, text=True, cwd=self.temp_dir)
-            if p.returncode == 0:
-                return
-            err = (p.stdout + p.stderr)[-500:]
-            time.sleep(2)
-        self.log.seek(0)
-        raise RuntimeError(f"ray start --head did not come up ({err}):\n{self.log.read()[-3000:]}")
-
-    def stop(self) -> None:
-        sid = self.proc.pid
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)      # --block: ray stops what it started
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-        kill_session(sid)                              # orphans (agents, workers), by PID
-        self.proc.wait()
-        self.log.close()
+from clusters import LocalCluster, cli_env, head  # noqa: F401  (head: fixture; LocalCluster: benchmarks/jobs.py)
+from conftest import ROOT, tiny_overrides
 
 
 def submit_cmd(address: str, storage: str, *train_args: str, no_wait: bool = False) -> list[str]:
@@ -93,24 +20,8 @@ def submit_cmd(address: str, storage: str, *train_args: str, no_wait: bool = Fal
             "--", "raywalk", "train", "configs/quickstart.yaml", "--storage", storage, *train_args]
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    old = os.environ.get("RAY_AUTH_MODE")
-    c = LocalCluster(tmp_path_factory.mktemp("head"))
-    try:
-        c.wait_ready()
-        yield c
-    finally:
-        sid = c.proc.pid
-        c.stop()
-        if old is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = old
-        assert session_pids(sid) == [], "processes of the test cluster survived"
-
-
-def test_quickstart_through_ray_job_submit(cluster, tmp_path):
+def test_quickstart_through_ray_job_submit(head, tmp_path):
+    cluster = head
     storage = tmp_path / "store"      # the cluster is this machine: a local path is shared storage here
     sets = [s for s in tiny_overrides("unused") if not s.startswith("run.storage=")]
     sets += ["train.max_epochs=2", "gate.sequences=50", "run.cpus_per_worker=0.5"]

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from types import SimpleNamespace
 
-import pytest
 
 from raywalk.cli import main
 from raywalk.science.compliance import Compliance

@@ -8,12 +8,11 @@ stays up forever instead of releasing a dead driver's placement group.
 raywalk pins RAY_ADDRESS in every worker process (ray_env.pin_ray_address).
 
 Two `ray start --head` clusters (own ports, temp dirs and sessions, stopped by
-PID): `other` is just another Ray on the machine; `target` is the cluster a
+PID, tests/clusters.py): `other` is just another Ray on the machine; `target` is the cluster a
 driver joins and is then SIGKILLed from.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -21,34 +20,20 @@ import time
 
 import pytest
 
-from conftest import ROOT, kill_session, session_pids, tiny_overrides
-from test_jobs import LocalCluster, cli_env
+from clusters import LocalCluster, cli_env, running
+from conftest import ROOT, kill_session, tiny_overrides
 
 MULTI = "Found multiple active Ray instances"
 
 
 @pytest.fixture(scope="module")
 def other(tmp_path_factory):
-    c = LocalCluster(tmp_path_factory.mktemp("other"), num_cpus=1)
-    try:
-        c.wait_ready()
-        yield c
-    finally:
-        sid = c.proc.pid
-        c.stop()
-        assert session_pids(sid) == []
+    yield from running(LocalCluster(tmp_path_factory.mktemp("other"), num_cpus=1))
 
 
 @pytest.fixture(scope="module")
 def target(other, tmp_path_factory):
-    c = LocalCluster(tmp_path_factory.mktemp("target"), num_cpus=4)
-    try:
-        c.wait_ready()
-        yield c
-    finally:
-        sid = c.proc.pid
-        c.stop()
-        assert session_pids(sid) == []
+    yield from running(LocalCluster(tmp_path_factory.mktemp("target"), num_cpus=4))
 
 
 def train_cmd(storage, *sets: str) -> list[str]:
@@ -56,16 +41,6 @@ def train_cmd(storage, *sets: str) -> list[str]:
     args += ["run.cpus_per_worker=0.5", "gate.sequences=32", *sets]
     return ["raywalk", "train", "configs/quickstart.yaml", "--storage", str(storage), "--no-progress",
             *[a for s in args for a in ("--set", s)]]
-
-
-def state(cluster: LocalCluster, what: str, *filters: str) -> list[dict]:
-    """`ray list WHAT` on the cluster, as a user would (the CLI, token auth on)."""
-    cmd = ["ray", "list", what, "--address", cluster.address, "--format", "json", "--detail", "--limit", "10000"]
-    for f in filters:
-        cmd += ["--filter", f]
-    p = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert p.returncode == 0, p.stdout + p.stderr
-    return json.loads(p.stdout)
 
 
 def test_embedded_run_with_another_ray_on_the_machine_has_a_working_cleaner(other, tmp_path):
@@ -86,15 +61,16 @@ def test_sigkilled_driver_placement_groups_are_released_by_the_cleaner(target, t
     storage = tmp_path / "store"
     env = cli_env(RAY_ADDRESS=f"127.0.0.1:{target.port}")
     log = open(tmp_path / "driver.log", "w+")
-    p = subprocess.Popen(train_cmd(storage, "train.max_epochs=30"), cwd=ROOT, env=env, stdout=log,
+    # A gate it cannot pass (rule must be > 1.0): the run is still training whenever the test looks.
+    p = subprocess.Popen(train_cmd(storage, "train.max_epochs=50", "gate.rule=1.0"), cwd=ROOT, env=env, stdout=log,
                          stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         pgs: list[dict] = []
         while time.monotonic() < deadline and p.poll() is None:    # training has its placement group
             log.seek(0)
-            if any(line.startswith("epoch 1/30 ") for line in log.read().splitlines()):
-                pgs = [g for g in state(target, "placement-groups") if g["state"] == "CREATED"]
+            if any(line.startswith("epoch 1/50 ") for line in log.read().splitlines()):
+                pgs = [g for g in target.state("placement-groups") if g["state"] == "CREATED"]
                 if pgs:
                     break
             time.sleep(1)
@@ -109,8 +85,8 @@ def test_sigkilled_driver_placement_groups_are_released_by_the_cleaner(target, t
     ids = {g["placement_group_id"] for g in pgs}
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        now = {g["placement_group_id"]: g["state"] for g in state(target, "placement-groups")}
-        cleaners = state(target, "actors", "class_name=PlacementGroupCleaner")
+        now = {g["placement_group_id"]: g["state"] for g in target.state("placement-groups")}
+        cleaners = target.state("actors", "class_name=PlacementGroupCleaner")
         if all(now.get(i) == "REMOVED" for i in ids) and cleaners and all(a["state"] == "DEAD" for a in cleaners):
             break
         time.sleep(2)

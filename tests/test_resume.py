@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from raywalk.records import checkpoints as ckpt
-from raywalk.faults import WorkerKill
+from faults import WorkerKill
+from raywalk.records.lease import LEASE
 from raywalk.records.storage import Store
 from raywalk.service.driver import Instruments, train
 from raywalk.science.loop import rng_state, set_rng_state
@@ -22,7 +23,7 @@ from tests.test_trackers import expected, mlflow_runs, mlflow_scalars, tb_scalar
 
 # Never passes (rule must be > 1.0), so every run trains exactly max_epochs: comparable curves.
 LONG = {"run.workers": 2, "gate.rule": 1.0, "train.max_epochs": 3}
-TRACKED = {"run.trackers": ["tensorboard", "mlflow"]}   # streamed curves across the kills
+TRACKED = {"run.trackers": ["tensorboard", "mlflow"]}   # issue 16: streamed curves across the kills
 quiet = dict(progress=False, log=lambda s: None)
 
 
@@ -53,28 +54,18 @@ def check_tracked(root: Path, r: dict) -> None:
     assert len(runs) == 1 and mlflow_scalars(c, runs[0].info.run_id) == expected(r["curves"], f32=False)
 
 
-def test_worker_sigkill_mid_epoch_continues_bit_for_bit(tmp_path, reference):
-    ref_cfg, ref = reference
-    cfg = tiny_config(tmp_path, **LONG, **TRACKED)
-    marker = tmp_path / "killed"
-    logs: list[str] = []
-    r = train(cfg, progress=False, log=logs.append,
-              instruments=Instruments(WorkerKill(rank=1, epoch=2, step=5, marker=str(marker))))
-    assert marker.exists()                      # the worker really was killed
-    assert r["restarts"] == 1
-    assert comparable(r) == comparable(ref)
-    a, b = final_weights(r), final_weights(ref)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    check_tracked(tmp_path, r)
+# A plain worker SIGKILL mid-epoch, continued bit for bit with its tracked curves: tests/test_preemption.py
+# (test_a_plain_worker_kill_on_the_streaming_path_is_a_failure_resume); on the resident path a worker lost
+# with its node is test_preemption's test_node_killed_without_notice_resumes_from_the_latest_checkpoint.
 
 
 def test_torn_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, reference, capfd):
     ref_cfg, ref = reference
     cfg = tiny_config(tmp_path, **LONG)
     marker = tmp_path / "killed"
+    # delay: Train registers epoch_0002 first (it polls every 0.5 s in tests, conftest)
     r = train(cfg, progress=False, log=lambda s: None,
-              instruments=Instruments(WorkerKill(rank=0, epoch=3, step=2, marker=str(marker), truncate_latest=True,
-                                                delay=5)))
+              instruments=Instruments(WorkerKill(rank=0, epoch=3, step=2, marker=str(marker), truncate_latest=True, delay=2)))
     assert marker.exists() and r["restarts"] == 1
     err = capfd.readouterr().err
     assert "skipping checkpoint" in err and "epoch_0002" in err and "truncated" in err, err[-4000:]
@@ -92,6 +83,7 @@ def _cli(storage: Path) -> list[str]:
 
 
 def test_driver_sigkill_then_rerun_resumes_the_same_experiment(tmp_path, reference):
+    """Also the lease's real-driver case: the killed driver's stale lease is taken over by the rerun."""
     ref_cfg, ref = reference
     cfg = tiny_config(tmp_path, **LONG)
     result = tmp_path / cfg.experiment_id() / "result.json"
@@ -112,12 +104,17 @@ def test_driver_sigkill_then_rerun_resumes_the_same_experiment(tmp_path, referen
         first.wait()
     killed = json.loads(result.read_text())
     assert killed["epochs_trained"] == 2 and killed["status"] == "running"
-
-    time.sleep(3.5)                  # ...goes stale: the rerun takes it over (tests/test_lease.py)
+    # SIGKILL: no release, the lease stays behind...
+    held = json.loads((tmp_path / cfg.experiment_id() / LEASE).read_text())
+    assert held["pid"] == first.pid and held["stale_after_s"] == 3.0
+    while time.time() - held["heartbeat_unix"] < held["stale_after_s"] + 0.5:
+        time.sleep(0.2)              # ...goes stale: the rerun takes it over
     second = subprocess.run(_cli(tmp_path), capture_output=True, text=True, env=env, cwd=tmp_path,
                             start_new_session=True, timeout=400)
     out = second.stdout + second.stderr
     assert second.returncode == 0, out
+    assert f"taking over experiment {cfg.experiment_id()}" in out and f"pid {first.pid}" in out
+    assert not (tmp_path / cfg.experiment_id() / LEASE).exists()      # released at the end
     assert "resuming from" in out and "continuing at epoch" in out
     assert "epoch 1/3" not in out                # nothing already done is trained again
     r = json.loads(result.read_text())

@@ -19,7 +19,7 @@ import pytest
 
 from raywalk.service import driver as trainer
 from raywalk.cli import main
-from raywalk.faults import FillDisk
+from faults import FillDisk
 from raywalk.records.lease import LEASE
 from raywalk.records.result import RESULT, list_resumes
 from raywalk.records.storage import FAULT_ENV, Store, is_temp
@@ -88,9 +88,9 @@ def test_a_full_filesystem_stops_at_once_in_one_line_and_the_rerun_finishes(tmpf
     exp = Store.open(str(root)).sub(cfg.experiment_id())
     marker = tmp_path / "filled"
     # The disk fills during epoch 2: its checkpoint write is the first to fail.
-    fill = FillDisk(epoch=2, step=3, path=str(tmpfs), marker=str(marker), leave=32768)   # room for result.json,
-    monkeypatch.setattr(trainer, "train",                                                # not for an 82 KB checkpoint
-                        functools.partial(trainer.train, instruments=trainer.Instruments(fill)))
+    monkeypatch.setattr(trainer, "train", functools.partial(
+        trainer.train, instruments=trainer.Instruments(FillDisk(epoch=2, step=3, path=str(tmpfs), marker=str(marker),
+                                     leave=32768))))   # room for result.json, not for an 82 KB checkpoint
     t0 = time.perf_counter()
     rc = main(_cli_args(root))
     stopped_s = time.perf_counter() - t0

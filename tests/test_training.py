@@ -11,8 +11,6 @@ from __future__ import annotations
 import inspect
 import io
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np

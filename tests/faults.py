@@ -3,6 +3,10 @@
 A hook factory travels in the WorkerSpec; each worker asks it for its own hooks
 (`for_worker`), and the epoch runner calls `before_step(epoch, step)`. Nothing
 here is on the path of a normal run (no hooks: no calls).
+
+It lives with the tests, not in the package, so Ray workers cannot import it by name (a local
+Ray gives workers the driver's cwd, not pytest's tests/ on sys.path): each factory registers this
+module with Ray's cloudpickle to travel by value, so its classes go inside the pickled WorkerSpec.
 """
 from __future__ import annotations
 
@@ -13,6 +17,15 @@ from dataclasses import dataclass
 
 from raywalk.records import checkpoints as ckpt
 from raywalk.records.storage import Store
+
+
+def _by_value() -> None:
+    """Ship this module's classes inside the pickle (ray imported here, after the tests' quiet_defaults)."""
+    import sys
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def _fire_once(marker: str, due: bool) -> bool:
@@ -40,6 +53,9 @@ class WorkerKill:
     marker: str
     delay: float = 0.0
     truncate_latest: bool = False
+
+    def __post_init__(self) -> None:
+        _by_value()
 
     def for_worker(self, rank: int, checkpoints: Store) -> "_KillHook | _FirstStepProbe | None":
         if os.path.exists(self.marker):
@@ -97,6 +113,9 @@ class Preempt:
     kill_after_jit: bool = False
     settle_s: float = 3.0
 
+    def __post_init__(self) -> None:
+        _by_value()
+
     def for_worker(self, rank: int, checkpoints: Store) -> "_PreemptHook | _FirstStepProbe | None":
         if os.path.exists(self.marker):   # after the reclaim: a normal run, timed from its first step
             return _FirstStepProbe(f"{self.marker}.resumed") if rank == 0 else None
@@ -127,7 +146,7 @@ class _PreemptHook:
             f.write(f"{epoch} {step} {time.time()}\n")
         time.sleep(s.slow_s)
         if s.kill_after_jit:
-            if self.jit_seen_at is None and any("_step_" in n and self.checkpoints.is_file(f"{n}/{ckpt.MANIFEST}")
+            if self.jit_seen_at is None and any(ckpt.is_mid_epoch(n) and self.checkpoints.is_file(f"{n}/{ckpt.MANIFEST}")
                                                 for n in self.checkpoints.listdir()):
                 self.jit_seen_at = time.time()
             if self.jit_seen_at is not None and time.time() - self.jit_seen_at >= s.settle_s:
@@ -156,6 +175,9 @@ class FillDisk:
     path: str
     marker: str
     leave: int = 4096
+
+    def __post_init__(self) -> None:
+        _by_value()
 
     def for_worker(self, rank: int, checkpoints: Store) -> "_FillHook | None":
         return _FillHook(self) if rank == 0 and not os.path.exists(self.marker) else None
