@@ -50,7 +50,7 @@ def main() -> None:
     B = cfg.train.batch_size
 
     t = time.perf_counter()
-    feed = ResidentWindows(load_resident(ds, n, cfg.w + 1, token_dtype(cfg.graph.n), torch.device("cpu")),
+    feed = ResidentWindows(load_resident(corpus, cfg.w, n, token_dtype(cfg.graph.n), torch.device("cpu")),
                            cfg.seed, B)
     load_s = time.perf_counter() - t
     rates = []

@@ -26,7 +26,7 @@ def test_corpus_is_identical_whatever_the_parallelism(tmp_path):
 
 
 def test_window_dataset_yields_int64_windows(tmp_path):
-    from raywalk.service.dataset import walks_to_windows, window_dataset
+    from raywalk.service.dataset import load_resident, walks_to_windows, window_dataset
 
     cfg = tiny_config(tmp_path)
     corpus, _ = build_corpus(cfg, Store.open(str(tmp_path)), **quiet)
@@ -40,6 +40,10 @@ def test_window_dataset_yields_int64_windows(tmp_path):
                           np.sort(expected.view([("", expected.dtype)] * expected.shape[1]), axis=0))
     batch = next(iter(window_dataset(corpus, cfg.w).iter_torch_batches(batch_size=8, dtypes=torch.long)))
     assert batch["tokens"].dtype == torch.int64 and batch["tokens"].shape == (8, cfg.w + 1)
+    # the resident path reads the shards itself: the same windows in the same (corpus) order
+    ordered = np.stack([r["tokens"] for r in window_dataset(corpus, cfg.w, materialize=True).take_all()])
+    resident = load_resident(corpus, cfg.w, len(rows), torch.int16, torch.device("cpu"))
+    assert resident.dtype == torch.int16 and np.array_equal(resident.numpy().astype(ordered.dtype), ordered)
 
 
 def check_result(r: dict, cfg) -> None:

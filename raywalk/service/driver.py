@@ -218,7 +218,8 @@ def _worker_spec(cfg: Config, root: Store, exp_id: str, *, verbose: bool, progre
     return WorkerSpec(config=cfg, experiment_id=exp_id, corpus_uri=corpus.uri, corpus_manifest=corpus.manifest,
                       gate_starts=tuple(corpus.gate_starts(cfg.gate.sequences).tolist()), steps_per_epoch=steps,
                       driver_token=uuid.uuid4().hex, progress=progress, verbose=verbose,
-                      windows=window_dataset(corpus, cfg.w, materialize=True), n_windows=n_windows,
+                      windows=window_dataset(corpus, cfg.w, materialize=True) if cfg.train.data == "stream" else None,
+                      n_windows=n_windows,
                       instruments=instruments, lease_holder=holder)
 
 

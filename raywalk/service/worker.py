@@ -28,7 +28,7 @@ from raywalk.service.corpus import Corpus
 from raywalk.records.result import ResultWriter
 from raywalk.records.storage import Store
 from raywalk.science.batches import ResidentWindows
-from raywalk.service.dataset import DataPlan, epoch_stream, load_resident, plan_data
+from raywalk.service.dataset import DataPlan, epoch_stream, load_resident, plan_data, window_dataset
 from raywalk.science.loop import (EpochEnd, EpochRun, TrainingState, check_precision, compiled, epoch_end,
                                   gather_epoch_losses, gather_rng, run_epoch, set_determinism)
 from raywalk.service.trackers import open_trackers
@@ -52,7 +52,8 @@ class WorkerSpec:
     driver_token: str
     """Identifies this driver run, to count worker-group restarts under it."""
     windows: Any
-    """The train split's (w+1)-token windows as a Ray Dataset (materialised, corpus order)."""
+    """train.data=stream: the train split's (w+1)-token windows as a materialised Ray Dataset (corpus order),
+    built by the driver once for every restart; otherwise None (auto builds it on rank 0 if it streams)."""
     n_windows: int = 0
     """How many windows that dataset holds (the resident path's tensor rows)."""
     progress: bool = True
@@ -234,7 +235,7 @@ def _agree_fits(fits: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def _data(spec: WorkerSpec, state: TrainingState, rank: int, world: int, say):
+def _data(spec: WorkerSpec, corpus: Corpus, state: TrainingState, rank: int, world: int, say):
     """Choose the data path (once per run: a restored choice is kept) and make its batch source."""
     cfg = spec.config
     plan: DataPlan = plan_data(cfg.train, spec.n_windows, cfg.w + 1, cfg.graph.n, state.device,
@@ -244,9 +245,12 @@ def _data(spec: WorkerSpec, state: TrainingState, rank: int, world: int, say):
     state.data_path = plan.path
     if plan.path == "stream":
         say(f"data: {plan.describe()}")
-        return lambda epoch, start: epoch_stream(spec.windows, cfg, epoch, start, rank, world, state.device)
+        windows = spec.windows
+        if windows is None and rank == 0:   # only rank 0 shuffles and splits the epoch (dataset.epoch_shard)
+            windows = window_dataset(corpus, cfg.w, materialize=True)
+        return lambda epoch, start: epoch_stream(windows, cfg, epoch, start, rank, world, state.device)
     t = time.perf_counter()
-    resident = ResidentWindows(load_resident(spec.windows, spec.n_windows, cfg.w + 1, plan.dtype, state.device),
+    resident = ResidentWindows(load_resident(corpus, cfg.w, spec.n_windows, plan.dtype, state.device),
                                cfg.seed, cfg.train.batch_size, rank, world)
     say(f"data: {plan.describe()}, loaded in {time.perf_counter() - t:.1f}s")
     return lambda epoch, start: resident.epoch(epoch, start, spec.steps_per_epoch)
@@ -304,7 +308,7 @@ def _start(spec: WorkerSpec) -> _Worker:
     writer = ResultWriter(root, spec.experiment_id, cfg, world, device.type, spec.driver_token, spec.corpus_uri,
                           lease_holder=spec.lease_holder).start() if rank == 0 else None
     _announce_resume(writer, restored, state, run, say)
-    batches = _data(spec, state, rank, world, say)
+    batches = _data(spec, corpus, state, rank, world, say)
     # rank 0 streams result.json's curves to run.trackers
     tracking = open_trackers(cfg, root, spec.experiment_id, state.curves) if rank == 0 else None
     return _Worker(spec, rank, say, run, state, gate, batches, _net(state, cfg), writer,
