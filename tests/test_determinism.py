@@ -29,7 +29,7 @@ from raywalk.science.model import GPT
 from raywalk.records.storage import Store
 from raywalk.science.loop import TrainingState, epoch_end, optimizer_step, run_epoch
 from tests.conftest import tiny_config
-from tests.test_training import resident
+from tests.test_loop import resident
 
 THROWS_HEAD = "The following normally-nondeterministic operations will throw a"
 
