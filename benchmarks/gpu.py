@@ -6,7 +6,7 @@ Without Ray (the lent GPU machine has none): on the anchor (vocab 500, d_model 1
 layers, w 64, batch 64; 200,000 walks of 256 = 600,000 windows, 9,375 steps per epoch),
 side by side in one run:
   * the resident feed alone: batches/s on the GPU, and the one-off load;
-  * framework overhead: raywalk's epoch runner (training.run_epoch on the resident path)
+  * framework overhead: raywalk's epoch runner (loop.run_epoch on the resident path)
     against a bare loop of the same model and optimizer over an in-memory tensor;
   * an anchor epoch, train + gate (1000 greedy sequences of 256 tokens), seconds, for
     compile off/on x deterministic on/off (goal: <= 10 s on one H100/H200);

@@ -4,7 +4,7 @@
 
 At the anchor model shape (vocab 500, d_model 128, 4 layers, w 64, batch 64) on
 a real anchor-shaped corpus (n = 500, L = 256, 50,000 walks), side by side:
-  1. raywalk's epoch runner (training.run_epoch, what every worker runs) fed from
+  1. raywalk's epoch runner (loop.run_epoch, what every worker runs) fed from
      memory, without Ray;
   2. raywalk's worker loop under TorchTrainer with 1 and with 2 workers (Ray Data
      shard, DDP for 2), epochs cut to the same number of steps.
@@ -54,7 +54,7 @@ class StepClock:
 
 
 def plain_loop(cfg: Config, windows: np.ndarray, steps: int, device: str = "cpu") -> tuple[float, float]:
-    """raywalk's own epoch runner (training.run_epoch) over in-memory batches, no Ray."""
+    """raywalk's own epoch runner (loop.run_epoch) over in-memory batches, no Ray."""
     state = TrainingState.create(cfg, steps, device)
     order = np.random.default_rng(0).permutation(len(windows))
     B = cfg.train.batch_size

@@ -1,8 +1,10 @@
 """Shared test helpers: tiny configs and cleanup of the processes a test starts."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -97,3 +99,16 @@ def local_ray():
              runtime_env={"env_vars": {"RAY_DATA_LOG_LEVEL": "ERROR", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
     yield ray
     ray.shutdown()
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(d: Path, size: str):
+    """A real tmpfs of `size` (e.g. "4m") mounted at the existing directory d, lazily unmounted at the end;
+    skips the test where mounting is not allowed (needs root or CAP_SYS_ADMIN; CI runs as root)."""
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {(p.stderr or p.stdout).strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)

@@ -37,6 +37,14 @@ def _fire_once(marker: str, due: bool) -> bool:
     return True
 
 
+def _hook_for(spec, rank: int, checkpoints: Store, hook):
+    """The faulting rank's hook until the fault has fired (`spec.marker` exists); after it, a normal
+    run, timed from rank 0's first step (`<marker>.resumed`)."""
+    if os.path.exists(spec.marker):
+        return _FirstStepProbe(f"{spec.marker}.resumed") if rank == 0 else None
+    return hook(spec, checkpoints) if rank == spec.rank else None
+
+
 @dataclass(frozen=True)
 class WorkerKill:
     """SIGKILL worker `rank` once, just before step `step` (0-based) of epoch `epoch` (1-based).
@@ -58,9 +66,7 @@ class WorkerKill:
         _by_value()
 
     def for_worker(self, rank: int, checkpoints: Store) -> "_KillHook | _FirstStepProbe | None":
-        if os.path.exists(self.marker):
-            return _FirstStepProbe(f"{self.marker}.resumed") if rank == 0 else None
-        return _KillHook(self, checkpoints) if rank == self.rank else None
+        return _hook_for(self, rank, checkpoints, _KillHook)
 
 
 @dataclass
@@ -117,9 +123,7 @@ class Preempt:
         _by_value()
 
     def for_worker(self, rank: int, checkpoints: Store) -> "_PreemptHook | _FirstStepProbe | None":
-        if os.path.exists(self.marker):   # after the reclaim: a normal run, timed from its first step
-            return _FirstStepProbe(f"{self.marker}.resumed") if rank == 0 else None
-        return _PreemptHook(self, checkpoints) if rank == self.rank else None
+        return _hook_for(self, rank, checkpoints, _PreemptHook)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from raywalk.records.overview import experiment_row, status_of
 from raywalk.records.result import RESULT, count_restarts, list_resumes, record_resume, record_worker_start
 from raywalk.records.storage import Store, StorageUnwritable, is_temp, tmp_name, will_recur
 from raywalk.service.driver import finalise, finished_result, mark_interrupted
-from tests.conftest import tiny_config
+from tests.conftest import mounted_tmpfs, tiny_config
 
 
 @pytest.fixture
@@ -168,10 +168,7 @@ def test_read_only_storage_is_told_apart_and_a_ray_task_error_is_seen_through(tm
 
     d = tmp_path / "ro"
     d.mkdir()
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)], capture_output=True, text=True)
-    if p.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {(p.stderr or p.stdout).strip()}")
-    try:
+    with mounted_tmpfs(d, "1m"):
         st = Store.open(str(d))
         st.write_json("result.json", {"status": "running"})
         subprocess.run(["mount", "-o", "remount,ro", str(d)], check=True)
@@ -187,5 +184,3 @@ def test_read_only_storage_is_told_apart_and_a_ray_task_error_is_seen_through(tm
         u = unwritable(TaskError(e.value), "elsewhere")
         assert (u.what, u.why) == (st.child_uri("result.json"), "read-only filesystem")
         assert unwritable(TaskError(ValueError("bug")), "elsewhere") is None
-    finally:
-        subprocess.run(["umount", "-l", str(d)], capture_output=True)

@@ -23,7 +23,7 @@ from faults import FillDisk
 from raywalk.records.lease import LEASE
 from raywalk.records.result import RESULT, list_resumes
 from raywalk.records.storage import FAULT_ENV, Store, is_temp
-from tests.conftest import QUICKSTART, kill_session, session_pids, tiny_config, tiny_overrides
+from tests.conftest import QUICKSTART, kill_session, mounted_tmpfs, session_pids, tiny_config, tiny_overrides
 from tests.flaky_proxy import FlakyProxy
 from tests.s3server import s3_server  # noqa: F401  (the fixture)
 
@@ -72,13 +72,8 @@ def tmpfs(tmp_path):
     """A small real tmpfs (4 MB) that the test can grow; unmounted at the end."""
     d = tmp_path / "small"
     d.mkdir()
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(d)], capture_output=True, text=True)
-    if p.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {(p.stderr or p.stdout).strip()}")
-    try:
+    with mounted_tmpfs(d, "4m"):
         yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], capture_output=True)
 
 
 def test_a_full_filesystem_stops_at_once_in_one_line_and_the_rerun_finishes(tmpfs, tmp_path, reference,

@@ -157,7 +157,7 @@ class JumpLengthCounts:
     ok: np.ndarray       # int64 (k,) of those, in the target block
 
     def as_dict(self) -> dict[int, tuple[int, int]]:
-        """{r: (checks, ok)}, plain ints (what result.compose takes)."""
+        """{r: (checks, ok)}, plain ints (what result.json holds per jump length)."""
         return {int(r): (int(c), int(o)) for r, c, o in zip(self.r, self.checks, self.ok)}
 
     def __add__(self, other: "JumpLengthCounts") -> "JumpLengthCounts":

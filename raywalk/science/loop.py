@@ -72,7 +72,7 @@ def set_determinism(on: bool) -> None:
     """Deterministic kernels (run.deterministic): a resumed GPU run then repeats an uninterrupted one.
 
     cuBLAS also needs CUBLAS_WORKSPACE_CONFIG set before CUDA starts; the driver puts it in
-    the workers' environment (trainer.worker_env).
+    the workers' environment (service/driver.worker_env).
     """
     torch.use_deterministic_algorithms(on)
     torch.backends.cudnn.deterministic = on
