@@ -91,9 +91,11 @@ def test_two_workers_end_to_end(tmp_path):
 
 
 def test_a_config_that_cannot_pass_is_flagged_failed(tmp_path):
-    cfg = tiny_config(tmp_path, **{"gate.rule": 1.0, "train.max_epochs": 2})
+    # train.data=stream: the driver builds the Ray Data windows (auto's streaming is test_preemption's)
+    cfg = tiny_config(tmp_path, **{"gate.rule": 1.0, "train.max_epochs": 2, "train.data": "stream"})
     r = train(cfg, **quiet)
     check_result(r, cfg)
+    assert r["data_path"] == "stream"
     assert r["status"] == "failed" and r["svd_eligible"] is False and r["gate"]["passed"] is False
     assert r["epochs_trained"] == 2 and r["gate"]["epoch"] is None
     f = r["failure"]
