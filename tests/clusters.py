@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,13 +44,19 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 class LocalCluster:
-    """`ray start --head --block` on 127.0.0.1; `args`/`env` add to the command line and its environment."""
+    """`ray start --head --block` on 127.0.0.1; `args`/`env` add to the command line and its environment.
+
+    Ray's own temp dir (`ray_dir`) is a short fresh /tmp/rw-* directory, removed on stop: the dashboard's
+    module sockets live under it and AF_UNIX paths end at 107 bytes. Under pytest's
+    /tmp/pytest-of-root/pytest-NNN/<name>0/ they pass that limit once NNN reaches three digits, and the
+    dashboard then fails to start ("Module MetricsHead failed to start. Received EOF from pipe").
+    """
 
     def __init__(self, temp_dir: Path, num_cpus: int = 4, args: tuple[str, ...] = (), env: dict | None = None,
-                 ray_dir: Path | None = None, port: int | None = None):
+                 port: int | None = None):
         self.temp_dir = Path(temp_dir)
         self.temp_dir.mkdir(parents=True, exist_ok=True)
-        self.ray_dir = Path(ray_dir) if ray_dir else self.temp_dir / "ray"
+        self.ray_dir = Path(tempfile.mkdtemp(prefix="rw-", dir="/tmp"))
         (self.port, self.dashboard_port, self.client_port, self.agent_listen, self.agent_grpc, self.rte_port,
          self.metrics_port, self.nm_port, self.om_port) = free_ports(9)
         self.port = port or self.port          # chosen by the caller when its config names it
@@ -83,6 +91,7 @@ class LocalCluster:
         kill_session(self.proc.pid)
         self.proc.wait()
         self.log.close()
+        shutil.rmtree(self.ray_dir, ignore_errors=True)
 
     def state(self, what: str, *filters: str) -> list[dict]:
         """`ray list WHAT` on the cluster, as a user would (the CLI, token auth on)."""

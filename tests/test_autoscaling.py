@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -87,9 +85,7 @@ class FakeAutoscalingCluster(LocalCluster):
         self.config_file = temp_dir / "autoscaling.json"
         gcs_port = free_ports(1)[0]
         self.config_file.write_text(json.dumps(autoscaling_config(gcs_port)))
-        # Ray's own temp dir short: its socket paths must fit AF_UNIX's 107 bytes.
-        ray_dir = Path(tempfile.mkdtemp(prefix="rw-as-", dir="/tmp"))
-        super().__init__(temp_dir, num_cpus=0, ray_dir=ray_dir, port=gcs_port,
+        super().__init__(temp_dir, num_cpus=0, port=gcs_port,
                          args=("--resources", json.dumps({"raywalk_driver": 1000}),
                                f"--autoscaling-config={self.config_file}", f"--object-store-memory={OBJECT_STORE}"),
                          env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})   # as AutoscalingCluster
@@ -120,10 +116,6 @@ class FakeAutoscalingCluster(LocalCluster):
                         pass
                 return node
         return None
-
-    def stop(self) -> None:
-        super().stop()        # the monitor's fake worker nodes are in the head's session too
-        shutil.rmtree(self.ray_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -93,5 +93,5 @@ def test_sigkilled_driver_placement_groups_are_released_by_the_cleaner(target, t
     assert all(now.get(i) == "REMOVED" for i in ids), now
     # The cleaner saw the controller die, released the group and exited (a dead monitor thread never exits).
     assert cleaners and all(a["state"] == "DEAD" for a in cleaners), cleaners
-    logs = "".join(f.read_text(errors="replace") for f in (target.temp_dir / "ray").glob("session_*/logs/worker-*"))
+    logs = "".join(f.read_text(errors="replace") for f in target.ray_dir.glob("session_*/logs/worker-*"))
     assert MULTI not in logs
