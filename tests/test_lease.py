@@ -1,10 +1,7 @@
-"""One driver per experiment: the lease, on a local root and on a real S3 server (moto); then two real drivers."""
+"""One driver per experiment: the lease, on a local root and on a real S3 server (moto)."""
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -12,7 +9,6 @@ import pytest
 
 from raywalk.records.lease import LEASE, Lease, LeaseHeld, LeaseInfo, LeaseLost, hold, timings
 from raywalk.records.storage import Store
-from tests.conftest import kill_session, tiny_config
 
 from tests.s3server import s3_server  # noqa: E402,F401  (the fixture)
 
@@ -160,58 +156,6 @@ def test_timings_from_the_environment(monkeypatch):
         timings(stale_after_s=5, heartbeat_s=5)
 
 
-# ---- two real drivers on one experiment -------------------------------------------------
-
-def _cli(cfg_path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "raywalk.cli", "train", str(cfg_path), "--no-progress", *extra]
-
-
-def _config_file(tmp_path, name: str, **dotted) -> tuple:
-    cfg = tiny_config(tmp_path / "root", **dotted)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(json.dumps(cfg.to_dict()))               # JSON is YAML
-    return cfg, path
-
-
-def _env(**extra) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return {**env, "PYTHONUNBUFFERED": "1", **extra}
-
-
-def _wait_for(pred, proc, what: str, limit: float = 600) -> None:
-    deadline = time.time() + limit   # a bound on a hang, not a timing check
-    while time.time() < deadline:
-        if pred():
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"the driver ended before {what}:\n{proc.stdout.read().decode()[-3000:]}")
-        time.sleep(0.2)
-    pytest.fail(f"never saw {what}")
-
-
-def test_a_second_driver_is_refused_while_the_first_runs_to_the_end(tmp_path):
-    cfg, path = _config_file(tmp_path, "a", **{"train.max_epochs": 2, "gate.rule": 1.0})
-    exp = tmp_path / "root" / cfg.experiment_id()
-    first = subprocess.Popen(_cli(path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(),
-                             start_new_session=True, cwd=tmp_path)
-    try:
-        _wait_for(lambda: (exp / LEASE).exists(), first, "its lease")
-        second = subprocess.run(_cli(path), capture_output=True, text=True, env=_env(), cwd=tmp_path,
-                                start_new_session=True, timeout=120)
-        assert first.poll() is None, "the first driver should still be running"
-        err = second.stderr.strip().splitlines()
-        assert second.returncode == 3, second.stdout + second.stderr
-        assert len(err) == 1 and f"experiment {cfg.experiment_id()} is already being run by another driver" in err[0]
-        assert f"pid {first.pid}" in err[0] and "last heartbeat" in err[0] and "started" in err[0]
-        assert "Ray" not in second.stdout + second.stderr         # refused before Ray started
-        out, _ = first.communicate(timeout=600)
-    finally:
-        kill_session(first.pid)
-        first.wait()
-    assert first.returncode == 0, out.decode()[-3000:]
-    assert json.loads((exp / "result.json").read_text())["epochs_trained"] == 2
-    assert not (exp / LEASE).exists()                           # released at the end
-
-
-# A killed driver's stale lease taken over by the rerun, which resumes: tests/test_resume.py
-# (test_driver_sigkill_then_rerun_resumes_the_same_experiment) asserts it on its own kill and rerun.
+# A second driver refused while the first runs, and the first's release at its end; a killed driver's stale
+# lease taken over by the rerun, which resumes: tests/test_resume.py
+# (test_driver_sigkill_then_rerun_resumes_the_same_experiment) asserts them on its own drivers.

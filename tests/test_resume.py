@@ -1,4 +1,7 @@
-"""Preemption: real SIGKILLs of workers and drivers; the run continues bit-for-bit."""
+"""Preemption: real SIGKILLs of workers and drivers; the run continues bit-for-bit.
+
+One local Ray for the module; the CLI drivers join it through RAY_ADDRESS, as on a cluster (a killed
+driver's Ray Train actors and placement group go with it). Several ranks: tests/test_preemption.py."""
 from __future__ import annotations
 
 import io
@@ -18,11 +21,9 @@ from raywalk.records.lease import LEASE
 from raywalk.records.storage import Store
 from raywalk.service.driver import Instruments, train
 from raywalk.science.loop import rng_state, set_rng_state
-from tests.conftest import QUICKSTART, kill_session, tiny_config, tiny_overrides
+from tests.conftest import LONG, QUICKSTART, kill_session, reference_run, tiny_config, tiny_overrides
 from tests.test_trackers import expected, mlflow_runs, mlflow_scalars, tb_scalars
 
-# Never passes (rule must be > 1.0), so every run trains exactly max_epochs: comparable curves.
-LONG = {"run.workers": 2, "gate.rule": 1.0, "train.max_epochs": 3}
 TRACKED = {"run.trackers": ["tensorboard", "mlflow"]}   # issue 16: streamed curves across the kills
 quiet = dict(progress=False, log=lambda s: None)
 
@@ -39,11 +40,7 @@ def comparable(r: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, local_ray):
-    root = tmp_path_factory.mktemp("reference")
-    cfg = tiny_config(root, **LONG)
-    r = train(cfg, **quiet)
-    assert r["restarts"] == 0 and r["epochs_trained"] == 3
-    return cfg, r
+    return reference_run(tmp_path_factory, **LONG)
 
 
 def check_tracked(root: Path, r: dict) -> None:
@@ -60,7 +57,7 @@ def check_tracked(root: Path, r: dict) -> None:
 
 
 def test_torn_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, reference, capfd):
-    ref_cfg, ref = reference
+    ref = reference
     cfg = tiny_config(tmp_path, **LONG)
     marker = tmp_path / "killed"
     # delay: Train registers epoch_0002 first (it polls every 0.5 s in tests, conftest)
@@ -82,16 +79,30 @@ def _cli(storage: Path) -> list[str]:
     return args
 
 
-def test_driver_sigkill_then_rerun_resumes_the_same_experiment(tmp_path, reference):
-    """Also the lease's real-driver case: the killed driver's stale lease is taken over by the rerun."""
-    ref_cfg, ref = reference
+def test_driver_sigkill_then_rerun_resumes_the_same_experiment(tmp_path, reference, local_ray):
+    """Also the lease's real-driver cases: a second driver is refused while the first runs, and the killed
+    driver's stale lease is taken over by the rerun, which releases it at the end."""
+    ref = reference
     cfg = tiny_config(tmp_path, **LONG)
-    result = tmp_path / cfg.experiment_id() / "result.json"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAYWALK_LEASE_STALE_AFTER_S": "3"}   # the killed driver's lease
+    exp = tmp_path / cfg.experiment_id()
+    result = exp / "result.json"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAYWALK_LEASE_STALE_AFTER_S": "3",   # the killed driver's lease
+           "RAY_ADDRESS": local_ray.get_runtime_context().gcs_address}
     first = subprocess.Popen(_cli(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                              start_new_session=True, cwd=tmp_path)
     try:
         deadline = time.time() + 900   # generous: a bound on a hang, not a timing check
+        while not (exp / LEASE).exists():
+            assert first.poll() is None and time.time() < deadline, first.stdout.read().decode()
+            time.sleep(0.1)
+        refused = subprocess.run(_cli(tmp_path), capture_output=True, text=True, env=env, cwd=tmp_path,
+                                 start_new_session=True, timeout=120)
+        assert first.poll() is None, "the first driver should still be running"
+        err = refused.stderr.strip().splitlines()
+        assert refused.returncode == 3, refused.stdout + refused.stderr
+        assert len(err) == 1 and f"experiment {cfg.experiment_id()} is already being run by another driver" in err[0]
+        assert f"pid {first.pid}" in err[0] and "last heartbeat" in err[0] and "started" in err[0]
+        assert "Ray" not in refused.stdout + refused.stderr         # refused before it joined Ray
         while time.time() < deadline:
             if result.exists() and json.loads(result.read_text())["epochs_trained"] >= 2:
                 break
@@ -105,7 +116,7 @@ def test_driver_sigkill_then_rerun_resumes_the_same_experiment(tmp_path, referen
     killed = json.loads(result.read_text())
     assert killed["epochs_trained"] == 2 and killed["status"] == "running"
     # SIGKILL: no release, the lease stays behind...
-    held = json.loads((tmp_path / cfg.experiment_id() / LEASE).read_text())
+    held = json.loads((exp / LEASE).read_text())
     assert held["pid"] == first.pid and held["stale_after_s"] == 3.0
     while time.time() - held["heartbeat_unix"] < held["stale_after_s"] + 0.5:
         time.sleep(0.2)              # ...goes stale: the rerun takes it over
@@ -114,7 +125,7 @@ def test_driver_sigkill_then_rerun_resumes_the_same_experiment(tmp_path, referen
     out = second.stdout + second.stderr
     assert second.returncode == 0, out
     assert f"taking over experiment {cfg.experiment_id()}" in out and f"pid {first.pid}" in out
-    assert not (tmp_path / cfg.experiment_id() / LEASE).exists()      # released at the end
+    assert not (exp / LEASE).exists()      # released at the end
     assert "resuming from" in out and "continuing at epoch" in out
     assert "epoch 1/3" not in out                # nothing already done is trained again
     r = json.loads(result.read_text())

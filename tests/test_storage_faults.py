@@ -1,7 +1,7 @@
 """The storage fault campaign: a real full filesystem, kills between a temp write and its rename, a lease
 taken over from a paused driver. Each ends in a run that finishes with curves equal to an uninterrupted one.
 
-One local Ray and one uninterrupted reference run for the whole module.
+One local Ray for the whole module; the uninterrupted reference run is the session's (conftest.reference_run).
 """
 from __future__ import annotations
 
@@ -23,12 +23,11 @@ from faults import FillDisk
 from raywalk.records.lease import LEASE
 from raywalk.records.result import RESULT, list_resumes
 from raywalk.records.storage import FAULT_ENV, Store, is_temp
-from tests.conftest import QUICKSTART, kill_session, mounted_tmpfs, session_pids, tiny_config, tiny_overrides
+from tests.conftest import (LONG, QUICKSTART, kill_session, mounted_tmpfs, reference_run, session_pids, tiny_config,
+                            tiny_overrides)
 from tests.flaky_proxy import FlakyProxy
 from tests.s3server import s3_server  # noqa: F401  (the fixture)
 
-# Never passes (rule must be > 1.0): every run trains exactly max_epochs, so curves compare.
-LONG = {"gate.rule": 1.0, "train.max_epochs": 3}
 quiet = dict(progress=False, log=lambda s: None)
 
 
@@ -54,10 +53,7 @@ def local_ray(s3_server):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, local_ray):
-    root = tmp_path_factory.mktemp("reference")
-    r = trainer.train(tiny_config(root, **LONG), **quiet)
-    assert r["restarts"] == 0 and r["epochs_trained"] == 3
-    return r
+    return reference_run(tmp_path_factory, **LONG)
 
 
 def _cli_args(storage: Path | str) -> list[str]:
