@@ -47,7 +47,7 @@ def main() -> None:
     from raywalk.science.batches import ResidentWindows, token_dtype
     from raywalk.config import Config
     from raywalk.service.corpus import build_corpus
-    from raywalk.service.dataset import walks_to_windows
+    from raywalk.service.windows import walks_to_windows
     from raywalk.science.generate import greedy_generate, reference_generate
     from raywalk.records.storage import Store
     from raywalk.science.loop import TrainingState, compiled, epoch_end, run_epoch, set_determinism, sync

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from raywalk.config import Config  # noqa: E402
 from raywalk.service.corpus import build_corpus  # noqa: E402
-from raywalk.service.dataset import walks_to_windows  # noqa: E402
+from raywalk.service.windows import walks_to_windows  # noqa: E402
 from raywalk.records.storage import Store  # noqa: E402
 from raywalk.science.loop import TrainingState, run_epoch, sync  # noqa: E402
 

@@ -111,14 +111,16 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """One real local Ray for a whole test module (start-up costs seconds)."""
+    """One real local Ray for a whole test module (start-up costs seconds). Like a laptop's embedded Ray,
+    no preemption watcher (ray_env.ensure_ray): one actor less per fit; notices are test_preemption's."""
     from raywalk.service.ray_env import quiet_defaults
 
     quiet_defaults()
     import ray
 
     ray.init(num_cpus=4, logging_level="WARNING",
-             runtime_env={"env_vars": {"RAY_DATA_LOG_LEVEL": "ERROR", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
+             runtime_env={"env_vars": {"RAY_DATA_LOG_LEVEL": "ERROR", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                                       "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}})
     yield ray
     ray.shutdown()
 

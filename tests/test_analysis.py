@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from raywalk.science.compliance import RuleTable
 from raywalk.service.corpus import eval_size
 from raywalk.science.gate import Gate
 from raywalk.records.storage import Store
-from tests.conftest import tiny_config
+from tests.conftest import LONG, reference_run, tiny_config
 from tests.s3server import s3_server  # noqa: F401  (fixture)
 
 
@@ -32,15 +33,15 @@ def runs(local_ray, tmp_path_factory):
     from raywalk.service.driver import train
 
     root = tmp_path_factory.mktemp("analysis") / "root"
-    quiet = dict(progress=False, log=lambda s: None)
-    passed = train(tiny_config(root, **{"gate.edge": 0.0, "gate.rule": 0.0}), **quiet)
-    failed = train(tiny_config(root, **{"gate.edge": 1.0, "gate.rule": 1.0, "seed": 4}), **quiet)
+    passed = train(tiny_config(root, **{"gate.edge": 0.0, "gate.rule": 0.0}), progress=False, log=lambda s: None)
+    failed = reference_run(tmp_path_factory, **LONG)     # the session's never-passing run (read, never changed)
     assert passed["status"] == "passed" and failed["status"] == "failed"
-    return {"root": root, "passed": passed, "failed": failed}
+    return {"root": root, "passed": passed, "failed": failed,
+            "roots": {"passed": root, "failed": Path(failed["config"]["run"]["storage"])}}
 
 
 def exp_dir(runs, which):
-    return runs["root"] / runs[which]["experiment_id"]
+    return runs["roots"][which] / runs[which]["experiment_id"]
 
 
 def weights_equal(model, state) -> bool:
@@ -151,7 +152,7 @@ def test_an_experiment_alone_falls_back_to_the_recorded_corpus(runs, tmp_path):
 
 def test_latest_skips_a_torn_checkpoint(runs, tmp_path):
     d = tmp_path / "root"
-    shutil.copytree(runs["root"], d)
+    shutil.copytree(runs["roots"]["failed"], d)
     last = runs["failed"]["epochs_trained"]
     name = ckpt.dir_name(last)
     state = d / runs["failed"]["experiment_id"] / "checkpoints" / name / "state.pt"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ from raywalk.records import checkpoints as ckpt
 from raywalk.service.corpus import build_corpus, ray_mapper
 from raywalk.records.storage import Store
 from raywalk.service.driver import train
-from tests.conftest import tiny_config
+from raywalk.config import Config
+from tests.conftest import LONG, reference_run, tiny_config
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 quiet = dict(progress=False, log=lambda s: None)
@@ -26,7 +28,8 @@ def test_corpus_is_identical_whatever_the_parallelism(tmp_path):
 
 
 def test_window_dataset_yields_int64_windows(tmp_path):
-    from raywalk.service.dataset import load_resident, walks_to_windows, window_dataset
+    from raywalk.service.dataset import load_resident, window_dataset
+    from raywalk.service.windows import walks_to_windows
 
     cfg = tiny_config(tmp_path)
     corpus, _ = build_corpus(cfg, Store.open(str(tmp_path)), **quiet)
@@ -90,19 +93,18 @@ def test_two_workers_end_to_end(tmp_path):
     assert again["curves"] == r["curves"] and again["epochs_trained"] == r["epochs_trained"]
 
 
-def test_a_config_that_cannot_pass_is_flagged_failed(tmp_path):
-    # train.data=stream: the driver builds the Ray Data windows (auto's streaming is test_preemption's)
-    cfg = tiny_config(tmp_path, **{"gate.rule": 1.0, "train.max_epochs": 2, "train.data": "stream"})
-    r = train(cfg, **quiet)
+def test_a_config_that_cannot_pass_is_flagged_failed(tmp_path_factory):
+    # the session's never-passing run (rule must be > 1.0); the streaming path's own runs: test_preemption
+    r = reference_run(tmp_path_factory, **LONG)
+    cfg = Config.from_dict(r["config"])
     check_result(r, cfg)
-    assert r["data_path"] == "stream"
+    assert r["data_path"] == "resident"
     assert r["status"] == "failed" and r["svd_eligible"] is False and r["gate"]["passed"] is False
-    assert r["epochs_trained"] == 2 and r["gate"]["epoch"] is None
+    assert r["epochs_trained"] == 3 and r["gate"]["epoch"] is None
     f = r["failure"]
-    assert "gate not passed after 2 epochs" in f["reason"]
+    assert "gate not passed after 3 epochs" in f["reason"]
     assert f["final_rule_compliance"] == r["curves"]["rule_compliance"][-1]
-    assert len(list((tmp_path / cfg.experiment_id() / "checkpoints").glob("epoch_*"))) == 2
-
+    assert len(list((Path(cfg.run.storage) / cfg.experiment_id() / "checkpoints").glob("epoch_*"))) == 3
 
 
 class RecordingHooks:

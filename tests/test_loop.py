@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 from raywalk.science.compliance import Compliance, JumpLengthCounts
 from raywalk.config import ConfigError
 from raywalk.service.corpus import build_corpus
-from raywalk.service.dataset import walks_to_windows
+from raywalk.service.windows import walks_to_windows
 from raywalk.science.batches import ResidentWindows, token_dtype
 from raywalk.science.gate import Gate, GateCounts
 from raywalk.science.generate import greedy_generate, reference_generate

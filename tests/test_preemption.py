@@ -165,19 +165,23 @@ def test_worker_killed_right_after_a_just_in_time_checkpoint_resumes_from_it(clu
     assert res["checkpoint"] == ckpt.dir_name(1, res["step"])
 
 
-# auto with a budget no corpus fits in: the streaming path (Ray Data's shuffle, split across ranks)
-STREAM = {**LONG, "train.data_budget": 1e-9}
+# The streaming path (Ray Data's shuffle, split across ranks), two ways in: train.data=stream, where the
+# driver builds the windows dataset once for every worker-group start, and auto with a budget no corpus
+# fits in, where rank 0 builds it at each start. Both cut the same windows in the same order.
+STREAM = {**LONG, "train.data": "stream"}
+AUTO_STREAM = {**LONG, "train.data_budget": 1e-9}
 
 
 def test_a_plain_worker_kill_on_the_streaming_path_is_a_failure_resume(cluster, reference, tmp_path):
     """No notice, no node lost: a crashed worker (SIGKILL of rank 1 mid-epoch), on the streaming path that
     `auto` chose because the windows exceed the budget; resumed from the epoch checkpoint, recorded as a
-    failure, exact, and its TensorBoard and MLflow curves hold every point once across the kill."""
+    failure, exact (against a run on the driver's dataset), and its TensorBoard and MLflow curves hold every
+    point once across the kill."""
     ref = train(tiny_config(tmp_path / "ref", **STREAM), progress=False, log=lambda s: None)
     assert ref["data_path"] == "stream" and reference["data_path"] == "resident"
     assert ref["curves"] != reference["curves"]    # another (equally uniform) permutation per epoch
     root = tmp_path / "killed"
-    cfg = tiny_config(root, **STREAM, **{"run.trackers": ["tensorboard", "mlflow"]})
+    cfg = tiny_config(root, **AUTO_STREAM, **{"run.trackers": ["tensorboard", "mlflow"]})
     marker = tmp_path / "killed.marker"
     r = train(cfg, progress=False, log=lambda s: None, instruments=Instruments(WorkerKill(rank=1, epoch=2, step=3, marker=str(marker))))
     assert marker.exists() and r["restarts"] == 1     # the worker really was killed, once

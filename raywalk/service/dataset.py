@@ -1,37 +1,18 @@
-"""Ray Data over the train split: each walk becomes floor(L / (w+1)) windows of w+1 tokens."""
+"""The train split's windows for the workers: a Ray Data dataset (streamed), or read straight into a tensor
+(resident); and the plan that picks one. Each walk becomes floor(L / (w+1)) windows (windows.py)."""
 from __future__ import annotations
 
 import itertools
 import os
 from dataclasses import dataclass, replace
 
-import numpy as np
-import pyarrow as pa
 import torch
 
 from raywalk.science.batches import fill_windows, token_dtype
 from raywalk.config import ConfigError, TrainConfig
 from raywalk.service.corpus import Corpus
 from raywalk.science.loop import epoch_seed
-
-
-def windows_per_walk(walk_length: int, w: int) -> int:
-    """Non-overlapping (w+1)-token windows cut from one walk (the one formula for it)."""
-    return walk_length // (w + 1)
-
-
-def walks_to_windows(walks: np.ndarray, w: int) -> np.ndarray:
-    """(N, L) walks -> (N * floor(L/(w+1)), w+1) non-overlapping windows, walk-major."""
-    n, L = walks.shape
-    k = windows_per_walk(L, w)
-    return walks[:, : k * (w + 1)].reshape(n * k, w + 1)
-
-
-def _batch_to_windows(batch: pa.Table, w: int) -> dict[str, np.ndarray]:
-    col = batch.column("walk").combine_chunks()
-    L = len(col[0]) if len(col) else 0
-    walks = col.flatten().to_numpy().reshape(-1, L)
-    return {"tokens": walks_to_windows(walks, w)}   # int32 on the wire; batches arrive as int64
+from raywalk.service.windows import batch_to_windows, windows_per_walk
 
 
 def window_dataset(corpus: Corpus, w: int, materialize: bool = False):
@@ -49,7 +30,7 @@ def window_dataset(corpus: Corpus, w: int, materialize: bool = False):
     ctx.execution_options.preserve_order = True   # same block order on every run
     try:
         ds = ray.data.read_parquet(corpus.files("train"), filesystem=corpus.store.fs).select_columns(["walk"])
-        ds = ds.map_batches(_batch_to_windows, fn_kwargs={"w": w}, batch_format="pyarrow", zero_copy_batch=True)
+        ds = ds.map_batches(batch_to_windows, fn_kwargs={"w": w}, batch_format="pyarrow", zero_copy_batch=True)
         return ds.materialize() if materialize else ds
     finally:
         ctx.execution_options.preserve_order = keep
@@ -162,7 +143,7 @@ def load_resident(corpus: Corpus, w: int, n_windows: int, dtype: torch.dtype, de
     """
     import pyarrow.parquet as pq
 
-    chunks = (_batch_to_windows(pq.read_table(f, columns=["walk"], filesystem=corpus.store.fs), w)["tokens"]
+    chunks = (batch_to_windows(pq.read_table(f, columns=["walk"], filesystem=corpus.store.fs), w)["tokens"]
               for f in corpus.files("train"))
     return fill_windows(chunks, n_windows, w + 1, dtype, device)
 

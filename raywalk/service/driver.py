@@ -22,7 +22,7 @@ from raywalk.service import stops
 from raywalk.service import trackers
 from raywalk.records.checkpoints import KEEP, RUN_DIR, info as checkpoint_info, newest_intact
 from raywalk.config import Config, ConfigError
-from raywalk.service.dataset import windows_per_walk
+from raywalk.service.windows import windows_per_walk
 from raywalk.service.corpus import build_corpus, ray_mapper
 from raywalk.records.lease import LeaseLost
 from raywalk.records.result import RESULT, count_restarts
