@@ -9,7 +9,7 @@ raywalk pins RAY_ADDRESS in every worker process (ray_env.pin_ray_address).
 
 Two `ray start --head` clusters (own ports, temp dirs and sessions, stopped by
 PID, tests/clusters.py): `other` is just another Ray on the machine; `target` is the cluster a
-driver joins and is then SIGKILLed from.
+driver joins and is then SIGKILLed from. The embedded run's case: tests/test_storage_faults.py.
 """
 from __future__ import annotations
 
@@ -43,18 +43,8 @@ def train_cmd(storage, *sets: str) -> list[str]:
             *[a for s in args for a in ("--set", s)]]
 
 
-def test_embedded_run_with_another_ray_on_the_machine_has_a_working_cleaner(other, tmp_path):
-    env = cli_env()                       # no RAY_ADDRESS: raywalk starts its own (embedded) Ray
-    p = subprocess.Popen(train_cmd(tmp_path / "store", "train.max_epochs=1"), cwd=ROOT, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = p.communicate(timeout=400)
-    finally:
-        kill_session(p.pid)
-    assert p.returncode == 0, out[-4000:]
-    assert "result: " in out
-    assert MULTI not in out, out[-4000:]
-    assert "Traceback" not in out, out[-4000:]
+# An embedded (laptop) run with another Ray on the machine, whose cleaner must not hit MULTI either:
+# tests/test_storage_faults.py's paused driver (an embedded CLI run beside the module's local Ray).
 
 
 def test_sigkilled_driver_placement_groups_are_released_by_the_cleaner(target, tmp_path):
