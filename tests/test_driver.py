@@ -39,7 +39,8 @@ def test_window_dataset_yields_int64_windows(tmp_path):
     assert len(rows) == cfg.corpus.corpus_size * k
     got = np.stack([r["tokens"] for r in rows])
     assert np.array_equal(got, walks_to_windows(corpus.walks("train"), cfg.w))   # every window, in corpus order
-    batch = next(iter(ds.iter_torch_batches(batch_size=8, dtypes=torch.long)))
+    # read to its end: a half-read Ray Data iterator leaves its executor thread running past ray.shutdown()
+    (batch,) = list(ds.limit(8).iter_torch_batches(batch_size=8, dtypes=torch.long))
     assert batch["tokens"].dtype == torch.int64 and batch["tokens"].shape == (8, cfg.w + 1)
     # the resident path reads the shards itself: the same windows in the same order
     resident = load_resident(corpus, cfg.w, len(rows), torch.int16, torch.device("cpu"))
