@@ -111,8 +111,13 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """One real local Ray for a whole test module (start-up costs seconds). Like a laptop's embedded Ray,
-    no preemption watcher (ray_env.ensure_ray): one actor less per fit; notices are test_preemption's."""
+    """One real local Ray for a whole test module (start-up costs seconds)."""
+    yield from running_local_ray()
+
+
+def running_local_ray():
+    """Generator body of a local-Ray fixture. Like a laptop's embedded Ray, no preemption watcher
+    (ray_env.ensure_ray): one actor less per fit; notices are test_preemption's."""
     from raywalk.service.ray_env import quiet_defaults
 
     quiet_defaults()

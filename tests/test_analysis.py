@@ -36,7 +36,7 @@ def runs(local_ray, tmp_path_factory):
     passed = train(tiny_config(root, **{"gate.edge": 0.0, "gate.rule": 0.0}), progress=False, log=lambda s: None)
     failed = reference_run(tmp_path_factory, **LONG)     # the session's never-passing run (read, never changed)
     assert passed["status"] == "passed" and failed["status"] == "failed"
-    return {"root": root, "passed": passed, "failed": failed,
+    return {"passed": passed, "failed": failed,
             "roots": {"passed": root, "failed": Path(failed["config"]["run"]["storage"])}}
 
 
@@ -125,7 +125,7 @@ def test_missing_things_are_named(tmp_path):
 
 def test_a_copied_root_finds_its_own_corpus(runs, tmp_path):
     copy = tmp_path / "elsewhere"
-    shutil.copytree(runs["root"], copy)
+    shutil.copytree(runs["roots"]["passed"], copy)
     exp = raywalk.load(copy / runs["passed"]["experiment_id"])
     assert exp.corpus.uri.startswith(str(copy))
     assert weights_equal(exp.model, raywalk.load(exp_dir(runs, "passed")).model.state_dict())
@@ -137,7 +137,7 @@ def test_an_experiment_alone_falls_back_to_the_recorded_corpus(runs, tmp_path):
     shutil.copytree(exp_dir(runs, "passed"), alone)
     r = json.loads((alone / "result.json").read_text())
     cid = r["config"] and raywalk.load(exp_dir(runs, "passed")).config.corpus_id()
-    corpus_uri = str(runs["root"] / "corpora" / cid)
+    corpus_uri = str(runs["roots"]["passed"] / "corpora" / cid)
     assert r.get("corpus", {}).get("uri") in (None, corpus_uri)   # where the lead's writer records it
     r["corpus"] = {"id": cid, "uri": corpus_uri}
     (alone / "result.json").write_text(json.dumps(r))
@@ -169,7 +169,7 @@ def test_load_from_s3(runs, s3_server):
     import pyarrow.fs as pafs
 
     remote = Store.open(s3_server["uri"]("copied-root"))
-    pafs.copy_files(str(runs["root"]), remote.root, source_filesystem=pafs.LocalFileSystem(),
+    pafs.copy_files(str(runs["roots"]["passed"]), remote.root, source_filesystem=pafs.LocalFileSystem(),
                     destination_filesystem=remote.fs)
     eid = runs["passed"]["experiment_id"]
     exp = raywalk.load(remote.child_uri(eid, "result.json"))

@@ -20,7 +20,7 @@ from raywalk.records import checkpoints as ckpt
 from faults import Preempt, WorkerKill
 from raywalk.records.storage import Store
 from raywalk.service.driver import Instruments, train
-from tests.conftest import tiny_config
+from tests.conftest import reference_run, tiny_config
 from tests.test_trackers import expected, mlflow_runs, mlflow_scalars, tb_scalars
 
 # Never passes (rule must be > 1.0): every run trains exactly 2 epochs; 2 ranks, so the
@@ -70,10 +70,7 @@ def assert_identical(r: dict, ref: dict) -> None:
 
 @pytest.fixture(scope="module")
 def reference(cluster, tmp_path_factory):
-    root = tmp_path_factory.mktemp("reference")
-    r = train(tiny_config(root, **LONG), progress=False, log=lambda s: None)
-    assert r["restarts"] == 0 and r["resumes"] == [] and r["epochs_trained"] == 2
-    return r
+    return reference_run(tmp_path_factory, **LONG)   # this module's 2-rank config, trained on its cluster
 
 
 def kill_node_when(cluster, marker: Path, ready, killed: list[str]) -> threading.Thread:

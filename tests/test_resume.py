@@ -25,7 +25,6 @@ from tests.conftest import LONG, QUICKSTART, kill_session, reference_run, tiny_c
 from tests.test_trackers import expected, mlflow_runs, mlflow_scalars, tb_scalars
 
 TRACKED = {"run.trackers": ["tensorboard", "mlflow"]}   # issue 16: streamed curves across the kills
-quiet = dict(progress=False, log=lambda s: None)
 
 
 def final_weights(r: dict) -> dict[str, torch.Tensor]:

@@ -23,8 +23,8 @@ from faults import FillDisk
 from raywalk.records.lease import LEASE
 from raywalk.records.result import RESULT, list_resumes
 from raywalk.records.storage import FAULT_ENV, Store, is_temp
-from tests.conftest import (LONG, QUICKSTART, kill_session, mounted_tmpfs, reference_run, session_pids, tiny_config,
-                            tiny_overrides)
+from tests.conftest import (LONG, QUICKSTART, kill_session, mounted_tmpfs, reference_run, running_local_ray,
+                            session_pids, tiny_config, tiny_overrides)
 from tests.flaky_proxy import FlakyProxy
 from tests.s3server import s3_server  # noqa: F401  (the fixture)
 
@@ -40,15 +40,7 @@ def comparable(r: dict) -> dict:
 def local_ray(s3_server):
     """One local Ray for the module, started after the S3 server put its credentials in the environment
     (Ray's workers inherit the environment of its start)."""
-    from raywalk.service.ray_env import quiet_defaults
-
-    quiet_defaults()
-    import ray
-
-    ray.init(num_cpus=4, logging_level="WARNING",
-             runtime_env={"env_vars": {"RAY_DATA_LOG_LEVEL": "ERROR", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
-    yield ray
-    ray.shutdown()
+    yield from running_local_ray()
 
 
 @pytest.fixture(scope="module")
