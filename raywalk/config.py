@@ -34,7 +34,8 @@ class GraphConfig:
     n: int = 500
     """Number of vertices (= vocabulary size); a multiple of K, 8..100000."""
     K: int = 4
-    """Number of equal-size blocks, 2..64."""
+    """Number of equal-size blocks, 2..64: vertex v is in block v // (n / K), so the block of a token is
+    read off its id."""
     p_in: float = 0.25
     """Base edge probability inside a block, in [0, 1]."""
     p_out: float = 0.03

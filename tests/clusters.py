@@ -1,4 +1,5 @@
-"""The `ray start --head` cluster the tests run against, written once (test_jobs, test_pg_cleaner, test_autoscaling).
+"""The `ray start --head` cluster the tests run against, written once (conftest's shared `head`: test_jobs and
+test_pg_cleaner; test_autoscaling's own).
 
 `ray start --head --block` on 127.0.0.1 in its own process session, with its own
 ports and temp dir. Stopped by PID: SIGKILL of everything in that session (the
@@ -18,8 +19,6 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-
-import pytest
 
 from conftest import ROOT, kill_session, session_pids
 
@@ -103,18 +102,17 @@ class LocalCluster:
         return json.loads(p.stdout)
 
 
+def stop_checked(c: LocalCluster) -> None:
+    """Stop c, with nothing of it left alive."""
+    sid = c.proc.pid
+    c.stop()
+    assert session_pids(sid) == [], "processes of the test cluster survived"
+
+
 def running(c: LocalCluster):
     """Generator body of a cluster fixture: ready, yielded, then stopped with nothing of it left alive."""
     try:
         c.wait_ready()
         yield c
     finally:
-        sid = c.proc.pid
-        c.stop()
-        assert session_pids(sid) == [], "processes of the test cluster survived"
-
-
-@pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    """One 4-CPU `ray start --head` cluster for a whole test module."""
-    yield from running(LocalCluster(tmp_path_factory.mktemp("head")))
+        stop_checked(c)

@@ -109,25 +109,132 @@ def pytest_configure(config):
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """One real local Ray for a whole test module (start-up costs seconds)."""
-    yield from running_local_ray()
+class Shared:
+    """A costly test resource kept across modules: started by the first module that asks for `fixture`,
+    stopped after the last one in run order that does (pytest_collection_modifyitems runs them together),
+    or at the session's end."""
+
+    def __init__(self, fixture: str, start, stop, alive=lambda value: True):
+        self.fixture, self._start, self._stop, self._alive = fixture, start, stop, alive
+        self.value = None
+
+    def get(self, request):
+        if self.value is not None and not self._alive(self.value):   # stopped under us (a test's ray.shutdown)
+            self.value = None
+        if self.value is None:
+            self.value = self._start(request)
+        return self.value
+
+    def release(self) -> None:
+        value, self.value = self.value, None
+        if value is not None:
+            self._stop(value)
+
+    def done_with(self, request) -> None:
+        """At a module's end: release unless a later test in this session asks for the fixture too."""
+        items = request.session.items
+        last = max(i for i, it in enumerate(items) if it.module is request.module)
+        if not any(self.fixture in it.fixturenames for it in items[last + 1:]):
+            self.release()
 
 
-def running_local_ray():
-    """Generator body of a local-Ray fixture. Like a laptop's embedded Ray, no preemption watcher
-    (ray_env.ensure_ray): one actor less per fit; notices are test_preemption's."""
+def _start_local_ray(request):
+    """Like a laptop's embedded Ray, no preemption watcher (ray_env.ensure_ray): one actor less per fit;
+    notices are test_preemption's. Started with tests/s3server.py's fake credentials in its environment
+    (Ray's workers inherit it), so any module's runs, and CLI drivers that join it, reach that bucket."""
     from raywalk.service.ray_env import quiet_defaults
+    from tests.s3server import CREDS
 
     quiet_defaults()
     import ray
 
-    ray.init(num_cpus=4, logging_level="WARNING",
-             runtime_env={"env_vars": {"RAY_DATA_LOG_LEVEL": "ERROR", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-                                       "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}})
-    yield ray
-    ray.shutdown()
+    saved = {k: os.environ.get(k) for k in CREDS}
+    os.environ.update(CREDS)
+    try:
+        ray.init(num_cpus=4, logging_level="WARNING",
+                 runtime_env={"env_vars": {"RAY_DATA_LOG_LEVEL": "ERROR", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                                           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}})
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+    return ray
+
+
+LOCAL_RAY = Shared("local_ray", _start_local_ray, lambda ray: ray.shutdown(), alive=lambda ray: ray.is_initialized())
+
+
+@pytest.fixture(scope="module")
+def local_ray(request):
+    """The session's one real local Ray (a start costs seconds, and a fresh Ray's first fit seconds more)."""
+    yield LOCAL_RAY.get(request)
+    LOCAL_RAY.done_with(request)
+
+
+@pytest.fixture(scope="module")
+def without_local_ray():
+    """For a module that puts this process on another Ray: the shared local Ray is stopped first."""
+    LOCAL_RAY.release()
+    yield
+
+
+def _start_head(request):
+    from clusters import LocalCluster
+
+    c = LocalCluster(request.getfixturevalue("tmp_path_factory").mktemp("head"))
+    try:
+        c.wait_ready()
+    except BaseException:
+        c.stop()
+        raise
+    return c
+
+
+def _stop_head(c) -> None:
+    from clusters import stop_checked
+
+    stop_checked(c)
+
+
+HEAD = Shared("head", _start_head, _stop_head)
+
+
+@pytest.fixture(scope="module")
+def head(request):
+    """The session's 4-CPU `ray start --head` cluster (tests/clusters.py), for the modules that drive a cluster
+    from outside: `ray job submit` (test_jobs) and a driver SIGKILLed from it (test_pg_cleaner)."""
+    yield HEAD.get(request)
+    HEAD.done_with(request)
+
+
+# Run order: the modules on the shared local Ray, then those on the shared head, then the rest; test_preemption
+# (which puts this process on its own multi-node cluster) last. Each shared resource then starts once.
+_LAST = ("tests/test_preemption.py",)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    by_module: dict = {}
+    for it in items:
+        by_module.setdefault(it.nodeid.split("::")[0], set()).update(it.fixturenames)
+    order = {m: i for i, m in enumerate(by_module)}
+
+    def group(it) -> tuple[int, int]:
+        m = it.nodeid.split("::")[0]
+        uses = by_module[m]
+        g = 4 if m in _LAST else 0 if "local_ray" in uses and "head" not in uses else 1 if "local_ray" in uses \
+            else 2 if "head" in uses else 3
+        return g, order[m]
+
+    items.sort(key=group)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _release_shared():
+    yield
+    HEAD.release()
+    LOCAL_RAY.release()
 
 
 @contextlib.contextmanager

@@ -157,6 +157,28 @@ class _PreemptHook:
                 os.kill(os.getpid(), signal.SIGKILL)
 
 
+@dataclass(frozen=True)
+class Faults:
+    """Several of the faults above in one run, each firing once at its own (epoch, step)."""
+    faults: tuple
+
+    def __post_init__(self) -> None:
+        _by_value()
+
+    def for_worker(self, rank: int, checkpoints: Store) -> "_Chain | None":
+        hooks = [h for f in self.faults if (h := f.for_worker(rank, checkpoints)) is not None]
+        return _Chain(hooks) if hooks else None
+
+
+@dataclass
+class _Chain:
+    hooks: list
+
+    def before_step(self, epoch: int, step: int) -> None:
+        for h in self.hooks:
+            h.before_step(epoch, step)
+
+
 def drain_node(gcs_address: str, node_id: str, deadline_s: float) -> None:
     """Ask the GCS to drain a node for preemption, as the autoscaler does on a spot reclaim notice."""
     import ray

@@ -167,13 +167,12 @@ def test_shards_are_written_by_the_tasks_not_returned(tmp_path):
     assert not list((tmp_path / "corpora").glob(".building-*"))     # built aside, then renamed
 
 
-def test_cli_verify_rehashes_and_moves_a_corrupt_corpus_aside(built, capsys, monkeypatch):
-    """`raywalk corpus` reuses on sizes (without starting Ray); `--verify` finds a flipped byte."""
+def test_cli_verify_rehashes_and_moves_a_corrupt_corpus_aside(built, capsys, monkeypatch, local_ray):
+    """`raywalk corpus` reuses on sizes (without asking for Ray); `--verify` finds a flipped byte and rebuilds,
+    on the Ray this process already holds (the session's), which it leaves running."""
     from raywalk.service import ray_env
     from raywalk.cli import main
 
-    monkeypatch.setenv("RAY_ADDRESS", "unset-after-the-test")   # ensure_ray pins it; undone at teardown
-    monkeypatch.delenv("RAY_ADDRESS")
     started: list[bool] = []
     real = ray_env.ensure_ray
     monkeypatch.setattr(ray_env, "ensure_ray", lambda *a, **k: (started.append(True), real(*a, **k)))
@@ -189,7 +188,7 @@ def test_cli_verify_rehashes_and_moves_a_corrupt_corpus_aside(built, capsys, mon
     assert main(["corpus", path, "--verify", "--parallel", "2"]) == 0
     out = capsys.readouterr()
     assert "built corpus" in out.out and "does not match its sha256" in out.err and "moved to" in out.err
-    assert started == [True]
+    assert started == [True] and local_ray.is_initialized()
     assert open_corpus(root, cfg, verify="full").manifest["checksums"] == corpus.manifest["checksums"]
 
 

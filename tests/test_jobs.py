@@ -1,6 +1,6 @@
 """`ray job submit` for real: a `ray start --head` cluster on 127.0.0.1, the quickstart (shrunk) through the Jobs API.
 
-The cluster is tests/clusters.py's: `--block` in its own session, stopped by PID.
+The cluster is conftest's shared `head` (tests/clusters.py's `--block` in its own session, stopped by PID).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from clusters import LocalCluster, cli_env, head  # noqa: F401  (head: fixture; LocalCluster: benchmarks/jobs.py)
+from clusters import LocalCluster, cli_env  # noqa: F401  (LocalCluster: benchmarks/jobs.py)
 from conftest import ROOT, tiny_overrides
 
 

@@ -7,9 +7,10 @@ raises "Found multiple active Ray instances", the thread dies, and the actor
 stays up forever instead of releasing a dead driver's placement group.
 raywalk pins RAY_ADDRESS in every worker process (ray_env.pin_ray_address).
 
-Two `ray start --head` clusters (own ports, temp dirs and sessions, stopped by
-PID, tests/clusters.py): `other` is just another Ray on the machine; `target` is the cluster a
-driver joins and is then SIGKILLed from. The embedded run's case: tests/test_storage_faults.py.
+`target` is the session's `ray start --head` cluster (own ports, temp dir and
+session, stopped by PID, tests/clusters.py) that a driver joins and is then
+SIGKILLed from; the session's local Ray is the other Ray on the machine. The
+embedded run's case: tests/test_storage_faults.py.
 """
 from __future__ import annotations
 
@@ -20,20 +21,17 @@ import time
 
 import pytest
 
-from clusters import LocalCluster, cli_env, running
+from clusters import cli_env
 from conftest import ROOT, kill_session, tiny_overrides
 
 MULTI = "Found multiple active Ray instances"
 
 
 @pytest.fixture(scope="module")
-def other(tmp_path_factory):
-    yield from running(LocalCluster(tmp_path_factory.mktemp("other"), num_cpus=1))
-
-
-@pytest.fixture(scope="module")
-def target(other, tmp_path_factory):
-    yield from running(LocalCluster(tmp_path_factory.mktemp("target"), num_cpus=4))
+def target(local_ray, head):
+    """The cluster a driver joins and is SIGKILLed from (conftest's shared `head`), with another Ray on the
+    machine beside it: the session's local Ray, which this process holds."""
+    return head
 
 
 def train_cmd(storage, *sets: str) -> list[str]:

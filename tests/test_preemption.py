@@ -2,8 +2,8 @@
 
 A node is drained with reason PREEMPTION and a deadline (the autoscaler's reaction to a
 reclaim notice), then killed; or killed with no notice; or the worker dies right after
-its just-in-time checkpoint. Every run must end bit-identical to an uninterrupted one and
-record its resumes. The cluster is `ray.cluster_utils.Cluster`: its shutdown() removes only
+its just-in-time checkpoint: all three in one streamed run, which must end bit-identical
+to an uninterrupted one and record its resumes. The cluster is `ray.cluster_utils.Cluster`: its shutdown() removes only
 its own nodes (never `ray stop`).
 """
 from __future__ import annotations
@@ -17,20 +17,26 @@ import pytest
 import torch
 
 from raywalk.records import checkpoints as ckpt
-from faults import Preempt, WorkerKill
+from faults import Faults, Preempt
 from raywalk.records.storage import Store
 from raywalk.service.driver import Instruments, train
 from tests.conftest import reference_run, tiny_config
 from tests.test_trackers import expected, mlflow_runs, mlflow_scalars, tb_scalars
 
-# Never passes (rule must be > 1.0): every run trains exactly 2 epochs; 2 ranks, so the
-# mid-epoch state holds both ranks' losses and RNG streams. Poll for notices every 5 steps.
-LONG = {"run.workers": 2, "gate.rule": 1.0, "train.max_epochs": 2, "run.preemption_check_steps": 5}
+# Never passes (rule must be > 1.0): every run trains exactly 4 epochs; 2 ranks, so the mid-epoch state
+# holds both ranks' losses and RNG streams. Poll for notices every 5 steps.
+LONG = {"run.workers": 2, "gate.rule": 1.0, "train.max_epochs": 4, "run.preemption_check_steps": 5}
+# The streaming path (Ray Data's shuffle, split across ranks), two ways in: the reference with train.data=stream,
+# where the driver builds the windows dataset once for every worker-group start, and the reclaimed run with auto
+# and a budget no corpus fits in, where rank 0 builds it at each of its starts. Both cut the same windows in the
+# same order, so the two runs are bit-identical.
+STREAM = {**LONG, "train.data": "stream"}
+AUTO_STREAM = {**LONG, "train.data_budget": 1e-9}
 NODE_CPUS = 3
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(without_local_ray):
     from ray.cluster_utils import Cluster
 
     from raywalk.service.ray_env import quiet_defaults
@@ -40,7 +46,7 @@ def cluster():
 
     # Ray Train's default 2 s poll here, not the suite's 0.5 s (conftest): polled that fast, the controller
     # once saw the drained node's worker die before the GCS recorded the node's preemption, and charged
-    # it to max_failures (0 in the drain test), so the run failed instead of resuming.
+    # it to max_failures (then 0 in a drain test), so the run failed instead of resuming.
     poll = os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     nodes = [c.add_node(num_cpus=NODE_CPUS) for _ in range(2)]
@@ -70,34 +76,7 @@ def assert_identical(r: dict, ref: dict) -> None:
 
 @pytest.fixture(scope="module")
 def reference(cluster, tmp_path_factory):
-    return reference_run(tmp_path_factory, **LONG)   # this module's 2-rank config, trained on its cluster
-
-
-def kill_node_when(cluster, marker: Path, ready, killed: list[str]) -> threading.Thread:
-    """In the background: once `marker` names a node and ready() holds, kill that node (no grace)."""
-    c, nodes = cluster
-
-    def run():
-        deadline = time.time() + 600   # a bound on a hang, not a timing check
-        while time.time() < deadline and not (marker.exists() and ready()):
-            time.sleep(0.2)
-        node_id = marker.read_text().split()[0]
-        victim = next(n for n in nodes if n.node_id == node_id)
-        c.remove_node(victim, allow_graceful=False)
-        nodes.remove(victim)
-        killed.append(node_id)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
-
-
-def replace_lost_nodes(cluster) -> None:
-    """Back to two worker nodes for the next test (Ray starts nodes from the main thread only)."""
-    c, nodes = cluster
-    while len(nodes) < 2:
-        nodes.append(c.add_node(num_cpus=NODE_CPUS))
-    c.wait_for_nodes()
+    return reference_run(tmp_path_factory, **STREAM)   # this module's 2-rank config, trained on its cluster
 
 
 def jit_checkpoints(root: Path, cfg) -> list[str]:
@@ -105,87 +84,94 @@ def jit_checkpoints(root: Path, cfg) -> list[str]:
     return sorted(p.name for p in run.glob("epoch_*_step_*") if (p / ckpt.MANIFEST).exists()) if run.exists() else []
 
 
-def test_drained_node_killed_mid_epoch_resumes_from_the_just_in_time_checkpoint(cluster, reference, tmp_path):
-    # max_failures 0: a preemption must not use up the failure budget
-    cfg = tiny_config(tmp_path, **LONG, **{"run.max_failures": 0})
-    marker, killed = tmp_path / "reclaimed", []
-    jit_seen: list[float] = []
+class Cloud:
+    """This thread as the cloud provider: it kills reclaimed nodes and brings up replacements (Ray starts
+    nodes from the main thread only, so the run trains in another thread)."""
 
-    def ready():
-        if not jit_seen and jit_checkpoints(tmp_path, cfg):
-            jit_seen.append(time.time())
-        return bool(jit_seen) and time.time() - jit_seen[0] > 3   # let Ray register it (SPEC §9)
+    def __init__(self, cluster):
+        self.c, self.nodes = cluster
+        self.killed: list[str] = []
 
-    killer = kill_node_when(cluster, marker, ready, killed)
-    r = train(cfg, progress=False, log=lambda s: None, instruments=Instruments(Preempt(epoch=2, step=5, marker=str(marker))))
-    killer.join(timeout=60)
-    replace_lost_nodes(cluster)
-    assert killed == [marker.read_text().split()[0]]   # the training worker's node really went
-    assert_identical(r, reference)
-    (res,) = r["resumes"]
-    assert res["reason"] == "preemption" and res["epoch"] == 2 and 0 < res["step"] < r["steps_per_epoch"]
-    assert res["checkpoint"] == ckpt.dir_name(1, res["step"])
-    assert r["restarts"] == 1
-    assert len([n for n in r["checkpoints"]["kept"]]) <= 3
+    def node(self, marker: Path):
+        node_id = marker.read_text().split()[0]
+        return next(n for n in self.nodes if n.node_id == node_id)
 
+    def kill(self, marker: Path) -> None:
+        victim = self.node(marker)
+        self.c.remove_node(victim, allow_graceful=False)
+        self.nodes.remove(victim)
+        self.killed.append(victim.node_id)
 
-def test_node_killed_without_notice_resumes_from_the_latest_checkpoint(cluster, reference, tmp_path):
-    cfg = tiny_config(tmp_path, **LONG)
-    marker, killed = tmp_path / "lost", []
-    since: list[float] = []
+    def replace(self) -> None:
+        """Back to two worker nodes that take work (a drained node lingers until its deadline)."""
+        self.nodes.append(self.c.add_node(num_cpus=NODE_CPUS))
 
-    def ready():   # a few slowed steps into epoch 2, then the node is gone
-        since.append(time.time())
-        return since[-1] - since[0] > 2
-
-    killer = kill_node_when(cluster, marker, ready, killed)
-    r = train(cfg, progress=False, log=lambda s: None,
-              instruments=Instruments(Preempt(epoch=2, step=5, marker=str(marker), notice=False)))
-    killer.join(timeout=60)
-    replace_lost_nodes(cluster)
-    assert killed == [marker.read_text().split()[0]]
-    assert_identical(r, reference)
-    (res,) = r["resumes"]
-    assert (res["reason"], res["checkpoint"], res["epoch"], res["step"]) == ("failure", "epoch_0001", 2, 0)
-    assert jit_checkpoints(tmp_path, cfg) == []
+    def reclaim(self, node) -> None:
+        self.c.remove_node(node, allow_graceful=False)
+        self.nodes.remove(node)
 
 
-def test_worker_killed_right_after_a_just_in_time_checkpoint_resumes_from_it(cluster, reference, tmp_path):
-    cfg = tiny_config(tmp_path, **LONG)
-    marker = tmp_path / "reclaimed"
-    r = train(cfg, progress=False, log=lambda s: None,
-              instruments=Instruments(Preempt(epoch=2, step=5, marker=str(marker), deadline_s=600, kill_after_jit=True)))
-    assert marker.exists()
-    assert_identical(r, reference)
-    (res,) = r["resumes"]
-    assert res["reason"] == "preemption" and res["epoch"] == 2 and res["step"] > 0
-    assert res["checkpoint"] == ckpt.dir_name(1, res["step"])
+def test_three_reclaims_in_one_run_each_resume_from_the_right_checkpoint(cluster, reference, tmp_path):
+    """One 4-epoch run on the streaming path, a reclaim in each of epochs 2 to 4, every one resumed exactly,
+    its TensorBoard and MLflow curves holding every point once across the three restarts:
+    2: the node is drained (a reclaim notice), then killed mid-epoch once its just-in-time checkpoint is in;
+    3: the node is drained and the worker dies right after its just-in-time checkpoint (the node lingers);
+    4: the node is killed without notice: a failure, resumed from epoch 3's checkpoint.
+    max_failures 2: to Ray, 3 (its node outlives the worker) and 4 are failures; 2, a node lost to preemption,
+    must not use up the budget, or 4 would end the run."""
+    cfg = tiny_config(tmp_path, **AUTO_STREAM, **{"run.max_failures": 2, "run.trackers": ["tensorboard", "mlflow"]})
+    m2, m3, m4 = (tmp_path / f"reclaim-epoch-{e}" for e in (2, 3, 4))
+    faults = Faults((Preempt(epoch=2, step=5, marker=str(m2)),
+                     Preempt(epoch=3, step=5, marker=str(m3), deadline_s=600, kill_after_jit=True),
+                     Preempt(epoch=4, step=5, marker=str(m4), notice=False)))
+    got: dict = {}
 
+    def training():
+        try:
+            got["result"] = train(cfg, progress=False, log=lambda s: None, instruments=Instruments(faults))
+        except BaseException as e:   # re-raised below, in the test's thread
+            got["error"] = e
 
-# The streaming path (Ray Data's shuffle, split across ranks), two ways in: train.data=stream, where the
-# driver builds the windows dataset once for every worker-group start, and auto with a budget no corpus
-# fits in, where rank 0 builds it at each start. Both cut the same windows in the same order.
-STREAM = {**LONG, "train.data": "stream"}
-AUTO_STREAM = {**LONG, "train.data_budget": 1e-9}
-
-
-def test_a_plain_worker_kill_on_the_streaming_path_is_a_failure_resume(cluster, reference, tmp_path):
-    """No notice, no node lost: a crashed worker (SIGKILL of rank 1 mid-epoch), on the streaming path that
-    `auto` chose because the windows exceed the budget; resumed from the epoch checkpoint, recorded as a
-    failure, exact (against a run on the driver's dataset), and its TensorBoard and MLflow curves hold every
-    point once across the kill."""
-    ref = train(tiny_config(tmp_path / "ref", **STREAM), progress=False, log=lambda s: None)
-    assert ref["data_path"] == "stream" and reference["data_path"] == "resident"
-    assert ref["curves"] != reference["curves"]    # another (equally uniform) permutation per epoch
-    root = tmp_path / "killed"
-    cfg = tiny_config(root, **AUTO_STREAM, **{"run.trackers": ["tensorboard", "mlflow"]})
-    marker = tmp_path / "killed.marker"
-    r = train(cfg, progress=False, log=lambda s: None, instruments=Instruments(WorkerKill(rank=1, epoch=2, step=3, marker=str(marker))))
-    assert marker.exists() and r["restarts"] == 1     # the worker really was killed, once
-    assert r["data_path"] == "stream"
-    assert_identical(r, ref)
-    assert [(x["reason"], x["checkpoint"], x["step"]) for x in r["resumes"]] == [("failure", "epoch_0001", 0)]
-    eid = r["experiment_id"]
-    assert tb_scalars(root / eid / "tensorboard") == expected(r["curves"], f32=True)
-    c, runs = mlflow_runs(root, eid)
-    assert len(runs) == 1 and mlflow_scalars(c, runs[0].info.run_id) == expected(r["curves"], f32=False)
+    run = threading.Thread(target=training, daemon=True)
+    run.start()
+    cloud, drained = Cloud(cluster), None
+    since: dict[str, float] = {}   # when each kill's condition began to hold
+    deadline = time.time() + 900   # a bound on a hang, not a timing check
+    while run.is_alive() and time.time() < deadline:
+        now = time.time()
+        if m2.exists() and jit_checkpoints(tmp_path, cfg):
+            since.setdefault("epoch 2", now)
+        if now - since.get("epoch 2", now) > 3 and len(cloud.killed) == 0:   # let Ray register it (SPEC §9)
+            cloud.kill(m2)
+            cloud.replace()
+        if drained is None and m3.exists():    # the restart needs a node that takes work
+            drained = cloud.node(m3)
+            cloud.replace()
+        if m4.exists():
+            since.setdefault("epoch 4", now)
+        if now - since.get("epoch 4", now) > 2 and len(cloud.killed) == 1:   # a few slowed steps into epoch 4
+            cloud.kill(m4)
+            cloud.replace()
+        time.sleep(0.2)
+    run.join(timeout=5)
+    if drained is not None:
+        cloud.reclaim(drained)
+    assert not run.is_alive(), "the run did not finish"
+    if "error" in got:
+        raise got["error"]
+    got = got["result"]
+    assert cloud.killed == [m2.read_text().split()[0], m4.read_text().split()[0]]   # the workers' nodes went
+    assert got["data_path"] == reference["data_path"] == "stream"
+    assert_identical(got, reference)
+    resumes = [(x["reason"], x["epoch"], x["checkpoint"]) for x in got["resumes"]]
+    steps = [x["step"] for x in got["resumes"]]
+    assert resumes == [("preemption", 2, ckpt.dir_name(1, steps[0])), ("preemption", 3, ckpt.dir_name(2, steps[1])),
+                       ("failure", 4, "epoch_0003")], got["resumes"]
+    assert 0 < steps[0] < got["steps_per_epoch"] and 0 < steps[1] < got["steps_per_epoch"] and steps[2] == 0
+    assert got["restarts"] == 3
+    assert not any(n.startswith("epoch_0003_step_") for n in jit_checkpoints(tmp_path, cfg))   # no notice, no JIT
+    assert len(got["checkpoints"]["kept"]) <= 3
+    eid = got["experiment_id"]
+    assert tb_scalars(tmp_path / eid / "tensorboard") == expected(got["curves"], f32=True)
+    c, runs = mlflow_runs(tmp_path, eid)
+    assert len(runs) == 1 and mlflow_scalars(c, runs[0].info.run_id) == expected(got["curves"], f32=False)

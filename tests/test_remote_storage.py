@@ -81,20 +81,21 @@ def _cmd(storage: str) -> list[str]:
             *[a for s in sets for a in ("--set", s)]]
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+def _env(ray) -> dict[str, str]:
+    """The CLI drivers join the session's local Ray (its workers hold the same fake credentials, conftest)."""
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     env.update(CREDS)
     env["RAYWALK_LEASE_STALE_AFTER_S"] = "3"   # the killed driver's lease goes stale 3 s after the kill
     return env
 
 
-def test_run_on_s3_is_killed_and_resumes_from_the_bucket(s3, tmp_path):
+def test_run_on_s3_is_killed_and_resumes_from_the_bucket(s3, tmp_path, local_ray):
     storage = s3["uri"]("runs")
     client = s3["client"]
     cwd = tmp_path / "cwd"      # nothing may land on local disk: a cwd the run could write into, checked below
     cwd.mkdir()
     log1 = open(tmp_path / "first.log", "w+")
-    p = subprocess.Popen(_cmd(storage), cwd=cwd, env=_env(), stdout=log1, stderr=subprocess.STDOUT,
+    p = subprocess.Popen(_cmd(storage), cwd=cwd, env=_env(local_ray), stdout=log1, stderr=subprocess.STDOUT,
                          start_new_session=True)
     ckpt_key = None
     try:
@@ -107,7 +108,7 @@ def test_run_on_s3_is_killed_and_resumes_from_the_bucket(s3, tmp_path):
                 break
             time.sleep(0.2)
     finally:
-        kill_session(p.pid)     # SIGKILL the driver and the local Ray it started, by PID
+        kill_session(p.pid)     # SIGKILL the driver, by PID (its Ray Train actors go with its job)
         p.wait()
     log1.seek(0)
     first = log1.read()
@@ -118,7 +119,7 @@ def test_run_on_s3_is_killed_and_resumes_from_the_bucket(s3, tmp_path):
     assert partial["status"] == "running" and partial["epochs_trained"] < 4, first[-2000:]
 
     time.sleep(3.5)
-    second = subprocess.run(_cmd(storage), cwd=cwd, env=_env(), capture_output=True, text=True, timeout=240,
+    second = subprocess.run(_cmd(storage), cwd=cwd, env=_env(local_ray), capture_output=True, text=True, timeout=240,
                             start_new_session=True)
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-4000:]

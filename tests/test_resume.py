@@ -50,9 +50,9 @@ def check_tracked(root: Path, r: dict) -> None:
     assert len(runs) == 1 and mlflow_scalars(c, runs[0].info.run_id) == expected(r["curves"], f32=False)
 
 
-# A plain worker SIGKILL mid-epoch, continued bit for bit with its tracked curves: tests/test_preemption.py
-# (test_a_plain_worker_kill_on_the_streaming_path_is_a_failure_resume); on the resident path a worker lost
-# with its node is test_preemption's test_node_killed_without_notice_resumes_from_the_latest_checkpoint.
+# Workers SIGKILLed mid-run, the run continued bit for bit: here (rank 0, its newest checkpoint torn),
+# tests/test_storage_faults.py (rank 0, between a temp write and its rename, three times) and, with their
+# node and with tracked curves, tests/test_preemption.py.
 
 
 def test_torn_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, reference, capfd):

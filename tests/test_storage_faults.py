@@ -1,7 +1,7 @@
 """The storage fault campaign: a real full filesystem, kills between a temp write and its rename, a lease
 taken over from a paused driver. Each ends in a run that finishes with curves equal to an uninterrupted one.
 
-One local Ray for the whole module; the uninterrupted reference run is the session's (conftest.reference_run).
+The session's local Ray (conftest); the uninterrupted reference run is the session's (conftest.reference_run).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from faults import FillDisk
 from raywalk.records.lease import LEASE
 from raywalk.records.result import RESULT, list_resumes
 from raywalk.records.storage import FAULT_ENV, Store, is_temp
-from tests.conftest import (LONG, QUICKSTART, kill_session, mounted_tmpfs, reference_run, running_local_ray,
+from tests.conftest import (LONG, QUICKSTART, kill_session, mounted_tmpfs, reference_run,
                             session_pids, tiny_config, tiny_overrides)
 from tests.flaky_proxy import FlakyProxy
 from tests.s3server import s3_server  # noqa: F401  (the fixture)
@@ -34,13 +34,6 @@ quiet = dict(progress=False, log=lambda s: None)
 def comparable(r: dict) -> dict:
     return {k: r[k] for k in ("curves", "gate", "epochs_trained", "steps_per_epoch", "status", "failure",
                               "experiment_id")}
-
-
-@pytest.fixture(scope="module")
-def local_ray(s3_server):
-    """One local Ray for the module, started after the S3 server put its credentials in the environment
-    (Ray's workers inherit the environment of its start)."""
-    yield from running_local_ray()
 
 
 @pytest.fixture(scope="module")

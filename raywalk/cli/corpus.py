@@ -36,11 +36,13 @@ def run(args: argparse.Namespace) -> int:
         ensure_ray(cfg, verbose=args.verbose)
         yield from ray_mapper(args.parallel)(fn, shard_args)
 
+    ours = not ray.is_initialized()   # a Ray this command starts is this command's to stop; a caller's is not
     try:
         corpus, s = build_corpus(cfg, Store.open(cfg.run.storage), mapper=mapper,
                                  verify="full" if args.verify else "size")
     finally:
-        ray.shutdown()
+        if ours:
+            ray.shutdown()
     t, e = s["train"], s["eval"]
     checked = " (every file re-hashed)" if s["reused"] and args.verify else ""
     print(f"{'reused' if s['reused'] else 'built'} corpus {cfg.corpus_id()} in {s['seconds']:.1f}s{checked}")
