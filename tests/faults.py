@@ -107,7 +107,7 @@ class Preempt:
     notice=False nothing is drained: a node about to vanish unannounced), writes its node
     id to `marker`, then slows every further step by `slow_s`, so the test can kill the node
     mid-epoch. With `kill_after_jit`, the worker SIGKILLs itself once a just-in-time
-    checkpoint is on disk and `settle_s` have passed (for Ray to register it).
+    checkpoint of this epoch is on disk and `settle_s` have passed (for Ray to register it).
     """
     epoch: int
     step: int
@@ -150,11 +150,15 @@ class _PreemptHook:
             f.write(f"{epoch} {step} {time.time()}\n")
         time.sleep(s.slow_s)
         if s.kill_after_jit:
-            if self.jit_seen_at is None and any(ckpt.is_mid_epoch(n) and self.checkpoints.is_file(f"{n}/{ckpt.MANIFEST}")
-                                                for n in self.checkpoints.listdir()):
+            if self.jit_seen_at is None and any(self._own_jit(n) for n in self.checkpoints.listdir()):
                 self.jit_seen_at = time.time()
             if self.jit_seen_at is not None and time.time() - self.jit_seen_at >= s.settle_s:
                 os.kill(os.getpid(), signal.SIGKILL)
+
+    def _own_jit(self, name: str) -> bool:
+        """A just-in-time checkpoint of this fault's epoch, complete (an earlier fault's may still be kept)."""
+        return (ckpt.is_mid_epoch(name) and ckpt.position(name)[0] == self.spec.epoch - 1
+                and self.checkpoints.is_file(f"{name}/{ckpt.MANIFEST}"))
 
 
 @dataclass(frozen=True)

@@ -24,20 +24,18 @@ from raywalk.science.compliance import RuleTable
 from raywalk.service.corpus import eval_size
 from raywalk.science.gate import Gate
 from raywalk.records.storage import Store
-from tests.conftest import LONG, reference_run, tiny_config
+from tests.conftest import LONG, PASSING, reference_run
 from tests.s3server import s3_server  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")
 def runs(local_ray, tmp_path_factory):
-    from raywalk.service.driver import train
-
-    root = tmp_path_factory.mktemp("analysis") / "root"
-    passed = train(tiny_config(root, **{"gate.edge": 0.0, "gate.rule": 0.0}), progress=False, log=lambda s: None)
-    failed = reference_run(tmp_path_factory, **LONG)     # the session's never-passing run (read, never changed)
+    """The session's passing and never-passing runs (conftest.reference_run: read here, never changed)."""
+    passed = reference_run(tmp_path_factory, **PASSING)
+    failed = reference_run(tmp_path_factory, **LONG)
     assert passed["status"] == "passed" and failed["status"] == "failed"
     return {"passed": passed, "failed": failed,
-            "roots": {"passed": root, "failed": Path(failed["config"]["run"]["storage"])}}
+            "roots": {k: Path(r["config"]["run"]["storage"]) for k, r in (("passed", passed), ("failed", failed))}}
 
 
 def exp_dir(runs, which):

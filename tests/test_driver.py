@@ -13,7 +13,7 @@ from raywalk.service.corpus import build_corpus, ray_mapper
 from raywalk.records.storage import Store
 from raywalk.service.driver import train
 from raywalk.config import Config
-from tests.conftest import LONG, reference_run, tiny_config
+from tests.conftest import LONG, PASSING, reference_run, tiny_config
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 quiet = dict(progress=False, log=lambda s: None)
@@ -68,14 +68,16 @@ def check_result(r: dict, cfg) -> None:
     assert r["environment"]["workers"] == cfg.run.workers
 
 
-def test_two_workers_end_to_end(tmp_path):
-    cfg = tiny_config(tmp_path, **{"run.workers": 2, "run.cpus_per_worker": 1.0})
-    r = train(cfg, **quiet)
+def test_two_workers_end_to_end(tmp_path_factory):
+    r = reference_run(tmp_path_factory, **PASSING)     # the session's passing run, also test_analysis'
+    cfg = Config.from_dict(r["config"])
+    exp = Path(cfg.run.storage) / cfg.experiment_id()
     check_result(r, cfg)
     assert r["status"] == "passed", r["gate"]          # the tiny task is learnable
-    on_disk = json.loads((tmp_path / cfg.experiment_id() / "result.json").read_text())
+    assert cfg.run.workers == 2
+    on_disk = json.loads((exp / "result.json").read_text())
     assert on_disk == r
-    ck = sorted(p.name for p in (tmp_path / cfg.experiment_id() / "checkpoints").glob("epoch_*"))
+    ck = sorted(p.name for p in (exp / "checkpoints").glob("epoch_*"))
     assert 1 <= len(ck) <= 3 and ck[-1] == f"epoch_{r['epochs_trained']:04d}"
     assert r["checkpoints"]["gate"].endswith(ck[-1]) and r["checkpoints"]["latest"].endswith(ck[-1])
     # the gate checkpoint is plain data and holds everything a resume needs
