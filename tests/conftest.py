@@ -51,7 +51,9 @@ def reference_run(tmp_path_factory, **dotted) -> dict:
 
     key = json.dumps(dotted, sort_keys=True)
     if key not in _references:
+        ctrl_c = signal.getsignal(signal.SIGINT)
         r = train(tiny_config(tmp_path_factory.mktemp("reference"), **dotted), progress=False, log=lambda s: None)
+        assert signal.getsignal(signal.SIGINT) is ctrl_c   # the run's Ctrl-C handler (and its controller) went with it
         assert r["restarts"] == 0 and r["resumes"] == []
         assert r["status"] == "passed" or r["epochs_trained"] == r["config"]["train"]["max_epochs"]
         _references[key] = r

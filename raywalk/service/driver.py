@@ -254,6 +254,7 @@ def _trainer(spec, root: Store, callbacks: list | None):
 def _fit(trainer, spec, exp: Store, held: lease.Lease | None, fitting: threading.Event | None) -> None:
     """trainer.fit(), then the stop it ended on, as the one error that says what happened."""
     in_main = threading.current_thread() is threading.main_thread()
+    ctrl_c = signal.getsignal(signal.SIGINT) if in_main else None
     error: BaseException | None = None
     try:
         if fitting is not None and in_main:
@@ -264,6 +265,11 @@ def _fit(trainer, spec, exp: Store, held: lease.Lease | None, fitting: threading
     finally:
         if fitting is not None:
             fitting.clear()
+        if ctrl_c is not None:
+            # fit() leaves its Ctrl-C handler in place, holding the run's controller: that actor (and its
+            # dataset manager) would outlive the run, and a later Ctrl-C would abort a finished run, not
+            # interrupt the caller.
+            signal.signal(signal.SIGINT, ctrl_c)
         stop = stops.recorded(spec.driver_token)
         stops.clear(spec.driver_token)
     if held is not None and held.lost:
