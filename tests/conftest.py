@@ -154,6 +154,8 @@ def _start_local_ray(request):
     quiet_defaults()
     import ray
 
+    # For the processes ray.init starts, not for this one after. Only these keys go back: ray.init sets variables
+    # of its own here (the auth token the CLI drivers that join read), so no whole-environment restore.
     saved = {k: os.environ.get(k) for k in CREDS}
     os.environ.update(CREDS)
     try:
@@ -215,25 +217,31 @@ def head(request):
     HEAD.done_with(request)
 
 
-# Run order: the modules on the shared local Ray, then those on the shared head, then the rest; test_preemption
-# (which puts this process on its own multi-node cluster) last. Each shared resource then starts once.
+# Run order: the modules on the shared local Ray, then those on both, then those on the shared head, then the
+# rest; test_preemption (which puts this process on its own multi-node cluster) last. Each shared resource then
+# starts once.
 _LAST = ("tests/test_preemption.py",)
 
 
+def _run_group(module: str, uses: set[str]) -> int:
+    if module in _LAST:
+        return 4
+    if "local_ray" in uses:
+        return 1 if "head" in uses else 0
+    return 2 if "head" in uses else 3
+
+
 def pytest_collection_modifyitems(session, config, items):
-    by_module: dict = {}
+    uses: dict[str, set[str]] = {}
     for it in items:
-        by_module.setdefault(it.nodeid.split("::")[0], set()).update(it.fixturenames)
-    order = {m: i for i, m in enumerate(by_module)}
+        uses.setdefault(it.nodeid.split("::")[0], set()).update(it.fixturenames)
+    order = {m: i for i, m in enumerate(uses)}
 
-    def group(it) -> tuple[int, int]:
+    def key(it) -> tuple[int, int]:
         m = it.nodeid.split("::")[0]
-        uses = by_module[m]
-        g = 4 if m in _LAST else 0 if "local_ray" in uses and "head" not in uses else 1 if "local_ray" in uses \
-            else 2 if "head" in uses else 3
-        return g, order[m]
+        return _run_group(m, uses[m]), order[m]
 
-    items.sort(key=group)
+    items.sort(key=key)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -96,19 +96,19 @@ class Cloud:
         node_id = marker.read_text().split()[0]
         return next(n for n in self.nodes if n.node_id == node_id)
 
-    def kill(self, marker: Path) -> None:
-        victim = self.node(marker)
-        self.c.remove_node(victim, allow_graceful=False)
-        self.nodes.remove(victim)
-        self.killed.append(victim.node_id)
-
-    def replace(self) -> None:
-        """Back to two worker nodes that take work (a drained node lingers until its deadline)."""
-        self.nodes.append(self.c.add_node(num_cpus=NODE_CPUS))
-
     def reclaim(self, node) -> None:
         self.c.remove_node(node, allow_graceful=False)
         self.nodes.remove(node)
+
+    def kill(self, marker: Path) -> None:
+        """Reclaim the node `marker` names, mid-run (recorded)."""
+        victim = self.node(marker)
+        self.reclaim(victim)
+        self.killed.append(victim.node_id)
+
+    def replace(self) -> None:
+        """One more worker node that takes work (a drained node takes none while it lingers)."""
+        self.nodes.append(self.c.add_node(num_cpus=NODE_CPUS))
 
 
 def test_three_reclaims_in_one_run_each_resume_from_the_right_checkpoint(cluster, reference, tmp_path):
