@@ -142,6 +142,14 @@ class Timing:
             self.seam_seconds.append(None if previous_end is None else started - previous_end)
 
 
+def make_optimizer(params, cfg: Config, device: torch.device | str) -> torch.optim.AdamW:
+    """The run's AdamW. fused on CUDA: one kernel per step instead of a few per parameter group
+    (foreach is CPU's fastest)."""
+    fused = torch.device(device).type == "cuda"
+    return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, betas=(0.9, 0.95),
+                             fused=fused or None, foreach=None if fused else True)
+
+
 @dataclass
 class TrainingState:
     """Model, optimizer, scheduler, curves and progress of one run, on one device."""
@@ -163,11 +171,7 @@ class TrainingState:
         with torch.device("cpu"):
             model = GPT.from_config(cfg)
         model.to(device)
-        # built after the move: AdamW's state follows the parameters' device. fused on CUDA: one
-        # kernel per step instead of a few per parameter group (foreach is CPU's fastest)
-        fused = torch.device(device).type == "cuda"
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                betas=(0.9, 0.95), fused=fused or None, foreach=None if fused else True)
+        opt = make_optimizer(model.parameters(), cfg, device)   # after the move: its state follows the parameters
         sched = make_scheduler(opt, cfg.train.max_epochs * steps_per_epoch, cfg.train.warmup_frac,
                                cfg.train.min_lr_ratio)
         return cls(cfg, model, opt, sched, Curves())
