@@ -220,8 +220,9 @@ class ResultWriter:
     """Rank 0's view: rewrites result.json after every epoch, and records resumes and notices as they happen."""
 
     def __init__(self, root: Store, experiment_id: str, cfg: Config, workers: int, device: str, driver_token: str,
-                 corpus_uri: str, lease_holder: str = ""):
+                 corpus_uri: str, lease_holder: str = "", bucket: dict | None = None):
         self.exp = root.sub(experiment_id)
+        self.bucket = bucket   # {id, members}: trained in a bucket (result.json's `bucket` block)
         self.experiment_id, self.cfg, self.driver_token = experiment_id, cfg, driver_token
         self.lease_holder = lease_holder
         self.env = environment(workers, device)
@@ -232,6 +233,11 @@ class ResultWriter:
         """Record this worker-group start (its attempt marker) and count the restarts so far."""
         self._check_lease()
         self.restarts, self.restarts_this_run = record_worker_start(self.exp, self.driver_token)
+        earlier = read(self.exp)
+        block = earlier.extra.get("bucket") if earlier is not None else None
+        if self.bucket is None and isinstance(block, dict):   # a member of a bucket, now going on alone
+            self.bucket = {**block, "continued_solo_from_epoch": block.get("continued_solo_from_epoch")
+                           or (earlier.epochs_trained if isinstance(earlier.epochs_trained, int) else 0) + 1}
         return self
 
     def _check_lease(self) -> None:
@@ -261,4 +267,6 @@ class ResultWriter:
                        timing.state_dict() if timing is not None else None, data)
         r = build(self.cfg, self.experiment_id, e, checkpoints=checkpoint_info(self.exp, gate_epoch),
                   environment=self.env, restarts=self.restarts, corpus=self.corpus, resumes=list_resumes(self.exp))
+        if self.bucket is not None:
+            r = dataclasses.replace(r, extra={**r.extra, "bucket": self.bucket})
         write(self.exp, self.experiment_id, r, self.lease_holder)

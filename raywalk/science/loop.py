@@ -339,17 +339,23 @@ def epoch_end(state: TrainingState, run: EpochRun, gate: Gate) -> EpochEnd:
     counts = Gate.reduce(gate.evaluate(state.model), run.losses.device)
     losses = all_reduce_losses(run.losses).tolist()
     comp = counts.comp
-    state.timing.train_seconds.append(run.train_seconds)
-    state.timing.gate_seconds.append(time.perf_counter() - t)
+    record_epoch(state.curves, state.timing, losses, comp, gate.n_distinct, run.train_seconds,
+                 time.perf_counter() - t)
     passed = gate.passes(comp)
     state.epoch += 1
     state.step, state.epoch_losses = 0, None
     if passed:
         state.gate_epoch = state.epoch
-    c = state.curves
+    return EpochEnd(float(np.mean(losses)), comp, counts.by_r, passed)
+
+
+def record_epoch(c: Curves, timing: Timing, losses: list[float], comp: Compliance, n_distinct: int,
+                 train_seconds: float, gate_seconds: float) -> None:
+    """An epoch's figures appended to a run's curves and timing (a solo run's or a bucket member's)."""
+    timing.train_seconds.append(train_seconds)
+    timing.gate_seconds.append(gate_seconds)
     c.train_loss += losses
     c.edge_compliance.append(comp.edge)
     c.rule_compliance.append(comp.rule)
     c.n_rule_checks.append(comp.rule_total)
-    c.n_distinct_sequences.append(gate.n_distinct)
-    return EpochEnd(float(np.mean(losses)), comp, counts.by_r, passed)
+    c.n_distinct_sequences.append(n_distinct)

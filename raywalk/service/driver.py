@@ -145,13 +145,13 @@ def train(cfg: Config, *, fresh: bool = False, verbose: bool = False, progress: 
         log(f"experiment {exp_id} already finished ({done['status']}); not training again "
             f"(use --fresh to start over)")
         return done
-    _check_before_ray(cfg)
+    check_before_ray(cfg)
     run = functools.partial(_train_leased, cfg, root, exp_id, verbose=verbose, progress=progress,
                             callbacks=callbacks, instruments=instruments, log=log)
     return _leased(cfg, root.sub(exp_id), exp_id, run, log)
 
 
-def _check_before_ray(cfg: Config) -> None:
+def check_before_ray(cfg: Config) -> None:
     """Refuse what cannot train before any cluster resources are taken."""
     planned = cfg.corpus.corpus_size * windows_per_walk(cfg.corpus.walk_length, cfg.w)
     if steps_per_epoch(cfg, planned) < 1:
@@ -194,14 +194,14 @@ def _train_leased(cfg: Config, root: Store, exp_id: str, *, verbose: bool, progr
     import ray
 
     check_storage_reachable(root, ray.nodes())
-    spec = _worker_spec(cfg, root, exp_id, verbose=verbose, progress=progress, instruments=instruments, log=log,
+    spec = worker_spec(cfg, root, exp_id, verbose=verbose, progress=progress, instruments=instruments, log=log,
                         holder=held.holder if held is not None else "")
-    _fit(_trainer(spec, root, callbacks), spec, root.sub(exp_id), held, fitting)
+    fit(_trainer(spec, root, callbacks), spec, root.sub(exp_id), held, fitting)
     return finalise(root, exp_id, log, held=held)
 
 
-def _worker_spec(cfg: Config, root: Store, exp_id: str, *, verbose: bool, progress: bool,
-                 instruments: Instruments | None, log: Log, holder: str):
+def worker_spec(cfg: Config, root: Store, exp_id: str, *, verbose: bool, progress: bool, log: Log, holder: str,
+                instruments: Instruments | None = None):
     """The corpus (built or reused), the epoch's steps and what every worker is handed."""
     from raywalk.service.dataset import window_dataset, windows_per_epoch
     from raywalk.service.worker import WorkerSpec
@@ -251,7 +251,7 @@ def _trainer(spec, root: Store, callbacks: list | None):
     )
 
 
-def _fit(trainer, spec, exp: Store, held: lease.Lease | None, fitting: threading.Event | None) -> None:
+def fit(trainer, spec, exp: Store, held: lease.Lease | None, fitting: threading.Event | None) -> None:
     """trainer.fit(), then the stop it ended on, as the one error that says what happened."""
     in_main = threading.current_thread() is threading.main_thread()
     ctrl_c = signal.getsignal(signal.SIGINT) if in_main else None

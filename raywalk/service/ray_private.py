@@ -112,3 +112,14 @@ def quiet_train_function_errors() -> None:
     """Mute Ray Train's ERROR traceback of a raising train function in this (ending) worker process."""
     # Train has no option for it; the line comes from its private util module's logger.
     logging.getLogger("ray.train.v2._internal.util").setLevel(logging.CRITICAL)
+
+
+# ---- Ray Train's checkpoint accounting file (bucket_driver.py) ----------------------------
+
+def train_snapshot_file() -> str:
+    """The name of the file in which Ray Train keeps a run's registered checkpoints (its run directory)."""
+    # No public name: a bucket writes its members' checkpoints itself, and a solo run's snapshot left in a
+    # member's run directory would make a later solo rerun resume from Ray's older registered checkpoint.
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    return CHECKPOINT_MANAGER_SNAPSHOT_FILENAME

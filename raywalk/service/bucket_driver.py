@@ -1,0 +1,144 @@
+"""Driver side of a bucket: k same-shape experiments trained together by one single-worker TorchTrainer.
+
+Members finished already are reported, not retrained; one left trains alone (`driver.train`,
+today's path). Otherwise the driver holds every member's lease, builds or reuses each
+member's corpus, and runs the bucket's TorchTrainer, whose Ray run lives at
+`ROOT/buckets/<bucket_id>/` and holds no checkpoint: the members' checkpoints are theirs
+(service/bucket_worker.py). At the end each member's result.json is finalised as a solo
+run's is.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+import signal
+import threading
+import uuid
+from typing import Any, Callable, Sequence
+
+from raywalk.config import Config, ConfigError
+from raywalk.records import lease
+from raywalk.records.checkpoints import RUN_DIR
+from raywalk.records.layout import BUCKETS
+from raywalk.records.lease import LeaseLost
+from raywalk.records.storage import Store
+from raywalk.records.storage import warn as _stderr
+from raywalk.science.bucket import check_bucketable
+from raywalk.service import driver, ray_env, ray_private, stops
+
+Log = Callable[[str], None]
+
+# a bucket is one trainer: what its worker asks of the cluster must be one thing
+SHARED_RUN = ("run.storage", "run.cpus_per_worker", "run.gpus_per_worker", "run.accelerator_type",
+              "run.deterministic", "corpus.walk_length", "corpus.corpus_size")
+
+
+def bucket_id(experiment_ids: Sequence[str]) -> str:
+    return "bucket-" + hashlib.sha256(",".join(sorted(experiment_ids)).encode()).hexdigest()[:8]
+
+
+def check_members(cfgs: Sequence[Config]) -> None:
+    """Refuse, before any cluster resource is taken, members that cannot train as one bucket."""
+    check_bucketable(cfgs)
+    from raywalk.science.bucket import key_value
+
+    many = [c.experiment_id() for c in cfgs if c.run.workers != 1]
+    if many:
+        raise ConfigError(f"run.workers: a bucket trains on one worker; {many[0]} asks for "
+                          f"{cfgs[0].run.workers if cfgs[0].run.workers != 1 else 'more'}: train it alone (--bucket 1)")
+    diff = [k for k in SHARED_RUN if len({key_value(c, k) for c in cfgs}) > 1]
+    if diff:
+        shown = "; ".join(f"{k}: {sorted({key_value(c, k) for c in cfgs}, key=str)}" for k in diff)
+        raise ConfigError(f"bucket: members differ in {shown}: one trainer runs them all")
+    ids = [c.experiment_id() for c in cfgs]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"bucket: an experiment is listed twice ({sorted(i for i in ids if ids.count(i) > 1)[0]})")
+
+
+def train_bucket(cfgs: Sequence[Config], *, verbose: bool = False, progress: bool = True,
+                 callbacks: list | None = None, log: Log = _stderr) -> list[dict[str, Any]]:
+    """Train (or resume, or report) every member; returns their result.json contents, in order."""
+    if not cfgs:
+        raise ConfigError("bucket: no members")
+    root = Store.open(cfgs[0].run.storage)
+    cfgs = [c.replace(**{"run.storage": root.uri}) for c in cfgs]
+    check_members(cfgs)
+    for c in cfgs:
+        driver.check_before_ray(c)
+    ids = [c.experiment_id() for c in cfgs]
+    results: dict[str, dict[str, Any] | None] = {eid: driver.finished_result(root, eid, log) for eid in ids}
+    for eid, r in results.items():
+        if r is not None:
+            log(f"experiment {eid} already finished ({r['status']}); not training again")
+    pending = [c for c, eid in zip(cfgs, ids) if results[eid] is None]
+    if len(pending) == 1:   # a bucket of one is a solo run, on today's path
+        results[ids[ids.index(pending[0].experiment_id())]] = driver.train(
+            pending[0], verbose=verbose, progress=progress, callbacks=callbacks, log=log)
+    elif pending:
+        results.update(_train_leased(pending, root, verbose=verbose, progress=progress, callbacks=callbacks, log=log))
+    return [results[eid] for eid in ids]
+
+
+def _train_leased(cfgs: list[Config], root: Store, *, verbose: bool, progress: bool, callbacks: list | None,
+                  log: Log) -> dict[str, dict[str, Any]]:
+    ids = [c.experiment_id() for c in cfgs]
+    fitting = threading.Event()
+
+    def lost(reason: str) -> None:
+        if fitting.is_set():   # as a solo driver: Ray's own SIGINT handler aborts the run
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with contextlib.ExitStack() as stack:
+        held = [stack.enter_context(lease.hold(root.sub(eid), eid, log=log, on_lost=lost)) for eid in ids]
+        for eid in ids:
+            root.sub(eid).sweep_temps()
+        ray_env.ensure_ray(cfgs[0], verbose=verbose)
+        import ray
+
+        driver.check_storage_reachable(root, ray.nodes())
+        specs = [driver.worker_spec(c, root, eid, verbose=verbose, progress=False, log=log, holder=h.holder)
+                 for c, eid, h in zip(cfgs, ids, held)]
+        steps = {s.experiment_id: s.steps_per_epoch for s in specs}
+        if len(set(steps.values())) > 1:
+            raise ConfigError(f"bucket: members' corpora give different steps per epoch ({steps}); "
+                              f"a bucket's members step together")
+        for eid in ids:   # the members' checkpoints are written by the bucket now, not registered with Ray
+            run = root.sub(eid, RUN_DIR)
+            if run.is_file(ray_private.train_snapshot_file()):
+                run.fs.delete_file(run.path(ray_private.train_snapshot_file()))
+        from raywalk.service.bucket_worker import BucketSpec
+
+        bid = bucket_id(ids)
+        spec = BucketSpec(bid, tuple(specs), progress=progress, verbose=verbose, driver_token=uuid.uuid4().hex)
+        log(f"bucket {bid}: {len(ids)} experiments in one worker, {specs[0].steps_per_epoch} steps/epoch: "
+            + ", ".join(ids))
+        driver.fit(_trainer(spec, root, callbacks), spec, root.sub(BUCKETS, bid), None, fitting)
+        gone = [h for h in held if h.lost]
+        if gone:
+            raise LeaseLost(gone[0].lost)
+        return {eid: driver.finalise(root, eid, log, held=h) for eid, h in zip(ids, held)}
+
+
+def _trainer(spec, root: Store, callbacks: list | None):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raywalk.service.bucket_worker import train_bucket_loop
+
+    cfg, use_gpu = spec.config, spec.config.run.gpus_per_worker > 0
+    resources = {"CPU": cfg.run.cpus_per_worker, **({"GPU": cfg.run.gpus_per_worker} if use_gpu else {})}
+    return TorchTrainer(
+        functools.partial(stops.guarded_loop, spec, train_bucket_loop),
+        scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=resources,
+                                               accelerator_type=cfg.run.accelerator_type or None),
+        run_config=ray.train.RunConfig(
+            name="train", storage_path=root.sub(BUCKETS, spec.bucket_id).path(), storage_filesystem=root.fs,
+            failure_config=ray.train.FailureConfig(max_failures=max(m.config.run.max_failures for m in spec.members),
+                                                   max_preemption_failures=cfg.run.max_preemptions),
+            callbacks=callbacks,
+            worker_runtime_env={"env_vars": driver.worker_env(cfg, spec.verbose)},
+            logging_config=None if spec.verbose else ray_env.quiet_train_logging(),
+        ),
+    )
