@@ -1,4 +1,4 @@
-"""`raywalk tune SWEEP_YAML [--storage ROOT] [--max-concurrent K]`: a Ray Tune grid of experiments.
+"""`raywalk tune SWEEP_YAML [--storage ROOT] [--max-concurrent K] [--bucket K]`: a Ray Tune grid of experiments.
 
 Every point of the sweep is validated before anything runs; finished points are
 skipped, interrupted ones resume from their checkpoints. Writes
@@ -16,7 +16,10 @@ def add_parser(sub) -> None:
     p.add_argument("--max-concurrent", type=int, default=None, metavar="K",
                    help="trials at once (default: as many as the cluster can grow to - its autoscaler's node "
                         "types and max_workers, or its resources now without an autoscaler; see raywalk/tune.py)")
-    p.add_argument("--dry-run", action="store_true", help="validate and list the points; run nothing")
+    p.add_argument("--bucket", type=int, default=None, metavar="K",
+                   help="train at most K same-shape points together in one worker (default: the sweep file's "
+                        "`bucket`, else what fits the worker: 8 on a CPU, by memory on a GPU); 1: one per trial")
+    p.add_argument("--dry-run", action="store_true", help="validate and list the points and buckets; run nothing")
     p.add_argument("--verbose", action="store_true", help="show Ray's and Tune's own logs and status tables")
 
 
@@ -26,21 +29,30 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent: {args.max_concurrent} is invalid: must be >= 1")
+    if args.bucket is not None and args.bucket < 1:
+        raise ConfigError(f"--bucket: {args.bucket} is invalid: must be >= 1 (1: one experiment per trial)")
     sweep = load_sweep(args.sweep)
-    if args.dry_run:
-        print(f"sweep {sweep.sweep_id}: {len(sweep.points)} valid points")
-        for p in sweep.points:
-            g = ", ".join(f"{k}={v}" for k, v in p.grid.items())
-            print(f"  {p.index:3d}  {g}  corpus_size={p.cfg.corpus.corpus_size}  {p.experiment_id}")
-        return 0
     from raywalk.records.storage import Store
-    from raywalk.service.tune import print_summary, run_sweep
+    from raywalk.service.tune import plan_buckets, print_summary, run_sweep
+
+    buckets = plan_buckets(list(sweep.points), args.bucket, sweep.bucket)   # refuses what cannot fit, before Ray
+    if args.dry_run:
+        print(f"sweep {sweep.sweep_id}: {len(sweep.points)} valid points in {len(buckets)} trial(s)")
+        for tid, members in buckets:
+            if len(members) > 1:
+                print(f"  {tid}: {len(members)} same-shape points in one worker")
+            for p in members:
+                g = ", ".join(f"{k}={v}" for k, v in p.grid.items())
+                print(f"  {'  ' if len(members) > 1 else ''}{p.index:3d}  {g}  corpus_size={p.cfg.corpus.corpus_size}"
+                      f"  {p.experiment_id}")
+        return 0
 
     Store.open(args.storage or sweep.base.run.storage).check_writable()   # before Ray starts
     from raywalk.service.trackers import check
 
     for p in sweep.points:
         check(p.cfg.run.trackers, args.storage or p.cfg.run.storage)
-    summary = run_sweep(sweep, storage=args.storage, max_concurrent=args.max_concurrent, verbose=args.verbose)
+    summary = run_sweep(sweep, storage=args.storage, max_concurrent=args.max_concurrent, verbose=args.verbose,
+                        bucket=args.bucket)
     print_summary(summary, Store.open(args.storage or sweep.base.run.storage).uri)
     return 0 if all(r["status"] in ("passed", "failed") for r in summary["rows"]) else 1

@@ -381,3 +381,26 @@ def run_bucket_epoch(state: BucketState, batches: Iterable[torch.Tensor], step0:
         raise RuntimeError(f"the bucket saw {step} batches in its epoch, expected {steps}")
     return EpochRun(losses, ended - started, started - t0, started, ended)
 
+
+
+# ---- memory ---------------------------------------------------------------------------------
+
+def member_bytes(cfg: Config, n_windows: int) -> int:
+    """What one more member adds to a bucket's device memory: its weights, gradient and AdamW's two moments
+    (4 fp32 copies of its row), the activations its step saves for backward (measured by running the
+    batched forward on the meta device: sizes, no compute) and its resident windows."""
+    with torch.device("meta"):
+        layout = RowLayout.of(GPT.from_config(cfg))
+    saved = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    rows = torch.empty(1, layout.width, device="meta", requires_grad=True)
+    tok = torch.empty(1, cfg.train.batch_size, cfg.w + 1, dtype=torch.long, device="meta")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        bucket_losses(layout.split_fused(rows), tok, cfg.model.n_layers, cfg.model.n_heads)
+    window_bytes = 2 if cfg.graph.n <= 32768 else 4
+    return 16 * layout.width + saved + n_windows * (cfg.w + 1) * window_bytes

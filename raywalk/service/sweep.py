@@ -46,7 +46,7 @@ from raywalk.records.overview import table_lines
 SCALING_RULE = ("corpus.corpus_size, unless set by the grid or `derived`, keeps the base's walks per vertex: "
                 "max(100*n, base_corpus_size * n // base_n)")
 EXPR_NAMES = ("n", "w", "K")
-SWEEP_KEYS = {"name", "base", "set", "grid", "derived", "axis"}
+SWEEP_KEYS = {"name", "base", "set", "grid", "derived", "axis", "bucket"}
 OPERATIONAL = {"run.storage"}   # set for every point from --storage, never an axis
 
 
@@ -154,11 +154,12 @@ class Sweep:
     points: tuple[Point, ...]
     derived: dict[str, str]
     source: str
+    bucket: int | None = None     # sweep.bucket: at most this many same-shape points train together
 
     def with_storage(self, storage: str) -> "Sweep":
         pts = tuple(Point(p.index, p.grid, p.cfg.replace(**{"run.storage": storage})) for p in self.points)
         return Sweep(self.name, self.sweep_id, self.axes, self.axis, self.base.replace(**{"run.storage": storage}),
-                     pts, self.derived, self.source)
+                     pts, self.derived, self.source, self.bucket)
 
 
 def _get_dotted(d: Mapping[str, Any], key: str) -> Any:
@@ -212,8 +213,12 @@ def parse_sweep(data: Any, *, base_dir: str | Path = ".", default_name: str = "s
     points = _points(base_dict, base_cfg, grid, axes, derived)
     ident = {"points": [p.experiment_id for p in points], "axes": axes}
     sweep_id = f"{name}-{hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]}"
+    bucket = data.get("bucket")
+    if bucket is not None and (isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1):
+        raise ConfigError(f"sweep.bucket: {bucket!r} is invalid: must be a whole number >= 1 "
+                          f"(1: one experiment per trial)")
     return Sweep(name, sweep_id, tuple(axes), axis, base_cfg, tuple(points),
-                 {k: e.text for k, e in derived.items()}, source)
+                 {k: e.text for k, e in derived.items()}, source, bucket)
 
 
 def _sweep_name(name: Any) -> str:
@@ -330,7 +335,7 @@ def expand_point(base_dict: dict[str, Any], base_cfg: Config, gp: Mapping[str, A
 
 ROW_FIELDS = ("point", "experiment_id", "status", "epochs_trained", "final_edge_compliance",
               "final_rule_compliance", "gate_epoch", "svd_eligible", "wall_time_s", "trained_now",
-              "failure_reason", "result")
+              "failure_reason", "bucket", "result")
 
 
 def summary_row(point: Point, result: Mapping[str, Any] | None, record: Mapping[str, Any] | None,
@@ -366,6 +371,7 @@ def summary_row(point: Point, result: Mapping[str, Any] | None, record: Mapping[
         "wall_time_s": record.get("wall_time_s"),
         "trained_now": bool(record.get("trained_now", False)),
         "failure_reason": reason,
+        "bucket": ((result or {}).get("bucket") or {}).get("id"),   # the bucket that trained it; None: alone
         "result": result_uri,
     }
 

@@ -183,51 +183,64 @@ def ensure_sweep_ray(sweep: Sweep, max_concurrent: int | None, verbose: bool) ->
     return True
 
 
-def _trial(config: dict[str, Any], *, points: dict[str, dict[str, Any]], sweep_store: str,
-           verbose: bool, sweep_id: str = "", grids: dict[str, dict[str, Any]] | None = None) -> None:
-    """One Tune trial = one raywalk experiment (train() builds the TorchTrainer and calls fit())."""
+def _trial(config: dict[str, Any], *, buckets: dict[str, list[str]], points: dict[str, dict[str, Any]],
+           sweep_store: str, verbose: bool, sweep_id: str = "", grids: dict[str, dict[str, Any]] | None = None) -> None:
+    """One Tune trial = one bucket of experiments (a bucket of one: `train()`, today's solo path)."""
     from ray import tune
 
     from raywalk.records.lease import ENV_WAIT, timings
 
     # A Tune retry after a lost driver finds that driver's lease still fresh: wait for it to go stale.
     os.environ.setdefault(ENV_WAIT, str(2 * timings()[0]))
-    eid = config["experiment_id"]
-    cfg = Config.from_dict(points[eid])
-    if "mlflow" in cfg.run.trackers and grids:   # the MLflow run tags its sweep and grid point (trackers.py)
-        from raywalk.records.layout import SWEEP_FILE
-        Store.open(cfg.run.storage).sub(eid).write_json(SWEEP_FILE, {"sweep_id": sweep_id, "grid": grids[eid]})
-    r, wall = _train_recorded(cfg, eid, Store.open(sweep_store), verbose)
-    g = r["gate"]
-    tune.report({"status": r["status"], "epochs_trained": r["epochs_trained"], "gate_passed": g["passed"],
-                 "edge": g["final_edge_compliance"], "rule": g["final_rule_compliance"], "wall_time_s": wall,
-                 "done": True})
+    tid = config["trial"]
+    eids = buckets[tid]
+    cfgs = [Config.from_dict(points[eid]) for eid in eids]
+    for eid, cfg in zip(eids, cfgs):
+        if "mlflow" in cfg.run.trackers and grids:   # the MLflow run tags its sweep and grid point (trackers.py)
+            from raywalk.records.layout import SWEEP_FILE
+            Store.open(cfg.run.storage).sub(eid).write_json(SWEEP_FILE, {"sweep_id": sweep_id, "grid": grids[eid]})
+    results, wall = _train_recorded(cfgs, tid, Store.open(sweep_store), verbose)
+    g = [r["gate"] for r in results]
+    tune.report({"status": ",".join(r["status"] for r in results), "members": len(results),
+                 "epochs_trained": max(r["epochs_trained"] for r in results),
+                 "gate_passed": sum(bool(x["passed"]) for x in g), "wall_time_s": wall, "done": True})
 
 
-def _train_recorded(cfg: Config, eid: str, sweep_store: Store, verbose: bool) -> tuple[dict[str, Any], float]:
-    """train() the point, its trial record (start, end, wall time, driver node, error) written either way;
-    returns (result, wall seconds)."""
+def _train_recorded(cfgs: list[Config], tid: str, sweep_store: Store,
+                    verbose: bool) -> tuple[list[dict[str, Any]], float]:
+    """Train the trial's experiments, each one's trial record (start, end, wall time, driver node, bucket,
+    error) written either way; returns (results, wall seconds)."""
     import ray
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raywalk.service import driver
+    from raywalk.service.bucket_driver import train_bucket
 
     def log(s: str) -> None:
-        print(f"[{eid}] {s}", file=sys.stderr, flush=True)
+        print(f"[{tid}] {s}" if len(cfgs) > 1 or not s.startswith("[") else s, file=sys.stderr, flush=True)
 
-    rec = layout.trial_record(eid)
-    base = {"experiment_id": eid, "trained_now": True, "started_at": time.time(),
+    eids = [c.experiment_id() for c in cfgs]
+    base = {"trained_now": True, "started_at": time.time(), "bucket": tid if len(cfgs) > 1 else None,
             "driver_node_id": ray.get_runtime_context().get_node_id()}
     t0 = time.perf_counter()
     try:
-        r = driver.train(cfg, callbacks=[TuneReportCallback()], progress=False, verbose=verbose, log=log)
+        if len(cfgs) == 1:
+            results = [driver.train(cfgs[0], callbacks=[TuneReportCallback()], progress=False, verbose=verbose,
+                                    log=log)]
+        else:
+            results = train_bucket(cfgs, callbacks=[TuneReportCallback()], progress=False, verbose=verbose, log=log)
     except BaseException as e:
-        sweep_store.write_json(rec, {**base, "finished_at": time.time(), "wall_time_s": time.perf_counter() - t0,
-                                     "error": f"{type(e).__name__}: {e}"})
+        for eid in eids:
+            sweep_store.write_json(layout.trial_record(eid), {**base, "experiment_id": eid,
+                                                             "finished_at": time.time(),
+                                                             "wall_time_s": time.perf_counter() - t0,
+                                                             "error": f"{type(e).__name__}: {e}"})
         raise
     wall = time.perf_counter() - t0
-    sweep_store.write_json(rec, {**base, "finished_at": time.time(), "wall_time_s": wall, "error": None})
-    return r, wall
+    for eid in eids:
+        sweep_store.write_json(layout.trial_record(eid), {**base, "experiment_id": eid, "finished_at": time.time(),
+                                                         "wall_time_s": wall, "error": None})
+    return results, wall
 
 
 def _prebuild_corpora(points: list[Point], root: Store, log: Log) -> None:
@@ -243,9 +256,26 @@ def _prebuild_corpora(points: list[Point], root: Store, log: Log) -> None:
         log(f"corpus {'reused' if s['reused'] else 'built'} for point {p.index}: {cid} ({s['seconds']:.1f}s)")
 
 
+def plan_buckets(points: list[Point], bucket: int | None, sweep_bucket: int | None = None) -> list[tuple[str, list[Point]]]:
+    """The trials: points grouped into buckets of at most --bucket (else the sweep's `bucket`, else what fits
+    the worker), each checked against its worker's memory before any cluster resource is taken."""
+    from raywalk.service import bucketing
+    from raywalk.service.dataset import free_memory
+
+    import torch
+
+    host = free_memory(torch.device("cpu"))
+    k = bucket or sweep_bucket or (bucketing.default_k(points[0].cfg, host) if points else 1)
+    buckets = bucketing.group(points, k)
+    for _, members in buckets:
+        if len(members) > 1:
+            bucketing.check_fits([p.cfg for p in members], host)
+    return buckets
+
+
 def run_sweep(sweep: Sweep, *, storage: str | None = None, max_concurrent: int | None = None,
-              verbose: bool = False, log: Log = _stderr) -> dict[str, Any]:
-    """Run the sweep's unfinished points as Tune trials; write and return the summary."""
+              verbose: bool = False, log: Log = _stderr, bucket: int | None = None) -> dict[str, Any]:
+    """Run the sweep's unfinished points as Tune trials, same-shape points bucketed; write and return the summary."""
     from raywalk.service.driver import finished_result
 
     root = Store.open(storage or sweep.base.run.storage)
@@ -253,9 +283,11 @@ def run_sweep(sweep: Sweep, *, storage: str | None = None, max_concurrent: int |
     sd = sweep_dir(root, sweep.sweep_id)
     t0 = time.perf_counter()
     pending = [p for p in sweep.points if finished_result(root, p.experiment_id) is None]
+    buckets = plan_buckets(pending, bucket, sweep.bucket)
     log(f"sweep {sweep.sweep_id}: {len(sweep.points)} points, {len(sweep.points) - len(pending)} already "
-        f"finished, {len(pending)} to run; results under {root.uri}")
-    k_used = _run_trials(sweep, pending, root, sd, max_concurrent, verbose, log) if pending else None
+        f"finished, {len(pending)} to run in {len(buckets)} trial(s) (at most "
+        f"{max((len(b) for _, b in buckets), default=0)} experiments each); results under {root.uri}")
+    k_used = _run_trials(sweep, buckets, root, sd, max_concurrent, verbose, log) if pending else None
     wall = time.perf_counter() - t0
     rows = _summary_rows(sweep, root, sd, {p.experiment_id for p in pending})
     summary = build_summary(sweep, rows, storage=root.uri, wall_time_s=wall,
@@ -265,22 +297,23 @@ def run_sweep(sweep: Sweep, *, storage: str | None = None, max_concurrent: int |
     return summary
 
 
-def _run_trials(sweep: Sweep, pending: list[Point], root: Store, sd: Store, max_concurrent: int | None,
-                verbose: bool, log: Log) -> int:
-    """The pending points as one Tuner's trials, on the joined or a local Ray; returns the concurrency used."""
+def _run_trials(sweep: Sweep, buckets: list[tuple[str, list[Point]]], root: Store, sd: Store,
+                max_concurrent: int | None, verbose: bool, log: Log) -> int:
+    """The buckets as one Tuner's trials, on the joined or a local Ray; returns the concurrency used."""
+    pending = [p for _, b in buckets for p in b]
     if not verbose:
         # Tune's newer console output prints its experiment box and paths even at verbose=0;
         # the classic reporter at verbose=0 prints nothing. --verbose keeps Tune's status tables.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     started = ensure_sweep_ray(sweep, max_concurrent, verbose)
     try:
-        k_used, on_head = _plan_concurrency(pending, max_concurrent, log)
+        k_used, on_head = _plan_concurrency([b[0] for _, b in buckets], max_concurrent, log)
         _prebuild_corpora(pending, root, log)
         for p in pending:   # a rerun of an interrupted sweep: forget the last attempt's error
             if sd.is_file(layout.trial_record(p.experiment_id)):
                 sd.write_json(layout.trial_record(p.experiment_id),
                               {"experiment_id": p.experiment_id, "wall_time_s": None, "error": None})
-        _tuner(sweep, pending, root, sd, k_used, on_head, verbose).fit()
+        _tuner(sweep, buckets, root, sd, k_used, on_head, verbose).fit()
     finally:
         if started:
             import ray
@@ -306,19 +339,22 @@ def _plan_concurrency(pending: list[Point], max_concurrent: int | None, log: Log
     return k, on_head
 
 
-def _tuner(sweep: Sweep, pending: list[Point], root: Store, sd: Store, k_used: int, on_head: bool, verbose: bool):
+def _tuner(sweep: Sweep, buckets: list[tuple[str, list[Point]]], root: Store, sd: Store, k_used: int, on_head: bool,
+           verbose: bool):
     from ray import tune
 
+    pending = [p for _, b in buckets for p in b]
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, points={p.experiment_id: p.cfg.to_dict() for p in pending},
+        tune.with_parameters(_trial, buckets={tid: [p.experiment_id for p in b] for tid, b in buckets},
+                             points={p.experiment_id: p.cfg.to_dict() for p in pending},
                              sweep_store=sd.uri, verbose=verbose, sweep_id=sweep.sweep_id,
                              grids={p.experiment_id: p.grid for p in pending}),
         trial_resources(on_head))
     return tune.Tuner(
         trainable,
-        param_space={"experiment_id": tune.grid_search([p.experiment_id for p in pending])},
+        param_space={"trial": tune.grid_search([tid for tid, _ in buckets])},
         tune_config=tune.TuneConfig(max_concurrent_trials=k_used,
-                                    trial_dirname_creator=lambda t: t.config["experiment_id"]),
+                                    trial_dirname_creator=lambda t: t.config["trial"]),
         run_config=tune.RunConfig(
             name="tune", storage_path=sd.path(), storage_filesystem=root.fs,   # as the driver does
             verbose=None if verbose else 0,

@@ -1,0 +1,90 @@
+"""A sweep's points grouped into buckets: same-shape points train together, k to a worker.
+
+Points share a bucket when they share the model shape and schedule (science/bucket.py
+BUCKET_KEY) and what their one trainer asks of the cluster (bucket_driver.SHARED_RUN,
+which fixes the steps per epoch too); points that cannot share a step (several workers,
+dropout) are buckets of one and train as today. Buckets are cut in point order, at most
+K members each.
+
+The default K: on a GPU worker, the most members whose measured memory
+(`member_bytes`: weights, gradient, AdamW moments, saved activations, resident windows)
+fits MEMORY_SHARE of the worker's share of the GPU, at most GPU_MAX; on a CPU worker,
+CPU_DEFAULT: benchmarks/bucket.py shows a member-step cheaper than a solo step at every
+k it measures, and the gain flattens by 8 on two cores.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from raywalk.config import Config, ConfigError
+from raywalk.science.bucket import bucket_key, member_bytes
+from raywalk.science.bucket import key_value
+from raywalk.service.bucket_driver import SHARED_RUN, bucket_id
+from raywalk.service.windows import windows_per_walk
+
+CPU_DEFAULT = 8
+GPU_MAX = 64
+MEMORY_SHARE = 0.8
+# GiB per GPU model (run.accelerator_type); one not listed is taken to be the smallest common one
+GPU_GIB = {"T4": 16, "V100": 16, "A10G": 24, "L4": 24, "A100": 40, "A100-80G": 80, "H100": 80, "H200": 141}
+UNKNOWN_GPU_GIB = 16
+
+
+def bucketable(cfg: Config) -> bool:
+    return cfg.run.workers == 1 and cfg.model.dropout == 0.0
+
+
+def group_key(cfg: Config) -> tuple:
+    return (bucket_key(cfg), tuple(key_value(cfg, k) for k in SHARED_RUN))
+
+
+def n_windows(cfg: Config) -> int:
+    return cfg.corpus.corpus_size * windows_per_walk(cfg.corpus.walk_length, cfg.w)
+
+
+def budget(cfg: Config, host_available: int) -> tuple[int, str]:
+    """(bytes a bucket may take, what that is) on the worker cfg asks for."""
+    if cfg.run.gpus_per_worker > 0:
+        gib = GPU_GIB.get(cfg.run.accelerator_type, UNKNOWN_GPU_GIB)
+        known = cfg.run.accelerator_type in GPU_GIB
+        what = (f"{MEMORY_SHARE:g} of {cfg.run.gpus_per_worker:g} x {gib} GiB "
+                f"({cfg.run.accelerator_type if known else 'GPU model unknown: assumed'})")
+        return int(MEMORY_SHARE * cfg.run.gpus_per_worker * gib * 2**30), what
+    return int(cfg.train.data_budget * host_available), f"train.data_budget {cfg.train.data_budget:g} of the host's free memory"
+
+
+def default_k(cfg: Config, host_available: int) -> int:
+    if cfg.run.gpus_per_worker == 0:
+        return CPU_DEFAULT
+    room, _ = budget(cfg, host_available)
+    return max(1, min(GPU_MAX, room // member_bytes(cfg, n_windows(cfg))))
+
+
+def check_fits(members: Sequence[Config], host_available: int) -> None:
+    """Refuse a bucket whose estimated memory exceeds its worker's budget (the estimate and the budget)."""
+    need = sum(member_bytes(c, n_windows(c)) for c in members)
+    room, what = budget(members[0], host_available)
+    if need > room:
+        raise ConfigError(f"bucket: {len(members)} members need about {need / 2**30:.2f} GiB (weights, optimizer, "
+                          f"activations, windows), more than the {room / 2**30:.2f} GiB budget ({what}); "
+                          f"use a smaller --bucket")
+
+
+def group(points: Sequence, k: int) -> list[tuple[str, list]]:
+    """(bucket id, its points) in point order: same-key points, at most k to a bucket."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"--bucket: {k!r} is invalid: must be a whole number >= 1 (1: one experiment per trial)")
+    open_: dict[tuple, list] = {}
+    out: list[list] = []
+    for p in points:
+        if k == 1 or not bucketable(p.cfg):
+            out.append([p])
+            continue
+        key = group_key(p.cfg)
+        cur = open_.get(key)
+        if cur is None or len(cur) == k:
+            cur = open_[key] = []
+            out.append(cur)
+        cur.append(p)
+    return [(bucket_id([p.experiment_id for p in b]) if len(b) > 1 else b[0].experiment_id, b) for b in out]
