@@ -1,5 +1,5 @@
-"""Trial concurrency and placement (pure), and a real 2-point sweep on the local Ray: Tune trials,
-result.json per point, summary, rerun skips."""
+"""Trial concurrency and placement, and the sweep's local Ray (pure). The real sweep on the local Ray,
+bucketed, is tests/test_bucket_runs.py."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,10 +7,9 @@ import json
 
 import pytest
 
-from raywalk.records.storage import Store
-from raywalk.service.sweep import parse_sweep, read_csv
+from raywalk.service.sweep import parse_sweep
 from raywalk.service.tune import (DATA_CPU, DRIVER_RESOURCE, TRIAL_CPU, capacity_from_autoscaling_config, concurrency,
-                          default_concurrency, monitor_config_path, run_sweep, trial_resources)
+                          default_concurrency, monitor_config_path, trial_resources)
 from tests.conftest import TINY
 
 
@@ -75,70 +74,6 @@ def test_the_autoscaling_config_is_found_from_this_clusters_monitor(tmp_path):
     for other in ("10.0.0.2:6381", "10.0.0.2:6382", "10.0.0.2:7000"):
         assert monitor_config_path(other, proc) is None
     assert monitor_config_path("10.0.0.2:6379", tmp_path / "no-proc") is None
-
-
-@pytest.mark.usefixtures("local_ray")
-def test_two_point_sweep_then_rerun_trains_nothing(tmp_path):
-    spec = tiny_sweep(tmp_path / "results")
-    spec["base"]["run"]["trackers"] = ["mlflow"]   # each trial's MLflow run carries its sweep and grid point
-    sweep = parse_sweep(spec)
-    summary = run_sweep(sweep, max_concurrent=2, log=lambda s: None)
-    root = Store.open(str(tmp_path / "results"))
-    sd = root.sub("sweeps", sweep.sweep_id)
-    assert summary["trials_run"] == 2 and summary["max_concurrent"] == 2
-
-    results = {}
-    for p in sweep.points:
-        assert root.is_file(f"{p.experiment_id}/result.json"), p.experiment_id
-        results[p.experiment_id] = root.read_json(f"{p.experiment_id}/result.json")
-    disk = sd.read_json("summary.json")
-    assert disk == json.loads(json.dumps(summary))
-    assert len(disk["rows"]) == 2
-    for row in disk["rows"]:
-        r = results[row["experiment_id"]]
-        assert row["grid"] == {"graph.n": r["config"]["graph"]["n"]}
-        assert row["status"] == r["status"] in ("passed", "failed")
-        assert row["epochs_trained"] == r["epochs_trained"] == (r["gate"]["epoch"] or 1)
-        assert row["final_edge_compliance"] == r["gate"]["final_edge_compliance"]
-        assert row["final_rule_compliance"] == r["gate"]["final_rule_compliance"]
-        assert row["gate_epoch"] == r["gate"]["epoch"]
-        assert row["svd_eligible"] == r["svd_eligible"]
-        assert row["wall_time_s"] > 0 and row["trained_now"]
-        assert r["config"]["run"]["storage"] == root.uri
-    failing = sweep.points[1]
-    assert results[failing.experiment_id]["status"] == "failed"
-    assert failing.experiment_id in [e["experiment_id"] for e in disk["excluded_from_svd"]]
-    excluded = {e["experiment_id"] for e in disk["excluded_from_svd"]}
-    assert excluded == {eid for eid, r in results.items() if not r["svd_eligible"]}
-
-    from tests.test_trackers import mlflow_runs
-    for p in sweep.points:
-        c, runs = mlflow_runs(tmp_path / "results", p.experiment_id)
-        assert len(runs) == 1 and runs[0].data.tags["raywalk.sweep_id"] == sweep.sweep_id
-        assert runs[0].data.tags["raywalk.grid.graph.n"] == str(p.grid["graph.n"])
-        steps = sorted(m.step for m in c.get_metric_history(runs[0].info.run_id, "train_loss"))
-        assert steps == list(range(1, len(results[p.experiment_id]["curves"]["train_loss"]) + 1))
-
-    rows = read_csv(sd.read_bytes("summary.csv").decode())
-    assert [c["experiment_id"] for c in rows] == [r["experiment_id"] for r in disk["rows"]]
-    for c, r in zip(rows, disk["rows"]):
-        assert int(c["graph.n"]) == r["grid"]["graph.n"] and c["status"] == r["status"]
-        assert c["svd_eligible"] == str(r["svd_eligible"])
-        assert float(c["final_rule_compliance"]) == r["final_rule_compliance"]
-
-    # Rerun: nothing trains, result.json untouched, the summary is the same.
-    mtimes = {e: root.fs.get_file_info(root.path(f"{e}/result.json")).mtime for e in results}
-    again = run_sweep(sweep, max_concurrent=2, log=lambda s: None)
-    assert again["trials_run"] == 0
-    assert {e: root.fs.get_file_info(root.path(f"{e}/result.json")).mtime for e in results} == mtimes
-    strip = ("trained_now",)
-    assert [{k: v for k, v in r.items() if k not in strip} for r in again["rows"]] == \
-           [{k: v for k, v in r.items() if k not in strip} for r in disk["rows"]]
-    assert not any(r["trained_now"] for r in again["rows"])
-
-    from raywalk.plot import plot_sweep
-    png = plot_sweep(again, tmp_path / "sweep.png")
-    assert png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_summary_line_joins_an_s3_root_with_a_query_string():

@@ -92,6 +92,14 @@ def save_member(run: Store, name: str, state: dict[str, Any], keep_gate: str | N
             run.delete_dir(old)
 
 
+def finished(root: Store, member: WorkerSpec, say) -> bool:
+    """A member whose newest checkpoint is its last (gate passed, or max_epochs): it left the bucket before a
+    restart, and stays out of it."""
+    state, _ = ckpt.newest(root.sub(member.experiment_id, ckpt.RUN_DIR), say)
+    return state is not None and (state["gate_epoch"] is not None
+                                  or int(state["epoch"]) >= member.config.train.max_epochs)
+
+
 class _MemberIO:
     """One member's records: where its checkpoints go, its result.json writer, its trackers and its gate."""
 
@@ -185,9 +193,11 @@ def train_bucket_loop(spec: BucketSpec) -> None:
     cfg = spec.config
     _, _, device, say = _setup(spec)
     root = Store.open(cfg.run.storage)
-    ios = [_MemberIO(m, spec, root, device) for m in spec.members]
+    ios = [_MemberIO(m, spec, root, device) for m in spec.members if not finished(root, m, say)]
+    if not ios:
+        return
     steps = spec.members[0].steps_per_epoch
-    state = BucketState([m.config for m in spec.members], steps, device, [m.experiment_id for m in spec.members])
+    state = BucketState([io.spec.config for io in ios], steps, device, [io.eid for io in ios])
     point = common_point([io.run for io in ios])
     if point is not None:
         state.load_members(_load([io.run for io in ios], point, say))

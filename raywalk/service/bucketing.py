@@ -14,7 +14,6 @@ k it measures, and the gain flattens by 8 on two cores.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 from raywalk.config import Config, ConfigError

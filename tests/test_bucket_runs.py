@@ -1,0 +1,143 @@
+"""Buckets on the session's local Ray: a bucketed sweep (one Tune trial, one fit, four experiments), its
+members as complete experiments on disk, and a bucket whose worker is SIGKILLed mid-epoch resuming exactly."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+import raywalk
+from raywalk.config import Config
+from raywalk.records import checkpoints as ckpt
+from raywalk.records.overview import scan
+from raywalk.records.storage import Store
+from raywalk.service.bucket_driver import train_bucket
+from raywalk.service.sweep import parse_sweep, read_csv
+from raywalk.service.tune import run_sweep
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+
+MAX_EPOCHS = 3
+
+
+def sweep_spec(storage) -> dict:
+    base = json.loads(json.dumps(TINY))
+    # 750 steps an epoch: long enough for a kill from outside to land inside one
+    base["corpus"].update(corpus_size=16000, shard_size=4096)
+    base["train"]["max_epochs"] = MAX_EPOCHS
+    base["gate"].update(sequences=32, edge=0.0)
+    base["run"].update(storage=str(storage), cpus_per_worker=0.5)
+    # gate.rule 0.0 passes at epoch 1 (edge > 0 and any rule check); 1.0 never passes ("rule > 1.0"): those
+    # members train on in the bucket after the others have left, and fail after MAX_EPOCHS
+    return {"name": "tiny-bucket", "base": base, "grid": {"gate.rule": [0.0, 1.0], "seed": [3, 4]}, "bucket": 4}
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bucketed") / "results"
+    spec = sweep_spec(root)
+    spec["base"]["run"]["trackers"] = ["mlflow"]   # each member's MLflow run carries its sweep and grid point
+    sweep = parse_sweep(spec)
+    summary = run_sweep(sweep, max_concurrent=2, log=lambda s: None)
+    return sweep, summary, Store.open(str(root)), root
+
+
+def test_a_bucketed_sweep_trains_its_points_in_one_trial_then_a_rerun_trains_nothing(swept, tmp_path):
+    sweep, summary, root, _ = swept
+    sd = root.sub("sweeps", sweep.sweep_id)
+    results = {p.experiment_id: root.read_json(f"{p.experiment_id}/result.json") for p in sweep.points}
+    bucket = {r["bucket"]["id"] for r in results.values()}
+    assert len(bucket) == 1 and all(sorted(r["bucket"]["members"]) == sorted(results) for r in results.values())
+    assert summary["trials_run"] == 4 and root.listdir("buckets") == list(bucket)
+    disk = sd.read_json("summary.json")
+    assert disk == json.loads(json.dumps(summary))
+    for row in disk["rows"]:
+        r = results[row["experiment_id"]]
+        passing = row["grid"]["gate.rule"] == 0.0
+        # a member that passes leaves at epoch 1, the others train on to max_epochs
+        assert (r["status"], r["epochs_trained"]) == (("passed", 1) if passing else ("failed", MAX_EPOCHS))
+        assert len(r["curves"]["train_loss"]) == r["epochs_trained"] * r["steps_per_epoch"]
+        assert row["bucket"] == r["bucket"]["id"] and row["status"] == r["status"]
+        assert row["final_rule_compliance"] == r["gate"]["final_rule_compliance"]
+        assert row["svd_eligible"] == r["svd_eligible"] == passing
+        kept = [n.rsplit("/", 1)[-1] for n in r["checkpoints"]["kept"]]
+        assert kept == ([ckpt.dir_name(1)] if passing else [ckpt.dir_name(e) for e in range(1, MAX_EPOCHS + 1)])
+    rows = read_csv(sd.read_bytes("summary.csv").decode())
+    assert [c["bucket"] for c in rows] == [r["bucket"] for r in disk["rows"]]
+
+    from tests.test_trackers import mlflow_runs
+    for p in sweep.points:
+        c, runs = mlflow_runs(root.path(), p.experiment_id)
+        assert len(runs) == 1 and runs[0].data.tags["raywalk.sweep_id"] == sweep.sweep_id
+        steps = sorted(m.step for m in c.get_metric_history(runs[0].info.run_id, "train_loss"))
+        assert steps == list(range(1, len(results[p.experiment_id]["curves"]["train_loss"]) + 1))
+
+    mtimes = {e: root.fs.get_file_info(root.path(f"{e}/result.json")).mtime for e in results}
+    again = run_sweep(sweep, max_concurrent=2, log=lambda s: None)
+    assert again["trials_run"] == 0 and not any(r["trained_now"] for r in again["rows"])
+    assert {e: root.fs.get_file_info(root.path(f"{e}/result.json")).mtime for e in results} == mtimes
+
+    from raywalk.plot import plot_sweep
+    assert plot_sweep(again, tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bucket_members_load_export_and_list_like_solo_experiments(swept, tmp_path):
+    sweep, _, root, path = swept
+    listed = {e["experiment_id"]: e for e in scan(root)["experiments"]}
+    assert set(listed) == {p.experiment_id for p in sweep.points}   # buckets/ is not an experiment
+    for p in sweep.points:
+        r = root.read_json(f"{p.experiment_id}/result.json")
+        assert listed[p.experiment_id]["status"] == r["status"]
+        exp = raywalk.load(path / p.experiment_id, checkpoint="gate" if r["status"] == "passed" else "latest")
+        assert type(exp.model).__name__ == "GPT" and exp.config.seed == p.cfg.seed
+        if r["status"] == "passed":
+            manifest = exp.export(tmp_path / p.experiment_id)
+            assert (tmp_path / p.experiment_id / "model.pt").is_file() and manifest["experiment_id"] == p.experiment_id
+
+
+def _kill_mid_epoch(runs: list, killed: list, stop: threading.Event) -> None:
+    """Once every run has its epoch-1 checkpoint, wait into epoch 2 and SIGKILL the training worker."""
+    from ray.util.state import list_actors
+
+    while not stop.is_set():
+        if all((r / ckpt.dir_name(1) / "manifest.json").is_file() for r in runs):
+            time.sleep(0.5)
+            for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]):
+                os.kill(a.pid, signal.SIGKILL)
+                killed.append(a.pid)
+            return
+        time.sleep(0.05)
+
+
+def test_a_bucket_killed_mid_epoch_resumes_every_member_exactly(swept, tmp_path):
+    sweep, _, ref_root, _ = swept
+    cfgs = [Config.from_dict({**p.cfg.to_dict(), "run": {**p.cfg.to_dict()["run"], "trackers": [],
+                                                          "storage": str(tmp_path)}}) for p in sweep.points]
+    runs = [tmp_path / c.experiment_id() / "checkpoints" for c in cfgs if c.gate.rule == 1.0]
+    killed: list[int] = []
+    stop = threading.Event()
+    t = threading.Thread(target=_kill_mid_epoch, args=(runs, killed, stop), daemon=True)
+    t.start()
+    try:
+        got = train_bucket(cfgs, progress=False, log=lambda s: None)
+    finally:
+        stop.set()
+        t.join()
+    assert killed, "the bucket finished before the kill"
+    for p, r in zip(sweep.points, got):
+        want = ref_root.read_json(f"{p.experiment_id}/result.json")
+        assert r["curves"] == want["curves"] and r["status"] == want["status"]
+        if p.cfg.gate.rule == 1.0:   # trained through the kill
+            assert r["restarts"] == 1 and [x["reason"] for x in r["resumes"]] == ["failure"]
+        last = ckpt.dir_name(r["epochs_trained"])
+        a = ckpt.read(Store.open(str(tmp_path)).sub(r["experiment_id"], "checkpoints", last))
+        b = ckpt.read(ref_root.sub(r["experiment_id"], "checkpoints", last))
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+        assert all(torch.equal(x, y) for s, u in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values())
+                   for x, y in zip(s.values(), u.values()))
