@@ -71,10 +71,8 @@ def unwritable(e: BaseException, where: str) -> StorageUnwritable | None:
     return StorageUnwritable(where, why, free_space(where) if "://" not in where else None)
 
 
-def guarded_loop(spec: Any, loop: Callable[[Any], None] | None = None) -> None:
+def guarded_loop(spec: Any, loop: Callable[[Any], None]) -> None:
     """The worker loop, with unfixable faults turned into one recorded stop (see the module doc)."""
-    if loop is None:
-        from raywalk.service.worker import train_loop_per_worker as loop
     if recorded(spec.driver_token) is not None:
         return   # restarted after a recorded stop: end at once, on every rank
     try:

@@ -37,7 +37,7 @@ from raywalk.records.layout import SWEEP_FILE, TB_DIR
 if TYPE_CHECKING:
     from raywalk.records.storage import Store
 
-TRACKERS = {"tensorboard": ("tensorboard", "pip install 'raywalk[tensorboard]'"),
+PACKAGES = {"tensorboard": ("tensorboard", "pip install 'raywalk[tensorboard]'"),   # one per config.TRACKERS
             "mlflow": ("mlflow", "pip install 'raywalk[mlflow]'")}
 MLFLOW_DIR = "mlruns"
 CURVES = ("train_loss", "edge_compliance", "rule_compliance")
@@ -55,7 +55,7 @@ def check(names: tuple[str, ...] | list[str], storage: str) -> None:
     from raywalk.records.storage import is_remote
 
     for name in names:
-        module, install = TRACKERS[name]
+        module, install = PACKAGES[name]
         if importlib.util.find_spec(module) is None:
             raise TrackerError(f"run.trackers: {name!r} needs the {module} package, which is not installed: "
                                f"{install}")
