@@ -30,7 +30,9 @@ from raywalk.science.graph import Graph, Jumpers
 from raywalk.science.model import GPT
 from raywalk.records.result import RESULT
 from raywalk.records.layout import CORPORA
-from raywalk.records.storage import Store, StorageError, check_uri, is_remote, join_uri, split_query
+from raywalk.records.errors import StorageError
+from raywalk.records.storage import Store
+from raywalk.records.uris import check_uri, is_remote, join_uri, split_query
 
 
 class LoadError(ValueError):

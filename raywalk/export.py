@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from raywalk.records.layout import MANIFEST, tmp_name, utc_iso
-from raywalk.records.storage import Store, StorageError, write_synced
+from raywalk.records.errors import StorageError
+from raywalk.records.storage import Store, write_synced
 
 if TYPE_CHECKING:
     from raywalk.analysis import Experiment

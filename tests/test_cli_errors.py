@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from raywalk.cli import main
-from raywalk.records.storage import Store, StorageError
+from raywalk.records.errors import StorageError
+from raywalk.records.storage import Store
 from tests.conftest import QUICKSTART, ROOT
 from tests.s3server import s3_server  # noqa: F401  (fixture)
 

@@ -17,7 +17,9 @@ from raywalk.records import checkpoints as ckpt
 from raywalk.records.lease import LEASE, Lease, LeaseLost, check_holder, hold
 from raywalk.records.overview import experiment_row, status_of
 from raywalk.records.result import RESULT, count_restarts, list_resumes, record_resume, record_worker_start
-from raywalk.records.storage import Store, StorageUnwritable, is_temp, tmp_name, will_recur
+from raywalk.records.errors import StorageUnwritable, will_recur
+from raywalk.records.layout import is_temp, tmp_name
+from raywalk.records.storage import Store
 from raywalk.service.driver import finalise, finished_result, mark_interrupted
 from tests.conftest import mounted_tmpfs, tiny_config
 

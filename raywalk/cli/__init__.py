@@ -15,7 +15,7 @@ class InputError(ValueError):
 def main(argv: list[str] | None = None) -> int:
     from raywalk.config import ConfigError
     from raywalk.service.ray_env import quiet_defaults
-    from raywalk.records.storage import StorageError
+    from raywalk.records.errors import StorageError
 
     argv = sys.argv[1:] if argv is None else argv
     quiet_defaults("--verbose" in argv)   # before anything imports ray

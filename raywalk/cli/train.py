@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     check(cfg.run.trackers, cfg.run.storage)       # a tracker not installed: refused, with the pip command
 
     from raywalk.records.lease import LeaseHeld, LeaseLost
-    from raywalk.records.storage import StorageUnwritable
+    from raywalk.records.errors import StorageUnwritable
 
     try:
         r = train(cfg, fresh=args.fresh, verbose=args.verbose, progress=not args.no_progress)

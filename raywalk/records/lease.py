@@ -39,14 +39,15 @@ from typing import Callable, Iterator
 from urllib.parse import parse_qs
 
 from raywalk.records.layout import LEASE, LEASE_LOCK, STALE_AFTER_S, lease_live, utc_iso
-from raywalk.records.storage import (S3_ATTEMPTS, Store, StorageUnwritable, free_space, rename_into, split_query, warn,
-                                     will_recur, write_temp)
+from raywalk.messages import Tell, tell
+from raywalk.records.errors import StorageUnwritable, free_space, will_recur
+from raywalk.records.storage import S3_ATTEMPTS, Store, rename_into, write_temp
+from raywalk.records.uris import split_query
 
 ENV_STALE = "RAYWALK_LEASE_STALE_AFTER_S"
 ENV_HEARTBEAT = "RAYWALK_LEASE_HEARTBEAT_S"
 ENV_WAIT = "RAYWALK_LEASE_WAIT_S"
 
-Log = Callable[[str], None]
 
 
 def _env_seconds(name: str) -> float | None:
@@ -289,7 +290,7 @@ class Lease:
     """This driver's claim on one experiment (see the module doc)."""
 
     def __init__(self, exp: Store, experiment_id: str, *, stale_after_s: float | None = None,
-                 heartbeat_s: float | None = None, log: Log = warn):
+                 heartbeat_s: float | None = None, log: Tell = tell):
         self.exp, self.experiment_id, self.log = exp, experiment_id, log
         self.stale_after_s, self.heartbeat_s = timings(stale_after_s, heartbeat_s)
         self.holder = uuid.uuid4().hex
@@ -417,7 +418,7 @@ class _Heartbeat(threading.Thread):
     for longer than the stale limit) it sets `lease.lost` to the one-line reason, calls on_lost
     once, and ends."""
 
-    def __init__(self, lease: Lease, log: Log, on_lost: Callable[[str], None] | None):
+    def __init__(self, lease: Lease, log: Tell, on_lost: Callable[[str], None] | None):
         super().__init__(name=f"raywalk-lease-{lease.experiment_id}", daemon=True)
         self.lease, self.log, self.on_lost = lease, log, on_lost
         self.stopped = threading.Event()
@@ -458,7 +459,7 @@ class _Heartbeat(threading.Thread):
 
 
 @contextlib.contextmanager
-def hold(exp: Store, experiment_id: str, *, log: Log = warn, stale_after_s: float | None = None,
+def hold(exp: Store, experiment_id: str, *, log: Tell = tell, stale_after_s: float | None = None,
          heartbeat_s: float | None = None, wait_s: float | None = None,
          on_lost: Callable[[str], None] | None = None) -> Iterator[Lease | None]:
     """Hold the experiment's lease for the block: acquire (LeaseHeld if taken, after waiting up to

@@ -22,7 +22,8 @@ from raywalk.science.gate import by_jump_length
 from raywalk.config import Config
 from raywalk.records.layout import RESULT, utc_iso  # noqa: F401  (RESULT: readers import it from here too)
 from raywalk.records.lease import check_holder
-from raywalk.records.storage import Store, warn
+from raywalk.messages import Tell, tell
+from raywalk.records.storage import Store
 
 
 class _Unset:
@@ -126,7 +127,7 @@ def record_resume(exp: Store, entry: dict[str, Any]) -> None:
     exp.write_json(layout.resume_name(entry["at"]), entry)
 
 
-def list_resumes(exp: Store, log=warn) -> list[dict[str, Any]]:
+def list_resumes(exp: Store, log: Tell = tell) -> list[dict[str, Any]]:
     """Every resume of the experiment, oldest first; a torn record is skipped with a warning naming it."""
     out = []
     for n in exp.listdir(layout.RESUMES):
@@ -203,7 +204,7 @@ def interrupted(r: Result, reason: str, checkpoints: dict[str, Any] = UNSET, at:
 
 # ---- the edges: read and write --------------------------------------------------------
 
-def read(exp: Store, log=warn) -> Result | None:
+def read(exp: Store, log: Tell = tell) -> Result | None:
     """The experiment's record; None when there is none, or it is torn or not a JSON object (logged)."""
     r = exp.read_json_or_warn(RESULT, "result", log) if exp.is_file(RESULT) else None
     return Result.from_json(r) if isinstance(r, dict) else None

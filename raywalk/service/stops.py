@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 from raywalk.records.lease import LeaseLost, check_holder
 from raywalk.records.layout import RUN_DIR
-from raywalk.records.storage import Store, StorageUnwritable, free_space, will_recur
+from raywalk.records.errors import StorageUnwritable, free_space, unwritable
+from raywalk.records.storage import Store
 from raywalk.service import ray_private
 
 NAMESPACE = "raywalk"
@@ -53,22 +54,6 @@ def _stop(token: str, kind: str, line: str, detail: dict | None = None) -> Stopp
     record(token, kind, line, detail)
     ray_private.quiet_train_function_errors()   # if raised (world > 1)
     return Stopped(line)
-
-
-def unwritable(e: BaseException, where: str) -> StorageUnwritable | None:
-    """e as a StorageUnwritable (through Ray's task-error wrapping), None if it is not one."""
-    x: BaseException | None = e
-    seen = set()
-    while x is not None and id(x) not in seen:
-        seen.add(id(x))
-        if isinstance(x, StorageUnwritable) and getattr(x, "what", None):
-            return StorageUnwritable(x.what, x.why, x.free)
-        cause = getattr(x, "cause", None)
-        x = cause if isinstance(cause, BaseException) else (x.__cause__ or x.__context__)
-    why = will_recur(e)
-    if why is None:
-        return None
-    return StorageUnwritable(where, why, free_space(where) if "://" not in where else None)
 
 
 def guarded_loop(spec: Any, loop: Callable[[Any], None]) -> None:

@@ -52,7 +52,7 @@ def check(names: tuple[str, ...] | list[str], storage: str) -> None:
     """TrackerError unless every named tracker's library is importable and has somewhere to write.
 
     Looks the packages up without importing them (cheap; before Ray starts)."""
-    from raywalk.records.storage import is_remote
+    from raywalk.records.uris import is_remote
 
     for name in names:
         module, install = PACKAGES[name]

@@ -51,12 +51,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from raywalk.config import Config
 from raywalk.records import layout
-from raywalk.records.storage import Store, join_uri
-from raywalk.records.storage import warn as _stderr
+from raywalk.records.storage import Store
+from raywalk.records.uris import join_uri
+from raywalk.messages import Tell, tell
 from raywalk.service.sweep import Point, Sweep, build_summary, format_table, summary_row, to_csv
 
 TRIAL_CPU = 0.1
@@ -64,7 +65,6 @@ DATA_CPU = 1.0
 DRIVER_RESOURCE = "raywalk_driver"   # declared by the head node in cluster.yaml
 DRIVER_UNIT = 1.0                    # what one trial driver takes of it
 
-Log = Callable[[str], None]
 
 
 def trial_need(cfg: Config, on_head: bool = False) -> dict[str, float]:
@@ -230,7 +230,7 @@ def _train_recorded(cfg: Config, eid: str, sweep_store: Store, verbose: bool) ->
     return r, wall
 
 
-def _prebuild_corpora(points: list[Point], root: Store, log: Log) -> None:
+def _prebuild_corpora(points: list[Point], root: Store, log: Tell) -> None:
     from raywalk.service.corpus import build_corpus, ray_mapper
 
     done: set[str] = set()
@@ -244,7 +244,7 @@ def _prebuild_corpora(points: list[Point], root: Store, log: Log) -> None:
 
 
 def run_sweep(sweep: Sweep, *, storage: str | None = None, max_concurrent: int | None = None,
-              verbose: bool = False, log: Log = _stderr) -> dict[str, Any]:
+              verbose: bool = False, log: Tell = tell) -> dict[str, Any]:
     """Run the sweep's unfinished points as Tune trials; write and return the summary."""
     from raywalk.service.driver import finished_result
 
@@ -266,7 +266,7 @@ def run_sweep(sweep: Sweep, *, storage: str | None = None, max_concurrent: int |
 
 
 def _run_trials(sweep: Sweep, pending: list[Point], root: Store, sd: Store, max_concurrent: int | None,
-                verbose: bool, log: Log) -> int:
+                verbose: bool, log: Tell) -> int:
     """The pending points as one Tuner's trials, on the joined or a local Ray; returns the concurrency used."""
     if not verbose:
         # Tune's newer console output prints its experiment box and paths even at verbose=0;
@@ -289,7 +289,7 @@ def _run_trials(sweep: Sweep, pending: list[Point], root: Store, sd: Store, max_
     return k_used
 
 
-def _plan_concurrency(pending: list[Point], max_concurrent: int | None, log: Log) -> tuple[int, bool]:
+def _plan_concurrency(pending: list[Point], max_concurrent: int | None, log: Tell) -> tuple[int, bool]:
     """(trials at once, drivers on the head), said in one line with what a trial holds and where it came from."""
     import ray
 
