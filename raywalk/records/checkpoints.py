@@ -21,7 +21,6 @@ leaves no snapshot, and its rerun goes on from that checkpoint on disk.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import pickle
@@ -32,6 +31,7 @@ from typing import Any, Callable
 import torch
 
 from raywalk.records.layout import MANIFEST, RUN_DIR, STATE  # noqa: F401  (RUN_DIR: callers say ckpt.RUN_DIR)
+from raywalk.records.manifest import Mismatch, check_bytes, entry, listed
 from raywalk.records.storage import Store, replace_local
 
 FORMAT = 1                     # the state's layout, recorded in it as "format"
@@ -76,8 +76,7 @@ def pack(state: dict[str, Any]) -> dict[str, bytes]:
     buf = io.BytesIO()
     torch.save({"format": FORMAT, **state}, buf)
     data = buf.getvalue()
-    manifest = {"files": {STATE: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}},
-                "epoch": int(state["epoch"])}
+    manifest = {"files": {STATE: entry(data)}, "epoch": int(state["epoch"])}
     return {STATE: data, MANIFEST: json.dumps(manifest).encode()}
 
 
@@ -90,19 +89,15 @@ def verify(files: dict[str, bytes]) -> dict[str, Any]:
     except ValueError as e:
         raise CheckpointError(f"manifest.json is unreadable ({e})") from None
     try:
-        listed = dict(manifest["files"])
-        if STATE not in listed:
+        files_listed = dict(listed(manifest))
+        if STATE not in files_listed:
             raise KeyError(STATE)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"manifest.json is incomplete (no entry {e})") from None
-    for name, meta in listed.items():
-        data = files.get(name)
-        if data is None:
-            raise CheckpointError(f"{name} is missing")
-        if len(data) != meta["size"]:
-            raise CheckpointError(f"{name} has {len(data)} bytes, manifest says {meta['size']} (truncated?)")
-        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-            raise CheckpointError(f"{name} does not match its sha256 (corrupt or modified)")
+    try:
+        check_bytes(files_listed, files)
+    except Mismatch as e:
+        raise CheckpointError(str(e)) from None
     return manifest
 
 

@@ -30,6 +30,7 @@ MANIFEST = "manifest.json"    # the file written last in a corpus, a checkpoint 
 STATE = "state.pt"            # a checkpoint's state
 RUN_DIR = "checkpoints"       # ROOT/<experiment_id>/checkpoints: Ray's run directory (RunConfig.name)
 CORPORA = "corpora"
+CORPUS_GRAPH = "graph.parquet"   # corpora/<corpus_id>/graph.parquet: the graph's edges
 SWEEPS = "sweeps"
 SUMMARY = "summary.json"
 SUMMARY_CSV = "summary.csv"
@@ -60,6 +61,11 @@ def notice_of(name: str, attempt: int) -> bool:
 
 def resume_name(at: str) -> str:
     return f"{RESUMES}/{at.replace(':', '')}-{uuid.uuid4().hex[:8]}.json"
+
+
+def corpus_shard(split: str, index: int) -> str:
+    """corpora/<corpus_id>/<split>/part-NNNNN.parquet: a corpus shard of walks."""
+    return f"{split}/part-{index:05d}.parquet"
 
 
 def trial_record(experiment_id: str) -> str:

@@ -11,7 +11,7 @@ import torch
 from raywalk.records.errors import byte_size
 from raywalk.science.batches import fill_windows, token_dtype
 from raywalk.config import ConfigError, TrainConfig
-from raywalk.service.corpus import Corpus
+from raywalk.records.corpus import Corpus
 from raywalk.science.loop import epoch_seed
 from raywalk.service.windows import batch_to_windows, windows_per_walk
 

@@ -24,7 +24,7 @@ from raywalk.records import checkpoints as ckpt
 from raywalk.science.gate import Gate
 from raywalk.service import ray_private, stops
 from raywalk.config import Config
-from raywalk.service.corpus import Corpus
+from raywalk.records.corpus import Corpus
 from raywalk.records.result import ResultWriter
 from raywalk.records.storage import Store
 from raywalk.science.batches import ResidentWindows

@@ -25,11 +25,12 @@ import torch
 
 from raywalk.records import checkpoints as ckpt
 from raywalk.config import Config, ConfigError
-from raywalk.service.corpus import Corpus, CorpusError, check_files, read_manifest
+from raywalk.records.corpus import Corpus, CorpusError, check_files, read_manifest
 from raywalk.science.graph import Graph, Jumpers
 from raywalk.science.model import GPT
 from raywalk.records.result import RESULT
-from raywalk.records.layout import CORPORA
+from raywalk.records.layout import CORPORA, CORPUS_GRAPH
+from raywalk.records.manifest import listed
 from raywalk.records.errors import StorageError
 from raywalk.records.storage import Store
 from raywalk.records.uris import check_uri, is_remote, join_uri, split_query
@@ -206,7 +207,7 @@ def _open_checked(store: Store, cfg: Config) -> Corpus:
     """The corpus at store if it is the config's; the files read here are checked against the manifest."""
     try:
         m = read_manifest(store, cfg)
-        check_files(store, m["checksums"], "full", only=["graph.parquet", *m["splits"]["eval"]["files"]])
+        check_files(store, listed(m), "full", only=[CORPUS_GRAPH, *m["splits"]["eval"]["files"]])
     except CorpusError as e:
         raise LoadError(str(e)) from None
     return Corpus(store, m)
