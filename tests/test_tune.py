@@ -8,7 +8,8 @@ import json
 import pytest
 
 from raywalk.records.storage import Store
-from raywalk.service.sweep import parse_sweep, read_csv
+from raywalk.service.sweep import parse_sweep
+from raywalk.service.sweep_summary import read_csv
 from raywalk.service.tune import (DATA_CPU, DRIVER_RESOURCE, TRIAL_CPU, capacity_from_autoscaling_config, concurrency,
                           default_concurrency, monitor_config_path, run_sweep, trial_resources)
 from tests.conftest import TINY
@@ -144,7 +145,7 @@ def test_two_point_sweep_then_rerun_trains_nothing(tmp_path):
 def test_summary_line_joins_an_s3_root_with_a_query_string():
     import io
 
-    from raywalk.service.sweep import build_summary, summary_row
+    from raywalk.service.sweep_summary import build_summary, summary_row
     from raywalk.service.tune import print_summary
 
     sweep = parse_sweep(tiny_sweep("unused"))

@@ -58,7 +58,8 @@ from raywalk.records import layout
 from raywalk.records.storage import Store
 from raywalk.records.uris import join_uri
 from raywalk.messages import Tell, tell
-from raywalk.service.sweep import Point, Sweep, build_summary, format_table, summary_row, to_csv
+from raywalk.service.sweep import Point, Sweep
+from raywalk.service.sweep_summary import build_summary, format_table, summary_row, to_csv
 
 TRIAL_CPU = 0.1
 DATA_CPU = 1.0
