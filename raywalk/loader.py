@@ -28,8 +28,8 @@ from raywalk.config import Config, ConfigError
 from raywalk.records.corpus import Corpus, CorpusError, check_files, read_manifest
 from raywalk.science.graph import Graph, Jumpers
 from raywalk.science.model import GPT
-from raywalk.records.result import RESULT
-from raywalk.records.layout import CORPORA, CORPUS_GRAPH
+from raywalk.records.result import Unreadable, load as load_result
+from raywalk.records.layout import CORPORA, CORPUS_GRAPH, RESULT
 from raywalk.records.manifest import listed
 from raywalk.records.errors import StorageError
 from raywalk.records.storage import Store
@@ -146,17 +146,13 @@ def _parent(uri: str) -> str:
 
 def _read_result(exp: Store) -> dict[str, Any]:
     try:
-        found = exp.is_file(RESULT)
+        r = load_result(exp)
+    except Unreadable as e:
+        raise LoadError(str(e)) from None
     except OSError as e:
         raise LoadError(f"cannot read {exp.child_uri(RESULT)}: {e}") from None
-    if not found:
+    if r is None:
         raise LoadError(f"no experiment at {exp.uri}: {exp.child_uri(RESULT)} does not exist")
-    try:
-        r = exp.read_json(RESULT)
-    except ValueError as e:
-        raise LoadError(f"{exp.child_uri(RESULT)} is not valid JSON ({e})") from None
-    if not isinstance(r, dict):
-        raise LoadError(f"{exp.child_uri(RESULT)} is not a raywalk result (not a JSON object)")
     return r
 
 

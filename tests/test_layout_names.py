@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 from raywalk.records import layout
+from raywalk.records.lease import lease_live
 
 
 def test_temp_names_are_hidden_and_never_taken_for_the_file():
@@ -15,7 +16,7 @@ def test_temp_names_are_hidden_and_never_taken_for_the_file():
 
 def test_lease_liveness_rule():
     now = time.time()
-    assert layout.lease_live(now - 59.9, 60.0, now) and not layout.lease_live(now - 60.0, 60.0, now)
+    assert lease_live(now - 59.9, 60.0, now) and not lease_live(now - 60.0, 60.0, now)
 
 
 def test_timestamps_keep_each_files_form_and_all_parse_back():

@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     check(cfg.run.trackers, cfg.run.storage)       # a tracker not installed: refused, with the pip command
 
     from raywalk.records.lease import LeaseHeld, LeaseLost
+    from raywalk.records.result import is_finished
     from raywalk.records.errors import StorageUnwritable
 
     try:
@@ -52,4 +53,4 @@ def run(args: argparse.Namespace) -> int:
     except LeaseLost as e:   # another driver took the experiment over: this one stopped writing
         print(f"raywalk train: {e}", file=sys.stderr)
         return EXIT_LEASE_LOST
-    return 0 if r["status"] in ("passed", "failed") else 1
+    return 0 if is_finished(r["status"]) else 1

@@ -43,4 +43,6 @@ def run(args: argparse.Namespace) -> int:
         check(p.cfg.run.trackers, args.storage or p.cfg.run.storage)
     summary = run_sweep(sweep, storage=args.storage, max_concurrent=args.max_concurrent, verbose=args.verbose)
     print_summary(summary, Store.open(args.storage or sweep.base.run.storage).uri)
-    return 0 if all(r["status"] in ("passed", "failed") for r in summary["rows"]) else 1
+    from raywalk.records.result import is_finished
+
+    return 0 if all(is_finished(r["status"]) for r in summary["rows"]) else 1

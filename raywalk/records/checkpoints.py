@@ -28,8 +28,6 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from raywalk.records.layout import MANIFEST, RUN_DIR, STATE  # noqa: F401  (RUN_DIR: callers say ckpt.RUN_DIR)
 from raywalk.records.manifest import Mismatch, check_bytes, entry, listed
 from raywalk.records.storage import Store, replace_local
@@ -73,6 +71,8 @@ def is_mid_epoch(name: str) -> bool:
 
 def pack(state: dict[str, Any]) -> dict[str, bytes]:
     """A checkpoint's files for a training state (TrainingState.state_dict): state.pt and its manifest."""
+    import torch   # here, not at import: `raywalk ls` reads result.json (which names checkpoints) without torch
+
     buf = io.BytesIO()
     torch.save({"format": FORMAT, **state}, buf)
     data = buf.getvalue()
@@ -103,6 +103,8 @@ def verify(files: dict[str, bytes]) -> dict[str, Any]:
 
 def unpack(files: dict[str, bytes]) -> dict[str, Any]:
     """The training state of a checkpoint's files, verified against the manifest and loaded as data only."""
+    import torch
+
     verify(files)
     try:
         return torch.load(io.BytesIO(files[STATE]), weights_only=True, map_location="cpu")

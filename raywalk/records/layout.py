@@ -101,15 +101,6 @@ def is_temp(name: str) -> bool:
     return bool(_TMP_RE.match(name.rsplit("/", 1)[-1]))
 
 
-# ---- the lease's liveness rule ----------------------------------------------------------
-STALE_AFTER_S = 60.0
-
-
-def lease_live(heartbeat_unix: float, stale_after_s: float, now: float | None = None) -> bool:
-    """A lease is live while its holder renewed it less than stale_after_s ago (the holder's clock)."""
-    return (time.time() if now is None else now) - heartbeat_unix < stale_after_s
-
-
 # ---- timestamps -------------------------------------------------------------------------
 # ISO-8601 UTC throughout. The files keep the forms they have always held, so old files read the
 # same: result.json's updated_at, ls and export to the second ("...+00:00"), resumes and

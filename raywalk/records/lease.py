@@ -38,12 +38,13 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 from urllib.parse import parse_qs
 
-from raywalk.records.layout import LEASE, LEASE_LOCK, STALE_AFTER_S, lease_live, utc_iso
+from raywalk.records.layout import LEASE, LEASE_LOCK, utc_iso
 from raywalk.messages import Tell, tell
 from raywalk.records.errors import StorageUnwritable, free_space, will_recur
 from raywalk.records.storage import S3_ATTEMPTS, Store, rename_into, write_temp
 from raywalk.records.uris import split_query
 
+STALE_AFTER_S = 60.0
 ENV_STALE = "RAYWALK_LEASE_STALE_AFTER_S"
 ENV_HEARTBEAT = "RAYWALK_LEASE_HEARTBEAT_S"
 ENV_WAIT = "RAYWALK_LEASE_WAIT_S"
@@ -61,6 +62,11 @@ def _env_seconds(name: str) -> float | None:
     if not v > 0:
         raise ValueError(f"{name}: {raw!r} is invalid: must be a number of seconds > 0")
     return v
+
+
+def lease_live(heartbeat_unix: float, stale_after_s: float, now: float | None = None) -> bool:
+    """The one liveness rule: live while its holder renewed it less than stale_after_s ago (the holder's clock)."""
+    return (time.time() if now is None else now) - heartbeat_unix < stale_after_s
 
 
 def timings(stale_after_s: float | None = None, heartbeat_s: float | None = None) -> tuple[float, float]:
@@ -269,6 +275,13 @@ class _S3:
             return False
         self.client.delete_object(Bucket=self.bucket, Key=self.key)
         return True
+
+
+def stored(exp: Store) -> tuple[bool, LeaseInfo | None]:
+    """(whether a lease file is there, the lease it holds: None when torn or foreign), read through the
+    Store, so it works on any root `raywalk ls` lists (no conditional-write backend needed)."""
+    data = exp.read_if_exists(LEASE)
+    return (False, None) if data is None else (True, LeaseInfo.decode(data))
 
 
 def supported(exp: Store) -> bool:

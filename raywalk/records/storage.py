@@ -148,6 +148,22 @@ class Store:
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
 
+    def read_if_exists(self, rel: str) -> bytes | None:
+        """The bytes at rel; None when there is no file."""
+        try:
+            return self.read_bytes(rel)
+        except FileNotFoundError:
+            return None
+        except OSError:
+            if not self.exists(rel):   # object stores raise a plain OSError for a missing key
+                return None
+            raise
+
+    def read_json_if_exists(self, rel: str) -> Any | None:
+        """The JSON at rel; None when there is no file; ValueError when it is not JSON."""
+        data = self.read_if_exists(rel)
+        return None if data is None else json.loads(data)
+
     def listdir(self, rel: str = "") -> list[str]:
         """Names directly under rel (empty when it does not exist); temp files are never listed."""
         sel = pafs.FileSelector(self.path(rel), allow_not_found=True, recursive=False)

@@ -25,7 +25,8 @@ from raywalk.config import Config, ConfigError
 from raywalk.service.windows import windows_per_walk
 from raywalk.service.corpus import build_corpus, ray_mapper
 from raywalk.records.lease import LeaseLost
-from raywalk.records.result import RESULT, count_restarts
+from raywalk.records.result import count_restarts
+from raywalk.records.layout import RESULT
 from raywalk.records.errors import StorageUnwritable, unwritable
 from raywalk.records.storage import FAULT_ENV, Store
 from raywalk.messages import Tell, tell
@@ -44,15 +45,6 @@ def retire(root: Store, experiment_id: str, log: Tell) -> None:
     aside = layout.aside(experiment_id)
     root.move(experiment_id, aside)
     log(f"--fresh: moved the earlier run to {root.child_uri(aside)}")
-
-
-def finished_result(root: Store, experiment_id: str, log: Tell = tell) -> dict[str, Any] | None:
-    exp = root.sub(experiment_id)
-    if exp.is_file(RESULT):
-        r = exp.read_json_or_warn(RESULT, "result", log)   # torn: not finished, train (and rewrite it)
-        if isinstance(r, dict) and r.get("status") in ("passed", "failed"):
-            return r
-    return None
 
 
 def resume_hint(exp: Store) -> str:
@@ -140,11 +132,11 @@ def train(cfg: Config, *, fresh: bool = False, verbose: bool = False, progress: 
     if fresh:
         lease.Lease(root.sub(exp_id), exp_id).check_free()   # never move a running driver's experiment
         retire(root, exp_id, log)
-    done = finished_result(root, exp_id, log)
+    done = result.read_finished(root.sub(exp_id), log)   # torn: not finished, train (and rewrite it)
     if done is not None:
-        log(f"experiment {exp_id} already finished ({done['status']}); not training again "
+        log(f"experiment {exp_id} already finished ({done.status}); not training again "
             f"(use --fresh to start over)")
-        return done
+        return done.to_json()
     _check_before_ray(cfg)
     run = functools.partial(_train_leased, cfg, root, exp_id, verbose=verbose, progress=progress,
                             callbacks=callbacks, instruments=instruments, log=log)

@@ -7,6 +7,7 @@ import io
 from typing import Any, Mapping
 
 from raywalk.records.overview import table_lines
+from raywalk.records.result import sweep_status
 from raywalk.service.sweep import SCALING_RULE, Point, Sweep
 
 ROW_FIELDS = ("point", "experiment_id", "status", "epochs_trained", "final_edge_compliance",
@@ -18,19 +19,15 @@ def summary_row(point: Point, result: Mapping[str, Any] | None, record: Mapping[
                 result_uri: str | None) -> dict[str, Any]:
     """One row: the point's grid values, its result.json figures and the sweep's own trial record.
 
-    status: passed | failed (finished, gate not passed) | running (interrupted; rerun resumes) |
-    error (the trial raised; see failure_reason) | not_run.
+    status: result.sweep_status (the trial's error, if any, is the failure_reason).
     """
     record = record or {}
+    status = sweep_status(None if result is None else result.get("status", "running"), record.get("error"))
     if result is None:
-        status = "error" if record.get("error") else "not_run"
         g: Mapping[str, Any] = {}
         epochs = None
         reason = record.get("error")
     else:
-        status = result.get("status", "running")
-        if record.get("error") and status not in ("passed", "failed"):
-            status = "error"
         g = result.get("gate") or {}
         epochs = result.get("epochs_trained")
         reason = (result.get("failure") or {}).get("reason") if status == "failed" else record.get("error")

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from raywalk.config import Config
-from raywalk.records import layout
+from raywalk.records import layout, result
 from raywalk.records.storage import Store
 from raywalk.records.uris import join_uri
 from raywalk.messages import Tell, tell
@@ -247,13 +247,11 @@ def _prebuild_corpora(points: list[Point], root: Store, log: Tell) -> None:
 def run_sweep(sweep: Sweep, *, storage: str | None = None, max_concurrent: int | None = None,
               verbose: bool = False, log: Tell = tell) -> dict[str, Any]:
     """Run the sweep's unfinished points as Tune trials; write and return the summary."""
-    from raywalk.service.driver import finished_result
-
     root = Store.open(storage or sweep.base.run.storage)
     sweep = sweep.with_storage(root.uri)      # absolute: trials run in other directories
     sd = sweep_dir(root, sweep.sweep_id)
     t0 = time.perf_counter()
-    pending = [p for p in sweep.points if finished_result(root, p.experiment_id) is None]
+    pending = [p for p in sweep.points if result.read_finished(root.sub(p.experiment_id), log) is None]
     log(f"sweep {sweep.sweep_id}: {len(sweep.points)} points, {len(sweep.points) - len(pending)} already "
         f"finished, {len(pending)} to run; results under {root.uri}")
     k_used = _run_trials(sweep, pending, root, sd, max_concurrent, verbose, log) if pending else None
@@ -334,13 +332,13 @@ def _summary_rows(sweep: Sweep, root: Store, sd: Store, ran: set[str]) -> list[d
     rows = []
     for p in sweep.points:
         exp = root.sub(p.experiment_id)
-        result = exp.read_json_or_warn(layout.RESULT, "result") if exp.is_file(layout.RESULT) else None
-        result = result if isinstance(result, dict) else None   # torn: the point counts as not run
+        r = result.read(exp)   # torn: the point counts as not run
         rec = sd.read_json_or_warn(layout.trial_record(p.experiment_id), "trial record") \
             if sd.is_file(layout.trial_record(p.experiment_id)) else {}
         rec = rec if isinstance(rec, dict) else {}
         rec = {**rec, "trained_now": p.experiment_id in ran}
-        rows.append(summary_row(p, result, rec, exp.child_uri(layout.RESULT) if result is not None else None))
+        rows.append(summary_row(p, r.to_json() if r is not None else None, rec,
+                                exp.child_uri(layout.RESULT) if r is not None else None))
     return rows
 
 
