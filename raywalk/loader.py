@@ -29,7 +29,7 @@ from raywalk.records.corpus import Corpus, CorpusError, check_files, read_manife
 from raywalk.science.graph import Graph, Jumpers
 from raywalk.science.model import GPT
 from raywalk.records.result import Unreadable, load as load_result
-from raywalk.records.layout import CORPORA, CORPUS_GRAPH, RESULT
+from raywalk.records.layout import CORPORA, CORPUS_GRAPH, RESULT, RUN_DIR
 from raywalk.records.manifest import listed
 from raywalk.records.errors import StorageError
 from raywalk.records.storage import Store
@@ -103,7 +103,7 @@ def load(where: str | Path, checkpoint: str | int = "gate", device: str | torch.
 
     state, name = _checkpoint(exp, result, eid, checkpoint)
     if state.get("experiment_id", eid) != eid:
-        raise LoadError(f"experiment {eid}: checkpoint {exp.child_uri(ckpt.RUN_DIR, name)} belongs to "
+        raise LoadError(f"experiment {eid}: checkpoint {exp.child_uri(RUN_DIR, name)} belongs to "
                         f"experiment {state['experiment_id']}")
     model = GPT.from_config(cfg)
     try:
@@ -117,7 +117,7 @@ def load(where: str | Path, checkpoint: str | int = "gate", device: str | torch.
 
     corpus = _find_corpus(exp_uri, result, cfg, eid)
     return Experiment(config=cfg, result=result, model=model, graph=corpus.graph(), jumpers=corpus.jumpers(),
-                      epoch=int(state["epoch"]), checkpoint_uri=exp.child_uri(ckpt.RUN_DIR, name), corpus=corpus,
+                      epoch=int(state["epoch"]), checkpoint_uri=exp.child_uri(RUN_DIR, name), corpus=corpus,
                       requested=checkpoint)
 
 
@@ -157,7 +157,7 @@ def _read_result(exp: Store) -> dict[str, Any]:
 
 
 def _checkpoint(exp: Store, result: dict[str, Any], eid: str, which: str | int) -> tuple[dict[str, Any], str]:
-    run = exp.sub(ckpt.RUN_DIR)
+    run = exp.sub(RUN_DIR)
     if which == "gate":
         epoch = _gate_epoch(result, eid, run)
     elif which == "latest":

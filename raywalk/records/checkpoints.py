@@ -1,4 +1,7 @@
-"""Checkpoints, the one home: names, file format, save, verify, resume point, listing, retention, selection.
+"""Checkpoints, the one home: names, file format, save, verify, resume point and hint, listing, retention, selection.
+
+The Ray side — reporting a saved checkpoint to Ray Train, restoring Ray's registered one, removing
+one whose upload failed — is service/checkpointing.py (this module imports no Ray).
 
 A checkpoint is a directory `epoch_NNNN` (after NNNN whole epochs) or
 `epoch_NNNN_step_SSSSSS` (a just-in-time one, SSSSSS steps into the next epoch)
@@ -28,7 +31,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from raywalk.records.layout import MANIFEST, RUN_DIR, STATE  # noqa: F401  (RUN_DIR: callers say ckpt.RUN_DIR)
+from raywalk.records.layout import MANIFEST, RUN_DIR, STATE
 from raywalk.records.manifest import Mismatch, check_bytes, entry, listed
 from raywalk.records.storage import Store, replace_local
 
@@ -202,6 +205,19 @@ def resume_point(run: Store, registered: Any, warn: Warn) -> tuple[dict[str, Any
     ray_own = Store(registered.filesystem, path, run.child_uri(name))
     older = candidates(run, name)[1:] if is_checkpoint(name) else []
     return _first_that_loads([(name, ray_own)] + [(n, run.sub(n)) for n in older], run, warn)
+
+
+def resume_hint(exp: Store) -> str:
+    """The newest intact checkpoint and how to go on from it (for a storage stop's one line)."""
+    try:
+        found = newest_intact(exp.sub(RUN_DIR))
+    except Exception:   # the store itself is unreachable: say nothing we do not know
+        found = None
+    if found is None:
+        return "no intact checkpoint yet; rerun the same command to start it again once there is room"
+    name, epoch = found
+    return (f"newest intact checkpoint {exp.sub(RUN_DIR).child_uri(name)} (epoch {epoch}); rerun the same "
+            f"command to resume from it once there is room")
 
 
 # ---- selection for raywalk.load / export --------------------------------------------------

@@ -20,13 +20,13 @@ from raywalk.records import layout, lease, result
 from raywalk.service import ray_env
 from raywalk.service import stops
 from raywalk.service import trackers
-from raywalk.records.checkpoints import KEEP, RUN_DIR, info as checkpoint_info, newest_intact
+from raywalk.records.checkpoints import KEEP, info as checkpoint_info, resume_hint
 from raywalk.config import Config, ConfigError
 from raywalk.service.windows import windows_per_walk
 from raywalk.service.corpus import build_corpus, ray_mapper
 from raywalk.records.lease import LeaseLost
 from raywalk.records.result import count_restarts
-from raywalk.records.layout import RESULT
+from raywalk.records.layout import RESULT, RUN_DIR
 from raywalk.records.errors import StorageUnwritable, unwritable
 from raywalk.records.storage import FAULT_ENV, Store
 from raywalk.messages import Tell, tell
@@ -45,19 +45,6 @@ def retire(root: Store, experiment_id: str, log: Tell) -> None:
     aside = layout.aside(experiment_id)
     root.move(experiment_id, aside)
     log(f"--fresh: moved the earlier run to {root.child_uri(aside)}")
-
-
-def resume_hint(exp: Store) -> str:
-    """The newest intact checkpoint and how to go on from it (for a storage stop's one line)."""
-    try:
-        found = newest_intact(exp.sub(RUN_DIR))
-    except Exception:   # the store itself is unreachable: say nothing we do not know
-        found = None
-    if found is None:
-        return "no intact checkpoint yet; rerun the same command to start it again once there is room"
-    name, epoch = found
-    return (f"newest intact checkpoint {exp.sub(RUN_DIR).child_uri(name)} (epoch {epoch}); rerun the same "
-            f"command to resume from it once there is room")
 
 
 def mark_interrupted(exp: Store, exp_id: str, cfg: Config, reason: str, log: Tell) -> bool:

@@ -14,9 +14,8 @@ import contextlib
 import json
 from typing import Any, Callable
 
-from raywalk.records.lease import LeaseLost, check_holder
-from raywalk.records.layout import RUN_DIR
-from raywalk.records.errors import StorageUnwritable, free_space, unwritable
+from raywalk.records.lease import LeaseLost
+from raywalk.records.errors import unwritable
 from raywalk.records.storage import Store
 from raywalk.service import ray_private
 
@@ -76,29 +75,3 @@ def guarded_loop(spec: Any, loop: Callable[[Any], None]) -> None:
     if ray.train.get_context().get_world_size() == 1:
         return   # alone: ending normally ends the run at once (no worker-group restart to sit through)
     raise stop from None   # other ranks wait in collectives: a raise makes Ray tear the group down
-
-
-def check_lease(spec: Any) -> None:
-    """LeaseLost unless this worker's driver still holds the experiment's lease (before a durable write)."""
-    holder = getattr(spec, "lease_holder", "")
-    if holder:
-        check_holder(Store.open(spec.config.run.storage).sub(spec.experiment_id), spec.experiment_id, holder)
-
-
-@contextlib.contextmanager
-def checkpoint_upload(spec: Any, name: str, uploading: bool):
-    """Around ray.train.report: a checkpoint whose upload failed for good is removed (it was never
-    registered, and a torn copy only takes room), and the error names it."""
-    try:
-        yield
-    except Exception as e:
-        if not uploading:
-            raise
-        ckpts = Store.open(spec.config.run.storage).sub(spec.experiment_id, RUN_DIR)
-        u = unwritable(e, ckpts.child_uri(name))
-        if u is None:
-            raise
-        with contextlib.suppress(Exception):
-            ckpts.delete_dir(name)
-        u = StorageUnwritable(ckpts.child_uri(name), u.why, free_space(ckpts.path(name)) if ckpts.local else None)
-        raise u from None
