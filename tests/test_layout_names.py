@@ -1,6 +1,7 @@
 """records/layout.py: the names and rules of what a run leaves on disk (no Ray, no storage I/O)."""
 from __future__ import annotations
 
+import re
 import time
 
 from raywalk.records import layout
@@ -47,3 +48,44 @@ def test_layout_needs_only_the_standard_library():
             "print(bad); sys.exit(1 if bad else 0)\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def _readme_paths() -> list[str]:
+    """The paths the README's "Where things go" tree draws, under ROOT, from its indentation (comments dropped)."""
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    block = text.split("## Where things go", 1)[1].split("```", 2)[1]
+    stack: list[tuple[int, str]] = []
+    paths = []
+    for line in block.splitlines():
+        name = line.split("#", 1)[0].rstrip().rstrip("/")
+        if not name.strip():
+            continue
+        depth = len(name) - len(name.lstrip())
+        stack = [(d, n) for d, n in stack if d < depth] + [(depth, name.strip())]
+        paths.append("/".join(n for _, n in stack[1:]))   # stack[0] is ROOT itself
+    return [p for p in paths if p]
+
+
+def _as_drawn(path: str) -> str:
+    """A name a layout rule made, in the README's notation: <stamp>, <hex>, NNNN for numbers."""
+    path = re.sub(r"\d{8}-\d{6}", "<stamp>", path)
+    path = re.sub(r"(?<![0-9a-f])[0-9a-f]{8,}(?![0-9a-f])", "<hex>", path)
+    return re.sub(r"\d{4,}", lambda m: "N" * len(m.group()), path)
+
+
+def test_the_readme_tree_draws_every_name_on_disk_and_only_those():
+    from raywalk.records.checkpoints import dir_name
+
+    paths = _readme_paths()
+    parts = {part for p in paths for part in p.split("/")}
+    assert [n for n in layout.NAMES if n not in parts] == []             # every name on disk is drawn
+    splits = {layout.corpus_shard(s, 0).split("/")[0] for s in ("train", "eval")}
+    literal = {p for p in parts if "<" not in p and "NNNN" not in p}
+    assert literal - set(layout.NAMES) - splits == set()                # and no other
+    made = ["corpora/<corpus_id>/" + layout.corpus_shard("train", 7), f"<experiment_id>/{layout.RUN_DIR}/{dir_name(7)}",
+            "<experiment_id>/" + layout.attempt_marker("<driver>"), "<experiment_id>/" + layout.notice_name("<driver>", 7),
+            "<experiment_id>/" + layout.resume_name("<at>"), layout.aside("<experiment_id>"),
+            f"sweeps/<sweep_id>/{layout.trial_record('<experiment_id>')}"]
+    assert [_as_drawn(m) for m in made if _as_drawn(m) not in paths] == []   # the rules' names, where drawn

@@ -1,17 +1,6 @@
 """Every name raywalk gives a file under a storage root, and the rules that go with them.
 
-    ROOT/
-      corpora/<corpus_id>/          manifest.json (written last) + the corpus files
-      sweeps/<sweep_id>/            summary.json, summary.csv, trials/<experiment_id>.json
-      <experiment_id>/
-        result.json                 the run's record (records/result.py)
-        lease.json, lease.lock      one driver per experiment (records/lease.py)
-        checkpoints/                Ray's run directory: epoch_NNNN[_step_SSSSSS]/{state.pt, manifest.json}
-        attempts/<driver>/<hex>     one empty file per worker-group start (restarts are counted from them)
-        notices/<driver>/NNNN-<hex>.json    a preemption notice seen by start NNNN of that driver
-        resumes/<at>-<hex>.json     one file per resume
-        sweep.json, tensorboard/    the sweep point's grid; the TensorBoard sink
-      <experiment_id>.old-<stamp>/  an earlier run moved aside by --fresh
+The README's "Where things go" draws the tree they make; a test checks it against NAMES.
 
 Standard library only: `raywalk ls` and the driver read these names without torch.
 """
@@ -39,8 +28,12 @@ ATTEMPTS = "attempts"
 NOTICES = "notices"
 RESUMES = "resumes"
 SWEEP_FILE = "sweep.json"     # ROOT/<experiment_id>/sweep.json: the sweep point's grid (trackers read it)
-TB_DIR = "tensorboard"
-NOT_EXPERIMENTS = frozenset({CORPORA, SWEEPS})
+TB_DIR = "tensorboard"        # ROOT/<experiment_id>/tensorboard: TensorBoard event files (trackers.py)
+MLRUNS = "mlruns"             # ROOT/mlruns: MLflow's file store when MLFLOW_TRACKING_URI is unset
+TUNE_DIR = "tune"             # ROOT/sweeps/<sweep_id>/tune: Ray Tune's run directory (RunConfig.name)
+NAMES = (RESULT, LEASE, LEASE_LOCK, MANIFEST, STATE, RUN_DIR, CORPORA, CORPUS_GRAPH, SWEEPS, SUMMARY, SUMMARY_CSV,
+         TRIALS, ATTEMPTS, NOTICES, RESUMES, SWEEP_FILE, TB_DIR, MLRUNS, TUNE_DIR)   # README's tree names each
+NOT_EXPERIMENTS = frozenset({CORPORA, SWEEPS, MLRUNS})
 RETIRED = ".old-"             # <experiment_id>.old-<stamp>: moved aside by --fresh
 INVALID = ".invalid-"         # corpora/<corpus_id>.invalid-<stamp>: a corpus that failed verification
 BUILDING = ".building-"       # corpora/.building-<corpus_id>: a local corpus being built
@@ -61,6 +54,20 @@ def notice_of(name: str, attempt: int) -> bool:
 
 def resume_name(at: str) -> str:
     return f"{RESUMES}/{at.replace(':', '')}-{uuid.uuid4().hex[:8]}.json"
+
+
+_TB_REACH = re.compile(r"\.raywalk-e(\d+)-s(\d+)$")
+
+
+def tb_suffix(epochs: int, steps: int) -> str:
+    """The suffix of a TensorBoard event file holding the curves up to `epochs` epochs and `steps` steps."""
+    return f".raywalk-e{epochs:04d}-s{steps:09d}"
+
+
+def tb_reach(name: str) -> tuple[int, int] | None:
+    """(epochs, steps) a TensorBoard event file's name says it reaches; None for another file."""
+    m = _TB_REACH.search(name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 def corpus_shard(split: str, index: int) -> str:

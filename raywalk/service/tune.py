@@ -319,7 +319,7 @@ def _tuner(sweep: Sweep, pending: list[Point], root: Store, sd: Store, k_used: i
         tune_config=tune.TuneConfig(max_concurrent_trials=k_used,
                                     trial_dirname_creator=lambda t: t.config["experiment_id"]),
         run_config=tune.RunConfig(
-            name="tune", storage_path=sd.path(), storage_filesystem=root.fs,   # as the driver does
+            name=layout.TUNE_DIR, storage_path=sd.path(), storage_filesystem=root.fs,   # as the driver does
             verbose=None if verbose else 0,
             # Train restarts lost workers itself; Tune restarts a lost driver, whose train() resumes.
             failure_config=tune.FailureConfig(max_failures=max(1, *(p.cfg.run.max_failures for p in pending))),
@@ -345,5 +345,5 @@ def _summary_rows(sweep: Sweep, root: Store, sd: Store, ran: set[str]) -> list[d
 def print_summary(summary: dict[str, Any], root_uri: str, out=None) -> None:
     out = out or sys.stdout
     print(format_table(summary), file=out)
-    print(f"summary: {join_uri(root_uri, 'sweeps', summary['sweep_id'], 'summary.json')} (and summary.csv); "
+    print(f"summary: {join_uri(root_uri, layout.SWEEPS, summary['sweep_id'], layout.SUMMARY)} (and {layout.SUMMARY_CSV}); "
           f"{summary['trials_run']} trial(s) run in {summary['wall_time_s']:.0f}s", file=out)
