@@ -29,8 +29,9 @@ import json
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from raywalk.messages import Tell
 from raywalk.records.layout import MANIFEST, RUN_DIR, STATE
 from raywalk.records.manifest import Mismatch, check_bytes, entry, listed
 from raywalk.records.storage import Store, replace_local
@@ -39,7 +40,6 @@ FORMAT = 1                     # the state's layout, recorded in it as "format"
 KEEP = 3                       # Ray keeps the newest KEEP (CheckpointConfig.num_to_keep); the gate's is the last
 CKPT_RE = re.compile(r"^epoch_(\d{4,})(?:_step_(\d{6,}))?$")   # epochs done (+ steps into the next)
 
-Warn = Callable[[str], None]
 
 
 class CheckpointError(RuntimeError):
@@ -173,7 +173,7 @@ def newest_intact(run: Store) -> tuple[str, int] | None:
     return None
 
 
-def _first_that_loads(tries: list[tuple[str, Store]], run: Store, warn: Warn) -> tuple[dict | None, str | None]:
+def _first_that_loads(tries: list[tuple[str, Store]], run: Store, warn: Tell) -> tuple[dict | None, str | None]:
     for name, store in tries:
         try:
             return read(store), name
@@ -182,14 +182,14 @@ def _first_that_loads(tries: list[tuple[str, Store]], run: Store, warn: Warn) ->
     return None, None
 
 
-def newest(run: Store, warn: Warn) -> tuple[dict[str, Any] | None, str | None]:
+def newest(run: Store, warn: Tell) -> tuple[dict[str, Any] | None, str | None]:
     """The newest checkpoint state on disk that verifies (mid-epoch ones included); torn ones are warned about."""
     return _first_that_loads([(n, run.sub(n)) for n in candidates(run, None)], run, warn)
 
 
 # ---- the resume point ----------------------------------------------------------------
 
-def resume_point(run: Store, registered: Any, warn: Warn) -> tuple[dict[str, Any] | None, str | None]:
+def resume_point(run: Store, registered: Any, warn: Tell) -> tuple[dict[str, Any] | None, str | None]:
     """(state, name) to go on from, or (None, None): start at epoch 1.
 
     `registered` is what `ray.train.get_checkpoint()` returned (a ray.train.Checkpoint: `.path`
@@ -227,7 +227,7 @@ def epochs_on_disk(run: Store) -> str:
     return ", ".join(str(position(n)[0]) for n in names(run) if not is_mid_epoch(n)) or "none"
 
 
-def select(run: Store, epoch: int | None, warn: Warn) -> tuple[dict[str, Any], str]:
+def select(run: Store, epoch: int | None, warn: Tell) -> tuple[dict[str, Any], str]:
     """(state, name) of epoch `epoch`'s checkpoint, or with None the newest that verifies (mid-epoch
     ones included, torn ones warned about); CheckpointError saying what is on disk otherwise."""
     if epoch is None:

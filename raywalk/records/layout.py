@@ -85,8 +85,8 @@ def is_experiment(name: str) -> bool:
 
 
 def aside(name: str, kind: str = RETIRED) -> str:
-    """The name a directory is moved aside to, never over an earlier one (local time, to the second)."""
-    return f"{name}{kind}{time.strftime('%Y%m%d-%H%M%S')}"
+    """The name a directory is moved aside to, never over an earlier one (UTC, to the second)."""
+    return f"{name}{kind}{utc_stamp()}"
 
 
 # ---- temporary files: one naming rule --------------------------------------------------
@@ -109,18 +109,22 @@ def is_temp(name: str) -> bool:
 
 
 # ---- timestamps -------------------------------------------------------------------------
-# ISO-8601 UTC throughout. The files keep the forms they have always held, so old files read the
-# same: result.json's updated_at, ls and export to the second ("...+00:00"), resumes and
-# interruptions to the millisecond, the lease with a "Z".
+# One form for every time raywalk writes: ISO-8601 UTC to the millisecond with a "Z"
+# ("2026-12-01T10:12:17.250Z"); in a file name, ISO's basic form ("20261201T101217Z").
+# Files written before hold other ISO forms ("+00:00", to the second): parse_utc reads them all.
 
-def utc_iso(t: float | None = None, ms: bool = False, z: bool = False) -> str:
+def utc_iso(t: float | None = None) -> str:
     d = datetime.now(timezone.utc) if t is None else datetime.fromtimestamp(t, timezone.utc)
-    s = d.isoformat(timespec="milliseconds" if ms else "seconds")
-    return s.replace("+00:00", "Z") if z else s
+    return d.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def utc_stamp(t: float | None = None) -> str:
+    """The same instant for a file name, to the second: no colons."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t))
 
 
 def parse_utc(s: object) -> float | None:
-    """Seconds since the epoch of any of those forms (no zone: UTC); None for anything else."""
+    """Seconds since the epoch of any ISO-8601 form (no zone: UTC); None for anything else."""
     try:
         t = datetime.fromisoformat(s)   # type: ignore[arg-type]
     except (TypeError, ValueError):

@@ -319,7 +319,7 @@ class Lease:
 
     def _stamp(self, started_at: str | None = None) -> LeaseInfo:
         now = time.time()
-        stamp = utc_iso(now, z=True)
+        stamp = utc_iso(now)
         return LeaseInfo(self.holder, socket.gethostname(), os.getpid(), started_at or stamp, stamp, now,
                          self.stale_after_s)
 

@@ -256,7 +256,7 @@ def finalised(r: Result, checkpoints: dict[str, Any], restarts: int) -> Result:
 
 def interrupted(r: Result, reason: str, checkpoints: dict[str, Any] = UNSET, at: str | None = None) -> Result:
     """The record of a run that stopped unfinished (a storage stop, a record missing at the end)."""
-    r = dataclasses.replace(r, status="interrupted", interrupted={"reason": reason, "at": at or utc_iso(ms=True)})
+    r = dataclasses.replace(r, status="interrupted", interrupted={"reason": reason, "at": at or utc_iso()})
     return r if checkpoints is UNSET else dataclasses.replace(r, checkpoints=checkpoints)
 
 
@@ -331,7 +331,7 @@ class ResultWriter:
             reason = "preemption"       # the previous worker group had a reclaim notice
         else:
             reason = "failure"
-        entry = {"reason": reason, "checkpoint": checkpoint, "epoch": epoch, "step": step, "at": utc_iso(ms=True)}
+        entry = {"reason": reason, "checkpoint": checkpoint, "epoch": epoch, "step": step, "at": utc_iso()}
         self._check_lease()
         record_resume(self.exp, entry)
         return entry

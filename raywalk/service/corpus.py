@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from raywalk.science.compliance import Compliance, RuleTable, check_sequences
 from raywalk.config import Config
 from raywalk.science.graph import Graph, Jumpers, build_graph, place_jumpers
+from raywalk.messages import Tell, tell
 from raywalk.records import layout
 from raywalk.records.corpus import (FORMAT_VERSION, Corpus, CorpusError, check_files, check_verify_mode,
                                     verified_manifest)
@@ -136,7 +137,7 @@ def _serial_map(fn: Callable, args: list) -> Iterable:
 
 
 def build_corpus(cfg: Config, root: Store, *, mapper: Mapper | None = None, progress: bool = True,
-                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+                 log: Tell = tell,
                  verify: str = "size") -> tuple[Corpus, dict]:
     """Build the corpus for cfg (or reuse one that passes `verify`). Returns (corpus, summary)."""
     t0 = time.perf_counter()
@@ -170,7 +171,7 @@ def build_corpus(cfg: Config, root: Store, *, mapper: Mapper | None = None, prog
     return Corpus(store, manifest), {**summary, "reused": False}
 
 
-def _reuse(root: Store, store: Store, cfg: Config, verify: str, log: Callable[[str], None]) -> Corpus | None:
+def _reuse(root: Store, store: Store, cfg: Config, verify: str, log: Tell) -> Corpus | None:
     """The corpus at store if it passes `verify`; else it is moved aside (never deleted) and None."""
     try:
         return Corpus(store, verified_manifest(store, cfg, verify))

@@ -55,6 +55,7 @@ from typing import Any
 
 from raywalk.config import Config
 from raywalk.records import layout, result
+from raywalk.records.layout import utc_iso
 from raywalk.records.storage import Store
 from raywalk.records.uris import join_uri
 from raywalk.messages import Tell, tell
@@ -214,20 +215,20 @@ def _train_recorded(cfg: Config, eid: str, sweep_store: Store, verbose: bool) ->
     from raywalk.service import driver
 
     def log(s: str) -> None:
-        print(f"[{eid}] {s}", file=sys.stderr, flush=True)
+        tell(f"[{eid}] {s}")
 
     rec = layout.trial_record(eid)
-    base = {"experiment_id": eid, "trained_now": True, "started_at": time.time(),
+    base = {"experiment_id": eid, "trained_now": True, "started_at": utc_iso(),
             "driver_node_id": ray.get_runtime_context().get_node_id()}
     t0 = time.perf_counter()
     try:
         r = driver.train(cfg, callbacks=[TuneReportCallback()], progress=False, verbose=verbose, log=log)
     except BaseException as e:
-        sweep_store.write_json(rec, {**base, "finished_at": time.time(), "wall_time_s": time.perf_counter() - t0,
+        sweep_store.write_json(rec, {**base, "finished_at": utc_iso(), "wall_time_s": time.perf_counter() - t0,
                                      "error": f"{type(e).__name__}: {e}"})
         raise
     wall = time.perf_counter() - t0
-    sweep_store.write_json(rec, {**base, "finished_at": time.time(), "wall_time_s": wall, "error": None})
+    sweep_store.write_json(rec, {**base, "finished_at": utc_iso(), "wall_time_s": wall, "error": None})
     return r, wall
 
 

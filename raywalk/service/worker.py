@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +22,7 @@ from raywalk.service import checkpointing, ray_private
 from raywalk.config import Config
 from raywalk.records.corpus import Corpus
 from raywalk.records.result import ResultWriter
+from raywalk.messages import quiet, tell
 from raywalk.records.layout import RUN_DIR
 from raywalk.records.storage import Store
 from raywalk.science.batches import ResidentWindows
@@ -179,7 +179,7 @@ def _setup(spec: WorkerSpec):
         torch.cuda.set_device(device)   # object collectives use the current device
     check_precision(cfg.train.precision, device)
     set_determinism(cfg.run.deterministic)
-    say = (lambda s: print(s, file=sys.stderr, flush=True)) if rank == 0 else (lambda s: None)
+    say = tell if rank == 0 else quiet   # rank 0 speaks for the run
     return rank, world, device, say
 
 
