@@ -83,7 +83,8 @@ def test_the_readme_tree_draws_every_name_on_disk_and_only_those():
     literal = {p for p in parts if "<" not in p and "NNNN" not in p}
     assert literal - set(layout.NAMES) - splits == set()                # and no other
     made = ["corpora/<corpus_id>/" + layout.corpus_shard("train", 7), f"<experiment_id>/{layout.RUN_DIR}/{dir_name(7)}",
-            "<experiment_id>/" + layout.attempt_marker("<driver>"), "<experiment_id>/" + layout.notice_name("<driver>", 7),
+            "<experiment_id>/" + layout.attempt_marker("<driver>"),
+            "<experiment_id>/" + layout.notice_name("<driver>", 7),
             "<experiment_id>/" + layout.resume_name("<at>"), layout.aside("<experiment_id>"),
             f"sweeps/<sweep_id>/{layout.trial_record('<experiment_id>')}"]
     assert [_as_drawn(m) for m in made if _as_drawn(m) not in paths] == []   # the rules' names, where drawn

@@ -27,7 +27,7 @@ from raywalk.science.compliance import RuleTable
 from raywalk.science.graph import Graph, Jumpers
 
 # 2: walks drawn by the exact-feasibility sampler; a version-1 corpus holds other walks for the same
-# config, so it is refused by open_corpus and moved aside and rebuilt by service/corpus.py's build_corpus, never mixed in.
+# config, so it is refused by open_corpus, and moved aside and rebuilt by build_corpus, never mixed in.
 FORMAT_VERSION = 2
 VERIFY = ("size", "full")           # reuse checks: manifest + sizes (cheap), or + sha256 of every file
 

@@ -135,10 +135,9 @@ class EpochFacts:
 
 
 def environment(workers: int, device: str) -> dict[str, Any]:
-    import ray
-    import torch
+    from importlib.metadata import version   # the installed versions, without importing Ray here
 
-    return {"raywalk": __version__, "ray": ray.__version__, "torch": torch.__version__,
+    return {"raywalk": __version__, "ray": version("ray"), "torch": version("torch"),
             "python": platform.python_version(), "workers": workers, "device": device}
 
 

@@ -346,5 +346,6 @@ def _summary_rows(sweep: Sweep, root: Store, sd: Store, ran: set[str]) -> list[d
 def print_summary(summary: dict[str, Any], root_uri: str, out=None) -> None:
     out = out or sys.stdout
     print(format_table(summary), file=out)
-    print(f"summary: {join_uri(root_uri, layout.SWEEPS, summary['sweep_id'], layout.SUMMARY)} (and {layout.SUMMARY_CSV}); "
+    where = join_uri(root_uri, layout.SWEEPS, summary["sweep_id"], layout.SUMMARY)
+    print(f"summary: {where} (and {layout.SUMMARY_CSV}); "
           f"{summary['trials_run']} trial(s) run in {summary['wall_time_s']:.0f}s", file=out)

@@ -132,7 +132,8 @@ class NoticeWatch:
             return
         self.seen.add(key)
         left = (info.deadline_ms / 1000 - time.time()) if info.deadline_ms else None
-        name = checkpointing.report(state, self.spec, self.rank, {"epoch": state.epoch, "step": state.step, "preemption": True})
+        name = checkpointing.report(state, self.spec, self.rank,
+                                    {"epoch": state.epoch, "step": state.step, "preemption": True})
         if self.writer is not None:
             self.writer.notice({"at_step": state.step, "epoch": state.epoch + 1, "checkpoint": name,
                                 "nodes": info.preempted_node_ids, "ranks": info.preempted_ranks,
