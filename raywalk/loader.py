@@ -23,17 +23,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from raywalk.records import checkpoints as ckpt
 from raywalk.config import Config, ConfigError
+from raywalk.records import checkpoints as ckpt
 from raywalk.records.corpus import Corpus, CorpusError, check_files, read_manifest
-from raywalk.science.graph import Graph, Jumpers
-from raywalk.science.model import GPT
-from raywalk.records.result import Unreadable, load as load_result
+from raywalk.records.errors import StorageError, first_line
 from raywalk.records.layout import CORPORA, CORPUS_GRAPH, RESULT, RUN_DIR
 from raywalk.records.manifest import listed
-from raywalk.records.errors import StorageError
+from raywalk.records.result import Unreadable, load as load_result
 from raywalk.records.storage import Store
 from raywalk.records.uris import check_uri, is_remote, join_uri, split_query
+from raywalk.science.graph import Graph, Jumpers
+from raywalk.science.model import GPT
 
 
 class LoadError(ValueError):
@@ -111,7 +111,7 @@ def load(where: str | Path, checkpoint: str | int = "gate", device: str | torch.
     except RuntimeError as e:
         old = any(k.endswith(("q_proj.bias", "out_proj.bias")) for k in state["model"])
         why = ("it has attention biases: it was trained before raywalk's attention projections became "
-               "bias-free; retrain it (raywalk train ... --fresh)" if old else str(e).splitlines()[0])
+               "bias-free; retrain it (raywalk train ... --fresh)" if old else first_line(e))
         raise LoadError(f"experiment {eid}: checkpoint {name} does not fit the model: {why}") from None
     model.eval().to(device)
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from raywalk.messages import Tell
+from raywalk.records.errors import first_line
 from raywalk.records.layout import MANIFEST, RUN_DIR, STATE
 from raywalk.records.manifest import Mismatch, check_bytes, entry, listed
 from raywalk.records.storage import Store, replace_local
@@ -113,7 +114,7 @@ def unpack(files: dict[str, bytes]) -> dict[str, Any]:
         return torch.load(io.BytesIO(files[STATE]), weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"refusing a checkpoint that is not plain data (it would run code to load): "
-                              f"{str(e).splitlines()[0]}") from None
+                              f"{first_line(e)}") from None
 
 
 # ---- save and read -------------------------------------------------------------------

@@ -40,7 +40,7 @@ from urllib.parse import parse_qs
 
 from raywalk.records.layout import LEASE, LEASE_LOCK, utc_iso
 from raywalk.messages import Tell, tell
-from raywalk.records.errors import StorageUnwritable, free_space, will_recur
+from raywalk.records.errors import StorageUnwritable, first_line, free_space, will_recur
 from raywalk.records.storage import S3_ATTEMPTS, Store, rename_into, write_temp
 from raywalk.records.uris import split_query
 
@@ -453,7 +453,7 @@ class _Heartbeat(threading.Thread):
                 if down >= lease.stale_after_s:
                     return self._lose(f"lost the lease on experiment {lease.experiment_id}: could not renew "
                                       f"{lease.uri} for {down:.0f}s, longer than its stale limit "
-                                      f"({lease.stale_after_s:.0f}s; {type(e).__name__}: {str(e).splitlines()[0]}); "
+                                      f"({lease.stale_after_s:.0f}s; {type(e).__name__}: {first_line(e)}); "
                                       f"another driver may take it over, so this one stopped training")
                 if not warned:
                     self.log(f"warning: could not renew the lease {lease.uri} ({type(e).__name__}: {e}); retrying")
