@@ -40,7 +40,7 @@ from urllib.parse import parse_qs
 
 from raywalk.records.layout import LEASE, LEASE_LOCK, utc_iso
 from raywalk.messages import Tell, tell
-from raywalk.records.errors import StorageUnwritable, first_line, free_space, will_recur
+from raywalk.records.errors import first_line, unwritable
 from raywalk.records.storage import S3_ATTEMPTS, Store, rename_into, write_temp
 from raywalk.records.uris import split_query
 
@@ -158,9 +158,9 @@ class _Local:
         try:
             return write_temp(self.path, data)
         except OSError as e:
-            why = will_recur(e)
-            if why is not None:   # full disk, quota, read-only: the run stops with one line
-                raise StorageUnwritable(self.path, why, free_space(self.path)) from e
+            u = unwritable(e, self.path)
+            if u is not None:   # full disk, quota, read-only: the run stops with one line
+                raise u from e
             raise
 
     def read(self):

@@ -22,8 +22,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from raywalk.messages import Tell, tell
-from raywalk.records.errors import (READ_ATTEMPTS, StorageError, StorageUnwritable, first_line, free_space, transient,
-                                    will_recur)
+from raywalk.records.errors import READ_ATTEMPTS, StorageError, first_line, transient, unwritable
 from raywalk.records.layout import is_temp, tmp_name
 from raywalk.records.uris import check_uri, is_remote, join_uri, pyarrow_uri, split_query
 
@@ -235,10 +234,10 @@ class Store:
         try:
             self._write(dest, data)
         except OSError as e:
-            why = will_recur(e)
-            if why is None:
+            u = unwritable(e, self.child_uri(rel))
+            if u is None:
                 raise
-            raise StorageUnwritable(self.child_uri(rel), why, free_space(dest) if self.local else None) from e
+            raise u from e
 
     def _write(self, dest: str, data: bytes) -> None:
         self.fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
