@@ -36,8 +36,6 @@ class CorpusError(RuntimeError):
     """A corpus that is missing, incomplete, corrupt or inconsistent."""
 
 
-
-
 @dataclass(frozen=True)
 class Corpus:
     store: Store          # the corpus directory
@@ -112,16 +110,17 @@ def read_manifest(store: Store, cfg: Config) -> dict:
         raise CorpusError("manifest.json is missing (an interrupted build?)")
     try:
         m = store.read_json(MANIFEST)
-        manifest.listed(m)
     except ValueError as e:
         raise CorpusError(f"manifest.json is not valid JSON ({e})") from None
-    except KeyError as e:
-        raise CorpusError(f"manifest.json lists no files (no {e})") from None
     if m.get("format_version") != FORMAT_VERSION:
         raise CorpusError(f"format_version {m.get('format_version')} != {FORMAT_VERSION}: written by another raywalk "
                           f"whose sampler draws other walks for this config, so it cannot be reused or mixed")
     if m.get("config_hash") != cfg.corpus_id():
         raise CorpusError(f"config_hash {m.get('config_hash')} does not match {cfg.corpus_id()}")
+    try:
+        manifest.listed(m)
+    except KeyError as e:
+        raise CorpusError(f"manifest.json lists no files (no {e})") from None
     return m
 
 
