@@ -164,7 +164,8 @@ def build_before(cfg, root, mapper) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from raywalk.service.corpus import make_shard, plan_shards, shard_rel
+    from raywalk.records.layout import CORPUS_GRAPH, corpus_shard
+    from raywalk.service.corpus import make_shard, plan_shards
 
     graph = build_graph(cfg.graph.n, cfg.graph.K, cfg.graph.p_in, cfg.graph.p_out, cfg.seed)
     jumpers = place_jumpers(graph, cfg.graph.n_jumpers_per_block, cfg.graph.r_scales, cfg.w, cfg.seed)
@@ -175,15 +176,15 @@ def build_before(cfg, root, mapper) -> int:
     src, dst = graph.edges()
     buf = io.BytesIO()
     pq.write_table(pa.table({"src": pa.array(src.astype(np.int32)), "dst": pa.array(dst.astype(np.int32))}), buf)
-    work.write_bytes("graph.parquet", buf.getvalue())
+    work.write_bytes(CORPUS_GRAPH, buf.getvalue())
     results = {}
     for i, res in mapper(make_shard, [(graph, jumpers, table, s, cfg.seed, cfg.corpus.walk_length) for s in specs]):
         results[i] = res
     total = 0
     for i, spec in enumerate(specs):
         data, _ = results.pop(i)
-        work.write_bytes(shard_rel(spec), data)
-        checksums[shard_rel(spec)] = hashlib.sha256(data).hexdigest()
+        work.write_bytes(corpus_shard(spec.split, spec.index), data)
+        checksums[corpus_shard(spec.split, spec.index)] = hashlib.sha256(data).hexdigest()
         total += len(data)
     work.write_json("manifest.json", {"checksums": checksums})
     return total

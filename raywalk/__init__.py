@@ -5,9 +5,9 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # `raywalk.load` without importing torch, pyarrow or ray on `import raywalk`
     if name in ("load", "Experiment", "LoadError"):
-        from raywalk import analysis
+        from raywalk import loader
 
-        return getattr(analysis, name)
+        return getattr(loader, name)
     if name == "GPT":
         from raywalk.science.model import GPT
 

@@ -97,6 +97,7 @@ class ModelConfig:
 
 
 DATA_PATHS = ("auto", "resident", "stream")
+TRACKERS = ("tensorboard", "mlflow")   # run.trackers' names; service/trackers.py says how each is installed
 OPERATIONAL_TRAIN_KEYS = ("data", "data_budget", "compile")   # not part of the experiment id
 
 
@@ -200,8 +201,6 @@ class RunConfig:
         _check(not (0 < g < 1 and self.workers > 1), f"{p}.gpus_per_worker", g,
                f"a fraction of a GPU with {p}.workers={self.workers} could put two ranks on one GPU, which NCCL "
                f"refuses: use 1 GPU per worker, or one worker")
-        from raywalk.service.trackers import TRACKERS   # light: no tracker library is imported
-
         for t in self.trackers:
             _check(t in TRACKERS, f"{p}.trackers", list(self.trackers), f"each must be one of {', '.join(TRACKERS)}")
         _check(len(set(self.trackers)) == len(self.trackers), f"{p}.trackers", list(self.trackers),

@@ -25,7 +25,6 @@ which replaces it (the old one is removed only once the new one is in place).
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
@@ -36,10 +35,12 @@ import numpy as np
 import torch
 
 from raywalk.records.layout import MANIFEST, tmp_name, utc_iso
-from raywalk.records.storage import Store, StorageError, write_synced
+from raywalk.records.errors import StorageError
+from raywalk.records.manifest import entry
+from raywalk.records.storage import Store, write_synced
 
 if TYPE_CHECKING:
-    from raywalk.analysis import Experiment
+    from raywalk.loader import Experiment
     from raywalk.science.model import GPT
 
 FORMATS = ("reference", "raywalk")
@@ -186,8 +187,7 @@ def _manifest(exp: "Experiment", fmt: str, checkpoint: str | int,
         "figures": _figures(exp),
         "corpus": {"id": exp.config.corpus_id(), "uri": exp.corpus.uri},
         "exported_at": utc_iso(),
-        "files": {rel: {"what": what, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-                  for rel, (data, what) in files.items()},
+        "files": {rel: entry(data, what=what) for rel, (data, what) in files.items()},
         "config": exp.config.to_dict(),
     }
 

@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from raywalk.records.layout import tmp_name  # noqa: E402
+
 
 def plot_run(result: dict[str, Any], out: Path) -> Path:
     """Loss per step, compliance per epoch, and rule compliance per jump length at the final evaluation."""
@@ -97,7 +99,7 @@ def plot_sweep(summary: dict[str, Any], out: Path) -> Path:
 
 def _save(fig, out: Path) -> Path:
     out = Path(out)
-    tmp = out.with_name(f".tmp-{out.name}")
+    tmp = out.with_name(tmp_name(out.name))   # layout's temp rule: hidden, never taken for the PNG
     fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     tmp.replace(out)

@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from raywalk.records.layout import parse_utc
 from clusters import LocalCluster, cli_env, free_ports, running
 from conftest import ROOT, kill_session, session_pids
 
@@ -217,8 +218,8 @@ def test_sweep_from_cold_scales_out_and_survives_a_lost_node(cluster, tmp_path):
         [(r["status"], r["epochs_trained"]) for r in rows]
     assert sum(r["restarts"] for r in rows) >= 1, [r["restarts"] for r in rows]
     assert len(nodes) >= 2, f"the autoscaler added {len(nodes)} node(s)"
-    starts = [t["started_at"] for t in trials.values()]
-    ends = [t["finished_at"] for t in trials.values()]
+    starts = [parse_utc(t["started_at"]) for t in trials.values()]
+    ends = [parse_utc(t["finished_at"]) for t in trials.values()]
     assert max(starts) < min(ends), f"trials did not overlap: {trials}"
     assert {t["driver_node_id"] for t in trials.values()} == {FAKE_HEAD_NODE_ID}, trials
     shards = cluster.state("tasks", "name=write_shard")

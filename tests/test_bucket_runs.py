@@ -17,7 +17,8 @@ from raywalk.records import checkpoints as ckpt
 from raywalk.records.overview import scan
 from raywalk.records.storage import Store
 from raywalk.service.bucket_driver import train_bucket
-from raywalk.service.sweep import parse_sweep, read_csv
+from raywalk.service.sweep import parse_sweep
+from raywalk.service.sweep_summary import read_csv
 from raywalk.service.tune import run_sweep
 from tests.conftest import TINY
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from raywalk.records import checkpoints as ckpt
-from raywalk.records.storage import Store, is_temp
+from raywalk.records.layout import is_temp
+from raywalk.records.storage import Store
 from raywalk.science.loop import TrainingState, rng_state
-from raywalk.service.driver import resume_hint
+from raywalk.records.checkpoints import resume_hint
 from tests.conftest import tiny_config
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from raywalk.cli import main
-from raywalk.records.storage import Store, StorageError
+from raywalk.records.errors import StorageError
+from raywalk.records.storage import Store
 from tests.conftest import QUICKSTART, ROOT
 from tests.s3server import s3_server  # noqa: F401  (fixture)
 
@@ -114,3 +115,28 @@ def test_the_installed_command_exits_2_without_traceback(tmp_path):
                        capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert tree(tmp_path) == []
+
+
+# ---- one exit-code table for every verb ----------------------------------------------
+
+def _stops():
+    from raywalk.records.errors import StorageUnwritable
+    from raywalk.records.lease import LeaseHeld, LeaseInfo, LeaseLost
+
+    held = LeaseInfo("ab" * 16, "node-7", 42, "2026-12-01T10:00:00.000Z", "2026-12-01T10:00:00.000Z", 0.0, 60.0)
+    return [(LeaseHeld("exp1", held, "root/exp1/lease.json"), 3), (StorageUnwritable("root/exp1", "no space left"), 4),
+            (LeaseLost("lost the lease on experiment exp1"), 5), (StorageError("storage URI 's3://' is malformed"), 2)]
+
+
+@pytest.mark.parametrize("verb", ["train", "tune", "corpus"])
+def test_every_verb_tells_a_stop_in_one_line_with_the_tables_exit_code(monkeypatch, capsys, verb):
+    import importlib
+
+    mod = importlib.import_module(f"raywalk.cli.{verb}")
+    for error, code in _stops():
+        def run(args, error=error):
+            raise error
+
+        monkeypatch.setattr(mod, "run", run)
+        assert main([verb, "x.yaml"]) == code
+        assert capsys.readouterr().err.strip() == f"raywalk {verb}: {error}"

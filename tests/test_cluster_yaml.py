@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 import ray
-from raywalk.records.storage import is_remote
+from raywalk.records.uris import is_remote
 from raywalk.service.tune import DRIVER_RESOURCE
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from raywalk.science.compliance import check_sequences
-from raywalk.service.corpus import FORMAT_VERSION, CorpusError, build_corpus, eval_size, open_corpus
+from raywalk.records.corpus import CorpusError, FORMAT_VERSION, open_corpus
+from raywalk.service.corpus import build_corpus, eval_size
 from raywalk.records.storage import Store
 from tests.conftest import tiny_config
 

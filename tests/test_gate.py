@@ -1,5 +1,5 @@
 """The Gate object (science/gate.py), Ray-free: starts de-duplicated once, shards, evaluation, reduction,
-the pass rule and the per-jump-length report."""
+and the pass rule (result.json's per-jump-length report: test_result.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +8,7 @@ import torch
 
 from raywalk.science.compliance import Compliance, JumpLengthCounts, RuleTable, check_sequences, \
     rule_counts_by_jump_length
-from raywalk.science.gate import Gate, GateCounts, by_jump_length
+from raywalk.science.gate import Gate, GateCounts
 from raywalk.science.generate import reference_generate
 from raywalk.science.graph import build_graph, place_jumpers
 from raywalk.science.model import GPT
@@ -82,14 +82,3 @@ def test_reduction_without_a_process_group_keeps_the_counts():
 def test_passes_strictly_above_both_thresholds_never_on_zero_rule_checks(world, comp, passed):
     cfg, table, _, starts = world   # edge 0.95, rule 0.80
     assert Gate(starts, table, cfg).passes(comp) is passed
-
-
-def test_by_jump_length_report():
-    rows = by_jump_length({"4": [10, 9], 2: (30, 27), 6: (0, 0)}, w=4)   # result.json's string keys too
-    assert rows == [
-        {"r": 2, "r_over_w": 0.5, "beyond_window": False, "rule_checks": 30, "compliant": 27, "rule_compliance": 0.9},
-        {"r": 4, "r_over_w": 1.0, "beyond_window": False, "rule_checks": 10, "compliant": 9, "rule_compliance": 0.9},
-        {"r": 6, "r_over_w": 1.5, "beyond_window": True, "rule_checks": 0, "compliant": 0, "rule_compliance": None},
-    ]
-    counts = JumpLengthCounts(np.array([2, 4]), np.array([30, 10]), np.array([27, 9]))
-    assert by_jump_length(counts, 4) == rows[:2] and by_jump_length(None, 4) is None

@@ -54,6 +54,15 @@ def test_importing_the_whole_science_loads_no_ray():
     assert p.returncode == 0, p.stdout + p.stderr
 
 
+def test_the_records_import_neither_ray_nor_the_service_nor_the_cli():
+    found = sorted((PKG / "records").glob("*.py"))
+    assert len(found) >= 10, found   # layout, uris, errors, storage, manifest, corpus, checkpoints, result, lease, ...
+    for path in found:
+        for m in imports(path):
+            assert m.split(".")[0] != "ray" and not m.startswith(("raywalk.service", "raywalk.cli")), \
+                f"{path.name} imports {m}"
+
+
 PRIVATE_HOME = PKG / "service" / "ray_private.py"
 
 

@@ -9,8 +9,9 @@ from types import SimpleNamespace
 
 from raywalk.cli import main
 from raywalk.science.compliance import Compliance
-from raywalk.records.overview import NO_LEASE_GRACE_S, format_overview, scan, status_of
-from raywalk.records.result import EpochFacts, build
+from raywalk.records.lease import LeaseInfo
+from raywalk.records.overview import format_overview, scan
+from raywalk.records.result import NO_LEASE_GRACE_S, EpochFacts, build, status_now
 from raywalk.records.storage import Store
 from tests.conftest import tiny_config
 from tests.s3server import s3_server  # noqa: F401  (fixture)
@@ -59,14 +60,18 @@ def populate(root: Store, n: int, now: float) -> dict[str, str]:
 
 def test_status_rules():
     now = time.time()
-    running = {"status": "running"}
-    assert status_of({"status": "passed"}, lease(now - 999), now - 999, now) == "passed"
-    assert status_of(running, lease(now - 10, 60), None, now) == "running"
-    assert status_of(running, lease(now - 61, 60), now, now) == "interrupted"   # a stale lease wins
-    assert status_of(running, {}, now, now) == "interrupted"                    # torn lease: not live
-    assert status_of(running, None, now - NO_LEASE_GRACE_S + 5, now) == "running"
-    assert status_of(running, None, now - NO_LEASE_GRACE_S - 5, now) == "interrupted"
-    assert status_of(running, None, None, now) == "interrupted"
+    def live(d: dict) -> bool:   # the lease as `raywalk ls` reads it: decoded, then the one liveness rule
+        info = LeaseInfo.decode(json.dumps(d).encode())
+        return info is not None and info.live(now)
+
+    assert status_now("passed", live(lease(now - 999)), now - 999, now) == "passed"
+    assert status_now("running", live(lease(now - 10, 60)), None, now) == "running"
+    assert status_now("running", live(lease(now - 61, 60)), now, now) == "interrupted"   # a stale lease wins
+    assert status_now("running", live({}), now, now) == "interrupted"                    # torn lease: not live
+    assert status_now("running", None, now - NO_LEASE_GRACE_S + 5, now) == "running"
+    assert status_now("running", None, now - NO_LEASE_GRACE_S - 5, now) == "interrupted"
+    assert status_now("running", None, None, now) == "interrupted"
+    assert status_now(None, None, now, now) == "running"   # a record without a status: running until the grace ends
 
 
 def test_two_hundred_local_experiments(tmp_path, capsys):

@@ -93,3 +93,39 @@ def test_the_writer_writes_only_when_asked(tmp_path):
     assert list(r.to_json()) == [k for k in KEYS if k != "timing"] and r.data_path == "stream"
     ResultWriter(root, "exp", cfg, 1, "cpu", "drv", "corpus-uri").start()
     assert result.count_restarts(root.sub("exp")) == 1
+
+
+def test_by_jump_length_report():
+    rows = result.by_jump_length({"4": [10, 9], 2: (30, 27), 6: (0, 0)}, w=4)   # result.json's string keys too
+    assert rows == [
+        {"r": 2, "r_over_w": 0.5, "beyond_window": False, "rule_checks": 30, "compliant": 27, "rule_compliance": 0.9},
+        {"r": 4, "r_over_w": 1.0, "beyond_window": False, "rule_checks": 10, "compliant": 9, "rule_compliance": 0.9},
+        {"r": 6, "r_over_w": 1.5, "beyond_window": True, "rule_checks": 0, "compliant": 0, "rule_compliance": None},
+    ]
+    counts = JumpLengthCounts(np.array([2, 4]), np.array([30, 10]), np.array([27, 9]))
+    assert result.by_jump_length(counts, 4) == rows[:2] and result.by_jump_length(None, 4) is None
+
+
+def test_one_reader_one_policy(tmp_path):
+    exp = Store.open(str(tmp_path)).sub("exp")
+    assert result.load(exp) is None and result.read(exp) is None            # no record: None, nothing said
+    exp.write_bytes("result.json", b'{"status": "pass')
+    logs: list[str] = []
+    assert result.read(exp, logs.append) is None and "not valid JSON" in logs[0] and "result.json" in logs[0]
+    exp.write_json("result.json", [1, 2])
+    try:
+        result.load(exp)
+        raise AssertionError("a JSON list is not a record")
+    except result.Unreadable as e:
+        assert "not a JSON object" in str(e)
+    exp.write_json("result.json", {"status": "failed"})
+    assert result.read_finished(exp).status == "failed"
+    exp.write_json("result.json", {"status": "interrupted"})
+    assert result.read_finished(exp) is None
+
+
+def test_statuses_derived_in_one_place():
+    assert result.FINISHED == ("passed", "failed") and result.is_finished("passed") and not result.is_finished(None)
+    assert [result.sweep_status(s, None) for s in ("passed", "failed", "running", "interrupted", None)] == \
+        ["passed", "failed", "running", "interrupted", "not_run"]
+    assert [result.sweep_status(s, "boom") for s in ("passed", "running", None)] == ["passed", "error", "error"]

@@ -15,10 +15,13 @@ import pytest
 
 from raywalk.records import checkpoints as ckpt
 from raywalk.records.lease import LEASE, Lease, LeaseLost, check_holder, hold
-from raywalk.records.overview import experiment_row, status_of
-from raywalk.records.result import RESULT, count_restarts, list_resumes, record_resume, record_worker_start
-from raywalk.records.storage import Store, StorageUnwritable, is_temp, tmp_name, will_recur
-from raywalk.service.driver import finalise, finished_result, mark_interrupted
+from raywalk.records.overview import experiment_row
+from raywalk.records.result import (count_restarts, list_resumes, read_finished, record_resume, record_worker_start,
+                                    status_now)
+from raywalk.records.errors import StorageUnwritable, will_recur
+from raywalk.records.layout import RESULT, is_temp, tmp_name
+from raywalk.records.storage import Store
+from raywalk.service.driver import finalise, mark_interrupted
 from tests.conftest import mounted_tmpfs, tiny_config
 
 
@@ -112,7 +115,7 @@ def test_finalise_and_readers_tolerate_partial_records(exp, tmp_path):
     assert "gate FAILED: gate not passed; final edge -, rule -" in logs[-2]
     exp.write_bytes(RESULT, b'{"status": "pass')                                               # torn
     logs.clear()
-    assert finished_result(root, "exp1", logs.append) is None and "result.json" in logs[0]
+    assert read_finished(exp, logs.append) is None and "result.json" in logs[0]
     r = finalise(root, "exp1", logs.append)
     assert r["status"] == "interrupted" and exp.read_json(RESULT)["status"] == "interrupted"
     row = experiment_row(exp, "exp1", time.time())
@@ -126,7 +129,7 @@ def test_interrupted_is_recorded_without_touching_a_finished_run(exp):
     assert mark_interrupted(exp, "exp1", cfg, "storage unwritable (no space left): ...", lambda s: None)
     r = exp.read_json(RESULT)
     assert r["status"] == "interrupted" and r["interrupted"]["reason"].startswith("storage unwritable")
-    assert status_of(r, None, time.time(), time.time()) == "interrupted"
+    assert status_now(r["status"], None, time.time(), time.time()) == "interrupted"
     exp.write_json(RESULT, {"status": "passed"})
     assert not mark_interrupted(exp, "exp1", cfg, "x", lambda s: None)
     assert exp.read_json(RESULT) == {"status": "passed"}

@@ -22,7 +22,8 @@ from raywalk.cli import main
 from faults import FillDisk
 from raywalk.records.lease import LEASE
 from raywalk.records.result import RESULT, list_resumes
-from raywalk.records.storage import FAULT_ENV, Store, is_temp
+from raywalk.records.layout import is_temp
+from raywalk.records.storage import FAULT_ENV, Store
 from tests.conftest import (LONG, QUICKSTART, kill_session, mounted_tmpfs, reference_run,
                             session_pids, tiny_config, tiny_overrides)
 from tests.flaky_proxy import FlakyProxy

@@ -7,8 +7,9 @@ import pytest
 import yaml
 
 from raywalk.config import ConfigError
-from raywalk.service.sweep import (build_summary, evaluate, format_table, load_sweep, parse_sweep, read_csv,
-                           summary_row, to_csv)
+from raywalk.service.expressions import evaluate
+from raywalk.service.sweep import load_sweep, parse_sweep
+from raywalk.service.sweep_summary import build_summary, format_table, read_csv, summary_row, to_csv
 from tests.conftest import ROOT, TINY
 
 

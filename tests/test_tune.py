@@ -79,7 +79,7 @@ def test_the_autoscaling_config_is_found_from_this_clusters_monitor(tmp_path):
 def test_summary_line_joins_an_s3_root_with_a_query_string():
     import io
 
-    from raywalk.service.sweep import build_summary, summary_row
+    from raywalk.service.sweep_summary import build_summary, summary_row
     from raywalk.service.tune import print_summary
 
     sweep = parse_sweep(tiny_sweep("unused"))

@@ -7,15 +7,33 @@ import sys
 
 VERBS = ("corpus", "train", "tune", "plot", "ls", "export")
 
+# Exit codes, the same for every verb (README "Exit codes").
+EXIT_DONE = 0           # done; for train and tune: every run finished (gate passed or failed)
+EXIT_NOT_FINISHED = 1   # a run is not finished (rerun the same command to resume it)
+EXIT_INPUT = 2          # bad input, refused before any work: nothing created, no traceback
+EXIT_LEASE_HELD = 3     # another driver holds the experiment
+EXIT_STORAGE = 4        # storage full or unwritable: stopped at once, resumable
+EXIT_LEASE_LOST = 5     # this driver lost its lease to another one, and stopped writing
+
 
 class InputError(ValueError):
     """A file or directory named on the command line that cannot be used; the message says which and why."""
 
 
-def main(argv: list[str] | None = None) -> int:
+def exit_codes() -> list[tuple[type, int, str]]:
+    """(error, exit code, what the one line says before the error's message), first match wins."""
     from raywalk.config import ConfigError
+    from raywalk.records.errors import StorageError, StorageUnwritable
+    from raywalk.records.lease import LeaseHeld, LeaseLost
+
+    return [(ConfigError, EXIT_INPUT, "invalid configuration: "), (StorageError, EXIT_INPUT, ""),
+            (InputError, EXIT_INPUT, ""), (LeaseHeld, EXIT_LEASE_HELD, ""), (StorageUnwritable, EXIT_STORAGE, ""),
+            (LeaseLost, EXIT_LEASE_LOST, "")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from raywalk.messages import tell
     from raywalk.service.ray_env import quiet_defaults
-    from raywalk.records.storage import StorageError
 
     argv = sys.argv[1:] if argv is None else argv
     quiet_defaults("--verbose" in argv)   # before anything imports ray
@@ -28,13 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         modules[verb] = mod
     args = parser.parse_args(argv)
     try:
-        return modules[args.verb].run(args) or 0
-    except ConfigError as e:
-        print(f"raywalk {args.verb}: invalid configuration: {e}", file=sys.stderr)
-        return 2
-    except (StorageError, InputError) as e:   # before any work: nothing created, no traceback
-        print(f"raywalk {args.verb}: {e}", file=sys.stderr)
-        return 2
+        return modules[args.verb].run(args) or EXIT_DONE
+    except Exception as e:   # one line and its exit code for what the table knows; a traceback for the rest
+        for error, code, what in exit_codes():
+            if isinstance(e, error):
+                tell(f"raywalk {args.verb}: {what}{e}")
+                return code
+        raise
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:

@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from raywalk.analysis import LoadError, load
+    from raywalk.loader import LoadError, load
     from raywalk.export import ExportError
 
     which = args.checkpoint

@@ -2,14 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from raywalk.cli import add_config_args, load_config
-
-# Exit codes (README "Exit codes"): 0 finished (gate passed or failed), 1 not finished,
-# 2 bad input, 3 another driver holds the experiment, 4 storage full / unwritable,
-# 5 this driver lost its lease to another.
-EXIT_LEASE_HELD, EXIT_STORAGE, EXIT_LEASE_LOST = 3, 4, 5
+from raywalk.cli import EXIT_DONE, EXIT_NOT_FINISHED, add_config_args, load_config
 
 
 def add_parser(sub) -> None:
@@ -37,19 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from raywalk.service.trackers import check
 
     check(cfg.run.trackers, cfg.run.storage)       # a tracker not installed: refused, with the pip command
+    from raywalk.records.result import is_finished
 
-    from raywalk.records.lease import LeaseHeld, LeaseLost
-    from raywalk.records.storage import StorageUnwritable
-
-    try:
-        r = train(cfg, fresh=args.fresh, verbose=args.verbose, progress=not args.no_progress)
-    except LeaseHeld as e:   # another driver runs this experiment: one line, exit 3 (2 is bad input)
-        print(f"raywalk train: {e}", file=sys.stderr)
-        return EXIT_LEASE_HELD
-    except StorageUnwritable as e:   # full disk, quota, read-only: stopped at once, resumable
-        print(f"raywalk train: {e}", file=sys.stderr)
-        return EXIT_STORAGE
-    except LeaseLost as e:   # another driver took the experiment over: this one stopped writing
-        print(f"raywalk train: {e}", file=sys.stderr)
-        return EXIT_LEASE_LOST
-    return 0 if r["status"] in ("passed", "failed") else 1
+    r = train(cfg, fresh=args.fresh, verbose=args.verbose, progress=not args.no_progress)   # stops: cli.exit_codes
+    return EXIT_DONE if is_finished(r["status"]) else EXIT_NOT_FINISHED

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from raywalk.cli import EXIT_DONE, EXIT_NOT_FINISHED
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("tune", help="run a sweep (grid over config keys) as Ray Tune trials", description=__doc__)
@@ -55,4 +57,6 @@ def run(args: argparse.Namespace) -> int:
     summary = run_sweep(sweep, storage=args.storage, max_concurrent=args.max_concurrent, verbose=args.verbose,
                         bucket=args.bucket)
     print_summary(summary, Store.open(args.storage or sweep.base.run.storage).uri)
-    return 0 if all(r["status"] in ("passed", "failed") for r in summary["rows"]) else 1
+    from raywalk.records.result import is_finished
+
+    return EXIT_DONE if all(is_finished(r["status"]) for r in summary["rows"]) else EXIT_NOT_FINISHED

@@ -1,4 +1,7 @@
-"""Checkpoints, the one home: names, file format, save, verify, resume point, listing, retention, selection.
+"""Checkpoints, the one home: names, file format, save, verify, resume point and hint, listing, retention, selection.
+
+The Ray side — reporting a saved checkpoint to Ray Train, restoring Ray's registered one, removing
+one whose upload failed — is service/checkpointing.py (this module imports no Ray).
 
 A checkpoint is a directory `epoch_NNNN` (after NNNN whole epochs) or
 `epoch_NNNN_step_SSSSSS` (a just-in-time one, SSSSSS steps into the next epoch)
@@ -21,24 +24,23 @@ leaves no snapshot, and its rerun goes on from that checkpoint on disk.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import torch
-
-from raywalk.records.layout import MANIFEST, RUN_DIR, STATE  # noqa: F401  (RUN_DIR: callers say ckpt.RUN_DIR)
+from raywalk.messages import Tell
+from raywalk.records.errors import first_line
+from raywalk.records.layout import MANIFEST, RUN_DIR, STATE
+from raywalk.records.manifest import Mismatch, check_bytes, entry, listed
 from raywalk.records.storage import Store, replace_local
 
 FORMAT = 1                     # the state's layout, recorded in it as "format"
 KEEP = 3                       # Ray keeps the newest KEEP (CheckpointConfig.num_to_keep); the gate's is the last
 CKPT_RE = re.compile(r"^epoch_(\d{4,})(?:_step_(\d{6,}))?$")   # epochs done (+ steps into the next)
 
-Warn = Callable[[str], None]
 
 
 class CheckpointError(RuntimeError):
@@ -73,11 +75,12 @@ def is_mid_epoch(name: str) -> bool:
 
 def pack(state: dict[str, Any]) -> dict[str, bytes]:
     """A checkpoint's files for a training state (TrainingState.state_dict): state.pt and its manifest."""
+    import torch   # here, not at import: `raywalk ls` reads result.json (which names checkpoints) without torch
+
     buf = io.BytesIO()
     torch.save({"format": FORMAT, **state}, buf)
     data = buf.getvalue()
-    manifest = {"files": {STATE: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}},
-                "epoch": int(state["epoch"])}
+    manifest = {"files": {STATE: entry(data)}, "epoch": int(state["epoch"])}
     return {STATE: data, MANIFEST: json.dumps(manifest).encode()}
 
 
@@ -90,30 +93,28 @@ def verify(files: dict[str, bytes]) -> dict[str, Any]:
     except ValueError as e:
         raise CheckpointError(f"manifest.json is unreadable ({e})") from None
     try:
-        listed = dict(manifest["files"])
-        if STATE not in listed:
+        files_listed = dict(listed(manifest))
+        if STATE not in files_listed:
             raise KeyError(STATE)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"manifest.json is incomplete (no entry {e})") from None
-    for name, meta in listed.items():
-        data = files.get(name)
-        if data is None:
-            raise CheckpointError(f"{name} is missing")
-        if len(data) != meta["size"]:
-            raise CheckpointError(f"{name} has {len(data)} bytes, manifest says {meta['size']} (truncated?)")
-        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-            raise CheckpointError(f"{name} does not match its sha256 (corrupt or modified)")
+    try:
+        check_bytes(files_listed, files)
+    except Mismatch as e:
+        raise CheckpointError(str(e)) from None
     return manifest
 
 
 def unpack(files: dict[str, bytes]) -> dict[str, Any]:
     """The training state of a checkpoint's files, verified against the manifest and loaded as data only."""
+    import torch
+
     verify(files)
     try:
         return torch.load(io.BytesIO(files[STATE]), weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"refusing a checkpoint that is not plain data (it would run code to load): "
-                              f"{str(e).splitlines()[0]}") from None
+                              f"{first_line(e)}") from None
 
 
 # ---- save and read -------------------------------------------------------------------
@@ -126,6 +127,27 @@ def save(directory: str | Path, state: dict[str, Any]) -> None:
     (d / STATE).write_bytes(files[STATE])
     # layout's one temp rule (never listed, never read as a manifest); tests: RAYWALK_FAULT_BEFORE_RENAME=checkpoint:...
     replace_local(str(d / MANIFEST), files[MANIFEST], fault=f"checkpoint:{d / MANIFEST}")
+
+
+def write(run: Store, name: str, state: dict[str, Any], gate: str | None = None) -> None:
+    """A checkpoint written straight into `run` by raywalk itself (a bucket's member: no Ray run registers
+    it), state.pt first and the manifest last; then, as Ray's num_to_keep, only the newest KEEP complete
+    ones stay, and the gate's (`gate`)."""
+    files = pack(state)
+    d = run.sub(name)
+    d.write_bytes(STATE, files[STATE])
+    d.write_bytes(MANIFEST, files[MANIFEST])
+    for old in names(run, complete=True)[:-KEEP]:
+        if old != gate:
+            run.delete_dir(old)
+
+
+def common_point(runs: list[Store]) -> tuple[int, int] | None:
+    """The newest (epochs done, steps into the next) at which every run has a complete checkpoint; None if none:
+    where a bucket's members, which step together, all go on from."""
+    have = [{position(n) for n in names(r, complete=True)} for r in runs]
+    shared = set.intersection(*have) if have else set()
+    return max(shared) if shared else None
 
 
 def _files(store: Store) -> dict[str, bytes]:
@@ -173,7 +195,7 @@ def newest_intact(run: Store) -> tuple[str, int] | None:
     return None
 
 
-def _first_that_loads(tries: list[tuple[str, Store]], run: Store, warn: Warn) -> tuple[dict | None, str | None]:
+def _first_that_loads(tries: list[tuple[str, Store]], run: Store, warn: Tell) -> tuple[dict | None, str | None]:
     for name, store in tries:
         try:
             return read(store), name
@@ -182,14 +204,14 @@ def _first_that_loads(tries: list[tuple[str, Store]], run: Store, warn: Warn) ->
     return None, None
 
 
-def newest(run: Store, warn: Warn) -> tuple[dict[str, Any] | None, str | None]:
+def newest(run: Store, warn: Tell) -> tuple[dict[str, Any] | None, str | None]:
     """The newest checkpoint state on disk that verifies (mid-epoch ones included); torn ones are warned about."""
     return _first_that_loads([(n, run.sub(n)) for n in candidates(run, None)], run, warn)
 
 
 # ---- the resume point ----------------------------------------------------------------
 
-def resume_point(run: Store, registered: Any, warn: Warn) -> tuple[dict[str, Any] | None, str | None]:
+def resume_point(run: Store, registered: Any, warn: Tell) -> tuple[dict[str, Any] | None, str | None]:
     """(state, name) to go on from, or (None, None): start at epoch 1.
 
     `registered` is what `ray.train.get_checkpoint()` returned (a ray.train.Checkpoint: `.path`
@@ -207,6 +229,19 @@ def resume_point(run: Store, registered: Any, warn: Warn) -> tuple[dict[str, Any
     return _first_that_loads([(name, ray_own)] + [(n, run.sub(n)) for n in older], run, warn)
 
 
+def resume_hint(exp: Store) -> str:
+    """The newest intact checkpoint and how to go on from it (for a storage stop's one line)."""
+    try:
+        found = newest_intact(exp.sub(RUN_DIR))
+    except Exception:   # the store itself is unreachable: say nothing we do not know
+        found = None
+    if found is None:
+        return "no intact checkpoint yet; rerun the same command to start it again once there is room"
+    name, epoch = found
+    return (f"newest intact checkpoint {exp.sub(RUN_DIR).child_uri(name)} (epoch {epoch}); rerun the same "
+            f"command to resume from it once there is room")
+
+
 # ---- selection for raywalk.load / export --------------------------------------------------
 
 def epochs_on_disk(run: Store) -> str:
@@ -214,7 +249,7 @@ def epochs_on_disk(run: Store) -> str:
     return ", ".join(str(position(n)[0]) for n in names(run) if not is_mid_epoch(n)) or "none"
 
 
-def select(run: Store, epoch: int | None, warn: Warn) -> tuple[dict[str, Any], str]:
+def select(run: Store, epoch: int | None, warn: Tell) -> tuple[dict[str, Any], str]:
     """(state, name) of epoch `epoch`'s checkpoint, or with None the newest that verifies (mid-epoch
     ones included, torn ones warned about); CheckpointError saying what is on disk otherwise."""
     if epoch is None:

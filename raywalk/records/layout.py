@@ -1,17 +1,6 @@
 """Every name raywalk gives a file under a storage root, and the rules that go with them.
 
-    ROOT/
-      corpora/<corpus_id>/          manifest.json (written last) + the corpus files
-      sweeps/<sweep_id>/            summary.json, summary.csv, trials/<experiment_id>.json
-      <experiment_id>/
-        result.json                 the run's record (records/result.py)
-        lease.json, lease.lock      one driver per experiment (records/lease.py)
-        checkpoints/                Ray's run directory: epoch_NNNN[_step_SSSSSS]/{state.pt, manifest.json}
-        attempts/<driver>/<hex>     one empty file per worker-group start (restarts are counted from them)
-        notices/<driver>/NNNN-<hex>.json    a preemption notice seen by start NNNN of that driver
-        resumes/<at>-<hex>.json     one file per resume
-        sweep.json, tensorboard/    the sweep point's grid; the TensorBoard sink
-      <experiment_id>.old-<stamp>/  an earlier run moved aside by --fresh
+The README's "Where things go" draws the tree they make; a test checks it against NAMES.
 
 Standard library only: `raywalk ls` and the driver read these names without torch.
 """
@@ -30,6 +19,7 @@ MANIFEST = "manifest.json"    # the file written last in a corpus, a checkpoint 
 STATE = "state.pt"            # a checkpoint's state
 RUN_DIR = "checkpoints"       # ROOT/<experiment_id>/checkpoints: Ray's run directory (RunConfig.name)
 CORPORA = "corpora"
+CORPUS_GRAPH = "graph.parquet"   # corpora/<corpus_id>/graph.parquet: the graph's edges
 SWEEPS = "sweeps"
 SUMMARY = "summary.json"
 SUMMARY_CSV = "summary.csv"
@@ -38,9 +28,14 @@ ATTEMPTS = "attempts"
 NOTICES = "notices"
 RESUMES = "resumes"
 SWEEP_FILE = "sweep.json"     # ROOT/<experiment_id>/sweep.json: the sweep point's grid (trackers read it)
-TB_DIR = "tensorboard"
-BUCKETS = "buckets"            # ROOT/buckets/<bucket_id>: a bucket's own Ray run (its members' records are theirs)
-NOT_EXPERIMENTS = frozenset({CORPORA, SWEEPS, BUCKETS})
+TB_DIR = "tensorboard"        # ROOT/<experiment_id>/tensorboard: TensorBoard event files (trackers.py)
+MLRUNS = "mlruns"             # ROOT/mlruns: MLflow's file store when MLFLOW_TRACKING_URI is unset
+TUNE_DIR = "tune"             # ROOT/sweeps/<sweep_id>/tune: Ray Tune's run directory (RunConfig.name)
+BUCKETS = "buckets"           # ROOT/buckets/<bucket_id>: a bucket's own Ray run (its members' records are theirs)
+BUCKET_RUN = "train"          # ROOT/buckets/<bucket_id>/train: that run's directory (RunConfig.name; no checkpoints)
+NAMES = (RESULT, LEASE, LEASE_LOCK, MANIFEST, STATE, RUN_DIR, CORPORA, CORPUS_GRAPH, SWEEPS, SUMMARY, SUMMARY_CSV,
+         TRIALS, ATTEMPTS, NOTICES, RESUMES, SWEEP_FILE, TB_DIR, MLRUNS, TUNE_DIR, BUCKETS, BUCKET_RUN)   # README's tree
+NOT_EXPERIMENTS = frozenset({CORPORA, SWEEPS, MLRUNS, BUCKETS})
 RETIRED = ".old-"             # <experiment_id>.old-<stamp>: moved aside by --fresh
 INVALID = ".invalid-"         # corpora/<corpus_id>.invalid-<stamp>: a corpus that failed verification
 BUILDING = ".building-"       # corpora/.building-<corpus_id>: a local corpus being built
@@ -63,6 +58,25 @@ def resume_name(at: str) -> str:
     return f"{RESUMES}/{at.replace(':', '')}-{uuid.uuid4().hex[:8]}.json"
 
 
+_TB_REACH = re.compile(r"\.raywalk-e(\d+)-s(\d+)$")
+
+
+def tb_suffix(epochs: int, steps: int) -> str:
+    """The suffix of a TensorBoard event file holding the curves up to `epochs` epochs and `steps` steps."""
+    return f".raywalk-e{epochs:04d}-s{steps:09d}"
+
+
+def tb_reach(name: str) -> tuple[int, int] | None:
+    """(epochs, steps) a TensorBoard event file's name says it reaches; None for another file."""
+    m = _TB_REACH.search(name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def corpus_shard(split: str, index: int) -> str:
+    """corpora/<corpus_id>/<split>/part-NNNNN.parquet: a corpus shard of walks."""
+    return f"{split}/part-{index:05d}.parquet"
+
+
 def trial_record(experiment_id: str) -> str:
     return f"{TRIALS}/{experiment_id}.json"
 
@@ -73,8 +87,8 @@ def is_experiment(name: str) -> bool:
 
 
 def aside(name: str, kind: str = RETIRED) -> str:
-    """The name a directory is moved aside to, never over an earlier one (local time, to the second)."""
-    return f"{name}{kind}{time.strftime('%Y%m%d-%H%M%S')}"
+    """The name a directory is moved aside to, never over an earlier one (UTC, to the second)."""
+    return f"{name}{kind}{utc_stamp()}"
 
 
 # ---- temporary files: one naming rule --------------------------------------------------
@@ -96,28 +110,23 @@ def is_temp(name: str) -> bool:
     return bool(_TMP_RE.match(name.rsplit("/", 1)[-1]))
 
 
-# ---- the lease's liveness rule ----------------------------------------------------------
-STALE_AFTER_S = 60.0
-
-
-def lease_live(heartbeat_unix: float, stale_after_s: float, now: float | None = None) -> bool:
-    """A lease is live while its holder renewed it less than stale_after_s ago (the holder's clock)."""
-    return (time.time() if now is None else now) - heartbeat_unix < stale_after_s
-
-
 # ---- timestamps -------------------------------------------------------------------------
-# ISO-8601 UTC throughout. The files keep the forms they have always held, so old files read the
-# same: result.json's updated_at, ls and export to the second ("...+00:00"), resumes and
-# interruptions to the millisecond, the lease with a "Z".
+# One form for every time raywalk writes: ISO-8601 UTC to the millisecond with a "Z"
+# ("2026-12-01T10:12:17.250Z"); in a file name, ISO's basic form ("20261201T101217Z").
+# Files written before hold other ISO forms ("+00:00", to the second): parse_utc reads them all.
 
-def utc_iso(t: float | None = None, ms: bool = False, z: bool = False) -> str:
+def utc_iso(t: float | None = None) -> str:
     d = datetime.now(timezone.utc) if t is None else datetime.fromtimestamp(t, timezone.utc)
-    s = d.isoformat(timespec="milliseconds" if ms else "seconds")
-    return s.replace("+00:00", "Z") if z else s
+    return d.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def utc_stamp(t: float | None = None) -> str:
+    """The same instant for a file name, to the second: no colons."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t))
 
 
 def parse_utc(s: object) -> float | None:
-    """Seconds since the epoch of any of those forms (no zone: UTC); None for anything else."""
+    """Seconds since the epoch of any ISO-8601 form (no zone: UTC); None for anything else."""
     try:
         t = datetime.fromisoformat(s)   # type: ignore[arg-type]
     except (TypeError, ValueError):

@@ -38,15 +38,17 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 from urllib.parse import parse_qs
 
-from raywalk.records.layout import LEASE, LEASE_LOCK, STALE_AFTER_S, lease_live, utc_iso
-from raywalk.records.storage import (S3_ATTEMPTS, Store, StorageUnwritable, free_space, rename_into, split_query, warn,
-                                     will_recur, write_temp)
+from raywalk.records.layout import LEASE, LEASE_LOCK, utc_iso
+from raywalk.messages import Tell, tell
+from raywalk.records.errors import first_line, unwritable
+from raywalk.records.storage import S3_ATTEMPTS, Store, rename_into, write_temp
+from raywalk.records.uris import split_query
 
+STALE_AFTER_S = 60.0
 ENV_STALE = "RAYWALK_LEASE_STALE_AFTER_S"
 ENV_HEARTBEAT = "RAYWALK_LEASE_HEARTBEAT_S"
 ENV_WAIT = "RAYWALK_LEASE_WAIT_S"
 
-Log = Callable[[str], None]
 
 
 def _env_seconds(name: str) -> float | None:
@@ -60,6 +62,11 @@ def _env_seconds(name: str) -> float | None:
     if not v > 0:
         raise ValueError(f"{name}: {raw!r} is invalid: must be a number of seconds > 0")
     return v
+
+
+def lease_live(heartbeat_unix: float, stale_after_s: float, now: float | None = None) -> bool:
+    """The one liveness rule: live while its holder renewed it less than stale_after_s ago (the holder's clock)."""
+    return (time.time() if now is None else now) - heartbeat_unix < stale_after_s
 
 
 def timings(stale_after_s: float | None = None, heartbeat_s: float | None = None) -> tuple[float, float]:
@@ -151,9 +158,9 @@ class _Local:
         try:
             return write_temp(self.path, data)
         except OSError as e:
-            why = will_recur(e)
-            if why is not None:   # full disk, quota, read-only: the run stops with one line
-                raise StorageUnwritable(self.path, why, free_space(self.path)) from e
+            u = unwritable(e, self.path)
+            if u is not None:   # full disk, quota, read-only: the run stops with one line
+                raise u from e
             raise
 
     def read(self):
@@ -270,6 +277,13 @@ class _S3:
         return True
 
 
+def stored(exp: Store) -> tuple[bool, LeaseInfo | None]:
+    """(whether a lease file is there, the lease it holds: None when torn or foreign), read through the
+    Store, so it works on any root `raywalk ls` lists (no conditional-write backend needed)."""
+    data = exp.read_if_exists(LEASE)
+    return (False, None) if data is None else (True, LeaseInfo.decode(data))
+
+
 def supported(exp: Store) -> bool:
     """Leases need atomic conditional writes: local paths and s3:// have them here."""
     return exp.local or exp.uri.startswith("s3://")
@@ -289,7 +303,7 @@ class Lease:
     """This driver's claim on one experiment (see the module doc)."""
 
     def __init__(self, exp: Store, experiment_id: str, *, stale_after_s: float | None = None,
-                 heartbeat_s: float | None = None, log: Log = warn):
+                 heartbeat_s: float | None = None, log: Tell = tell):
         self.exp, self.experiment_id, self.log = exp, experiment_id, log
         self.stale_after_s, self.heartbeat_s = timings(stale_after_s, heartbeat_s)
         self.holder = uuid.uuid4().hex
@@ -305,7 +319,7 @@ class Lease:
 
     def _stamp(self, started_at: str | None = None) -> LeaseInfo:
         now = time.time()
-        stamp = utc_iso(now, z=True)
+        stamp = utc_iso(now)
         return LeaseInfo(self.holder, socket.gethostname(), os.getpid(), started_at or stamp, stamp, now,
                          self.stale_after_s)
 
@@ -417,7 +431,7 @@ class _Heartbeat(threading.Thread):
     for longer than the stale limit) it sets `lease.lost` to the one-line reason, calls on_lost
     once, and ends."""
 
-    def __init__(self, lease: Lease, log: Log, on_lost: Callable[[str], None] | None):
+    def __init__(self, lease: Lease, log: Tell, on_lost: Callable[[str], None] | None):
         super().__init__(name=f"raywalk-lease-{lease.experiment_id}", daemon=True)
         self.lease, self.log, self.on_lost = lease, log, on_lost
         self.stopped = threading.Event()
@@ -439,7 +453,7 @@ class _Heartbeat(threading.Thread):
                 if down >= lease.stale_after_s:
                     return self._lose(f"lost the lease on experiment {lease.experiment_id}: could not renew "
                                       f"{lease.uri} for {down:.0f}s, longer than its stale limit "
-                                      f"({lease.stale_after_s:.0f}s; {type(e).__name__}: {str(e).splitlines()[0]}); "
+                                      f"({lease.stale_after_s:.0f}s; {type(e).__name__}: {first_line(e)}); "
                                       f"another driver may take it over, so this one stopped training")
                 if not warned:
                     self.log(f"warning: could not renew the lease {lease.uri} ({type(e).__name__}: {e}); retrying")
@@ -458,7 +472,7 @@ class _Heartbeat(threading.Thread):
 
 
 @contextlib.contextmanager
-def hold(exp: Store, experiment_id: str, *, log: Log = warn, stale_after_s: float | None = None,
+def hold(exp: Store, experiment_id: str, *, log: Tell = tell, stale_after_s: float | None = None,
          heartbeat_s: float | None = None, wait_s: float | None = None,
          on_lost: Callable[[str], None] | None = None) -> Iterator[Lease | None]:
     """Hold the experiment's lease for the block: acquire (LeaseHeld if taken, after waiting up to

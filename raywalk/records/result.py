@@ -12,17 +12,56 @@ from __future__ import annotations
 import dataclasses
 import platform
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raywalk import __version__
+from raywalk.config import Config
+from raywalk.messages import Tell, tell
 from raywalk.records import layout
 from raywalk.records.checkpoints import info as checkpoint_info   # the `checkpoints` block
-from raywalk.science.compliance import Compliance
-from raywalk.science.gate import by_jump_length
-from raywalk.config import Config
-from raywalk.records.layout import RESULT, utc_iso  # noqa: F401  (RESULT: readers import it from here too)
+from raywalk.records.layout import RESULT, utc_iso
 from raywalk.records.lease import check_holder
-from raywalk.records.storage import Store, warn
+from raywalk.records.storage import Store
+
+
+# ---- status: the one place it is derived ----------------------------------------------------
+STATUSES = ("running", "passed", "failed", "interrupted")   # what a record says
+FINISHED = ("passed", "failed")   # the gate decided: never trained again, never written over
+NO_LEASE_GRACE_S = 120.0
+
+
+def is_finished(status: object) -> bool:
+    return status in FINISHED
+
+
+def status_now(recorded: object, lease_live: bool | None, updated: float | None, now: float) -> str:
+    """What a run is now (`raywalk ls`): finished as recorded; otherwise `running` while its driver's lease is
+    live and `interrupted` once it is stale (lease_live None: no lease file; False: stale, torn or foreign).
+
+    Without a lease file a record says `interrupted` for a storage stop; one saying `running` is
+    `running` if written within NO_LEASE_GRACE_S: a driver between writing result.json and taking
+    or dropping its lease, or one older than leases in its first minutes."""
+    recorded = recorded or "running"
+    if is_finished(recorded):
+        return str(recorded)
+    if lease_live is not None:
+        return "running" if lease_live else "interrupted"
+    if recorded == "interrupted":
+        return "interrupted"
+    return "running" if updated is not None and now - updated < NO_LEASE_GRACE_S else "interrupted"
+
+
+def sweep_status(recorded: object, trial_error: object) -> str:
+    """A sweep point's status: passed | failed (finished) | running (interrupted; a rerun resumes) |
+    error (its trial raised) | not_run (recorded None: no readable result.json)."""
+    if recorded is None:
+        return "error" if trial_error else "not_run"
+    if trial_error and not is_finished(recorded):
+        return "error"
+    return str(recorded or "running")
+
+if TYPE_CHECKING:
+    from raywalk.science.compliance import Compliance
 
 
 class _Unset:
@@ -71,7 +110,7 @@ class Result:
 
     @property
     def finished(self) -> bool:
-        return self.status in ("passed", "failed")
+        return is_finished(self.status)
 
     @property
     def gate_epoch(self) -> int | None:
@@ -96,10 +135,9 @@ class EpochFacts:
 
 
 def environment(workers: int, device: str) -> dict[str, Any]:
-    import ray
-    import torch
+    from importlib.metadata import version   # the installed versions, without importing Ray here
 
-    return {"raywalk": __version__, "ray": ray.__version__, "torch": torch.__version__,
+    return {"raywalk": __version__, "ray": version("ray"), "torch": version("torch"),
             "python": platform.python_version(), "workers": workers, "device": device}
 
 
@@ -126,7 +164,7 @@ def record_resume(exp: Store, entry: dict[str, Any]) -> None:
     exp.write_json(layout.resume_name(entry["at"]), entry)
 
 
-def list_resumes(exp: Store, log=warn) -> list[dict[str, Any]]:
+def list_resumes(exp: Store, log: Tell = tell) -> list[dict[str, Any]]:
     """Every resume of the experiment, oldest first; a torn record is skipped with a warning naming it."""
     out = []
     for n in exp.listdir(layout.RESUMES):
@@ -143,6 +181,26 @@ def count_restarts(exp: Store) -> int:
 
 
 # ---- the record, built by pure functions ------------------------------------------------
+
+def by_jump_length(by_r: Any, w: int) -> list[dict[str, Any]] | None:
+    """The rule figures per jump length r (sorted), flagging r > w: result.json's gate.by_jump_length.
+
+    by_r: {r: (rule_checks, compliant)} (keys may be strings, as result.json gives them back), or
+    anything with as_dict() giving that (JumpLengthCounts). None gives None.
+    """
+    if by_r is None:
+        return None
+    if hasattr(by_r, "as_dict"):
+        by_r = by_r.as_dict()
+    rows = []
+    for key in sorted(by_r, key=int):
+        r = int(key)
+        checks, ok = (int(x) for x in by_r[key])
+        rows.append({"r": r, "r_over_w": round(r / w, 6), "beyond_window": r > w,
+                     "rule_checks": checks, "compliant": ok,
+                     "rule_compliance": ok / checks if checks else None})   # 0 checks: no figure, never a pass
+    return rows
+
 
 def gate_block(cfg: Config, e: EpochFacts) -> dict[str, Any]:
     last = e.last
@@ -166,7 +224,7 @@ def failure_block(cfg: Config, e: EpochFacts, gate: dict[str, Any]) -> dict[str,
     return {"reason": reason, **{k: gate[k] for k in keep}}
 
 
-def status_of(cfg: Config, e: EpochFacts) -> str:
+def status_after_epoch(cfg: Config, e: EpochFacts) -> str:
     if e.gate_epoch is not None:
         return "passed"
     return "failed" if e.epochs_trained >= cfg.train.max_epochs else "running"
@@ -176,7 +234,7 @@ def build(cfg: Config, experiment_id: str, e: EpochFacts, *, checkpoints: dict[s
           environment: dict[str, Any], restarts: int, corpus: dict[str, Any] = UNSET,
           resumes: list[dict[str, Any]] = UNSET, updated_at: str | None = None) -> Result:
     """The record after an epoch. corpus and resumes: UNSET leaves them out (the worker always gives them)."""
-    status, gate = status_of(cfg, e), gate_block(cfg, e)
+    status, gate = status_after_epoch(cfg, e), gate_block(cfg, e)
     c = e.curves
     return Result(
         experiment_id=experiment_id, status=status, svd_eligible=status == "passed",
@@ -197,16 +255,42 @@ def finalised(r: Result, checkpoints: dict[str, Any], restarts: int) -> Result:
 
 def interrupted(r: Result, reason: str, checkpoints: dict[str, Any] = UNSET, at: str | None = None) -> Result:
     """The record of a run that stopped unfinished (a storage stop, a record missing at the end)."""
-    r = dataclasses.replace(r, status="interrupted", interrupted={"reason": reason, "at": at or utc_iso(ms=True)})
+    r = dataclasses.replace(r, status="interrupted", interrupted={"reason": reason, "at": at or utc_iso()})
     return r if checkpoints is UNSET else dataclasses.replace(r, checkpoints=checkpoints)
 
 
 # ---- the edges: read and write --------------------------------------------------------
 
-def read(exp: Store, log=warn) -> Result | None:
-    """The experiment's record; None when there is none, or it is torn or not a JSON object (logged)."""
-    r = exp.read_json_or_warn(RESULT, "result", log) if exp.is_file(RESULT) else None
-    return Result.from_json(r) if isinstance(r, dict) else None
+class Unreadable(ValueError):
+    """result.json is there but torn, not JSON, or not a JSON object; the message says which."""
+
+
+def load(exp: Store) -> dict[str, Any] | None:
+    """The one reader of result.json: its content; None when there is none; Unreadable when it is there but
+    not a record (other storage errors propagate). Callers choose what an unreadable one means."""
+    try:
+        r = exp.read_json_if_exists(RESULT)
+    except ValueError as e:
+        raise Unreadable(f"{exp.child_uri(RESULT)} is not valid JSON ({e})") from None
+    if r is not None and not isinstance(r, dict):
+        raise Unreadable(f"{exp.child_uri(RESULT)} is not a raywalk result (not a JSON object)")
+    return r
+
+
+def read(exp: Store, log: Tell = tell) -> Result | None:
+    """The experiment's record; None when there is none, or it is unreadable (then logged: it is rewritten)."""
+    try:
+        r = load(exp)
+    except Unreadable as e:
+        log(f"warning: skipping unreadable result: {e}")
+        return None
+    return None if r is None else Result.from_json(r)
+
+
+def read_finished(exp: Store, log: Tell = tell) -> Result | None:
+    """The record if the run is finished (never trained again); an unreadable one is not finished."""
+    r = read(exp, log)
+    return r if r is not None and r.finished else None
 
 
 def write(exp: Store, experiment_id: str, r: Result, lease_holder: str = "") -> None:
@@ -252,7 +336,7 @@ class ResultWriter:
             reason = "preemption"       # the previous worker group had a reclaim notice
         else:
             reason = "failure"
-        entry = {"reason": reason, "checkpoint": checkpoint, "epoch": epoch, "step": step, "at": utc_iso(ms=True)}
+        entry = {"reason": reason, "checkpoint": checkpoint, "epoch": epoch, "step": step, "at": utc_iso()}
         self._check_lease()
         record_resume(self.exp, entry)
         return entry

@@ -4,7 +4,8 @@ One `Gate` per run: its starts de-duplicated once (greedy decoding is a pure
 function of the start, so equal starts give equal sequences: each distinct
 start is generated once and weighted by its multiplicity), `shard`ed over the
 ranks, `evaluate`d on a model, its counts `reduce`d over ranks, judged by
-`passes` and reported per jump length by `by_jump_length` (result.json).
+and judged by `passes`; the counts per jump length go to result.json as counts (records/result.py
+shapes them).
 """
 from __future__ import annotations
 
@@ -76,23 +77,3 @@ class Gate:
     def passes(self, c: Compliance) -> bool:
         """Edge and rule strictly above their thresholds; zero rule checks is never a pass."""
         return c.rule_total > 0 and c.edge > self.cfg.gate.edge and c.rule > self.cfg.gate.rule
-
-
-def by_jump_length(by_r: Any, w: int) -> list[dict[str, Any]] | None:
-    """The rule figures per jump length r (sorted), flagging r > w: result.json's gate.by_jump_length.
-
-    by_r: {r: (rule_checks, compliant)} (keys may be strings, as result.json gives them back), or
-    anything with as_dict() giving that (JumpLengthCounts). None gives None.
-    """
-    if by_r is None:
-        return None
-    if hasattr(by_r, "as_dict"):
-        by_r = by_r.as_dict()
-    rows = []
-    for key in sorted(by_r, key=int):
-        r = int(key)
-        checks, ok = (int(x) for x in by_r[key])
-        rows.append({"r": r, "r_over_w": round(r / w, 6), "beyond_window": r > w,
-                     "rule_checks": checks, "compliant": ok,
-                     "rule_compliance": ok / checks if checks else None})   # 0 checks: no figure, never a pass
-    return rows

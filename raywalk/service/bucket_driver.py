@@ -16,19 +16,17 @@ import os
 import signal
 import threading
 import uuid
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from raywalk.config import Config, ConfigError
-from raywalk.records import lease
+from raywalk.messages import Tell, tell
+from raywalk.records import lease, result
 from raywalk.records.checkpoints import RUN_DIR
 from raywalk.records.layout import BUCKETS
 from raywalk.records.lease import LeaseLost
 from raywalk.records.storage import Store
-from raywalk.records.storage import warn as _stderr
 from raywalk.science.bucket import check_bucketable
 from raywalk.service import driver, ray_env, ray_private, stops
-
-Log = Callable[[str], None]
 
 # a bucket is one trainer: what its worker asks of the cluster must be one thing
 SHARED_RUN = ("run.storage", "run.cpus_per_worker", "run.gpus_per_worker", "run.accelerator_type",
@@ -58,7 +56,7 @@ def check_members(cfgs: Sequence[Config]) -> None:
 
 
 def train_bucket(cfgs: Sequence[Config], *, verbose: bool = False, progress: bool = True,
-                 callbacks: list | None = None, log: Log = _stderr) -> list[dict[str, Any]]:
+                 callbacks: list | None = None, log: Tell = tell) -> list[dict[str, Any]]:
     """Train (or resume, or report) every member; returns their result.json contents, in order."""
     if not cfgs:
         raise ConfigError("bucket: no members")
@@ -68,7 +66,8 @@ def train_bucket(cfgs: Sequence[Config], *, verbose: bool = False, progress: boo
     for c in cfgs:
         driver.check_before_ray(c)
     ids = [c.experiment_id() for c in cfgs]
-    results: dict[str, dict[str, Any] | None] = {eid: driver.finished_result(root, eid, log) for eid in ids}
+    done = {eid: result.read_finished(root.sub(eid), log) for eid in ids}
+    results: dict[str, dict[str, Any] | None] = {eid: r.to_json() if r is not None else None for eid, r in done.items()}
     for eid, r in results.items():
         if r is not None:
             log(f"experiment {eid} already finished ({r['status']}); not training again")
@@ -82,7 +81,7 @@ def train_bucket(cfgs: Sequence[Config], *, verbose: bool = False, progress: boo
 
 
 def _train_leased(cfgs: list[Config], root: Store, *, verbose: bool, progress: bool, callbacks: list | None,
-                  log: Log) -> dict[str, dict[str, Any]]:
+                  log: Tell) -> dict[str, dict[str, Any]]:
     ids = [c.experiment_id() for c in cfgs]
     fitting = threading.Event()
 

@@ -21,14 +21,14 @@ from raywalk.config import ConfigError
 from raywalk.records import checkpoints as ckpt
 from raywalk.records.layout import BUCKETS
 from raywalk.records.result import ResultWriter
+from raywalk.records.corpus import Corpus
+from raywalk.records.lease import check_holder
 from raywalk.records.storage import Store
 from raywalk.science.batches import ResidentWindows, token_dtype
 from raywalk.science.bucket import BucketState, BucketWindows, Member, run_bucket_epoch
 from raywalk.science.compliance import Compliance
 from raywalk.science.gate import Gate
 from raywalk.science.loop import record_epoch
-from raywalk.service import stops
-from raywalk.service.corpus import Corpus
 from raywalk.service.dataset import free_memory, load_resident
 from raywalk.service.trackers import open_trackers
 from raywalk.service.worker import Progress, WorkerSpec, _setup
@@ -57,13 +57,6 @@ class BucketSpec:
         return {"id": self.bucket_id, "members": [m.experiment_id for m in self.members]}
 
 
-def common_point(runs: list[Store]) -> tuple[int, int] | None:
-    """The newest (epoch, step) at which every run has a complete checkpoint, or None: start afresh."""
-    have = [{ckpt.position(n) for n in ckpt.names(r, complete=True)} for r in runs]
-    shared = set.intersection(*have) if have else set()
-    return max(shared) if shared else None
-
-
 def _load(runs: list[Store], point: tuple[int, int], say) -> list[dict[str, Any]]:
     name = ckpt.dir_name(*point)
     states = []
@@ -80,18 +73,6 @@ def _load(runs: list[Store], point: tuple[int, int], say) -> list[dict[str, Any]
     return states
 
 
-def save_member(run: Store, name: str, state: dict[str, Any], keep_gate: str | None) -> None:
-    """One member's checkpoint, state.pt first and the manifest last; then only the newest KEEP and the gate's stay."""
-    files = ckpt.pack(state)
-    d = run.sub(name)
-    d.write_bytes(ckpt.STATE, files[ckpt.STATE])
-    d.write_bytes(ckpt.MANIFEST, files[ckpt.MANIFEST])
-    done = ckpt.names(run, complete=True)
-    for old in done[:-ckpt.KEEP]:
-        if old != keep_gate:
-            run.delete_dir(old)
-
-
 def finished(root: Store, member: WorkerSpec, say) -> bool:
     """A member whose newest checkpoint is its last (gate passed, or max_epochs): it left the bucket before a
     restart, and stays out of it."""
@@ -105,7 +86,8 @@ class _MemberIO:
 
     def __init__(self, spec: WorkerSpec, bucket: BucketSpec, root: Store, device: torch.device):
         self.spec, self.eid = spec, spec.experiment_id
-        self.run = root.sub(spec.experiment_id, ckpt.RUN_DIR)
+        self.exp = root.sub(spec.experiment_id)
+        self.run = self.exp.sub(ckpt.RUN_DIR)
         self.corpus = Corpus(Store.open(spec.corpus_uri), spec.corpus_manifest)
         self.gate = Gate(spec.gate_starts, self.corpus.rule_table(), spec.config)
         self.writer = ResultWriter(root, spec.experiment_id, spec.config, 1, device.type, bucket.driver_token,
@@ -115,8 +97,9 @@ class _MemberIO:
     def checkpoint(self, state: BucketState, i: int, step: int = 0) -> str:
         m = state.members[i]
         name = ckpt.dir_name(m.epoch, step)
-        stops.check_lease(self.spec)   # never write into a run that another driver has taken over
-        save_member(self.run, name, state.member_state(i, step), ckpt.dir_name(m.gate_epoch) if m.gate_epoch else None)
+        if self.spec.lease_holder:   # never write into a run that another driver has taken over
+            check_holder(self.exp, self.eid, self.spec.lease_holder)
+        ckpt.write(self.run, name, state.member_state(i, step), ckpt.dir_name(m.gate_epoch) if m.gate_epoch else None)
         return name
 
 
@@ -198,7 +181,7 @@ def train_bucket_loop(spec: BucketSpec) -> None:
         return
     steps = spec.members[0].steps_per_epoch
     state = BucketState([io.spec.config for io in ios], steps, device, [io.eid for io in ios])
-    point = common_point([io.run for io in ios])
+    point = ckpt.common_point([io.run for io in ios])
     if point is not None:
         state.load_members(_load([io.run for io in ios], point, say))
     for io, m in zip(ios, state.members):

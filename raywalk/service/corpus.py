@@ -1,10 +1,4 @@
-"""The on-disk walk corpus: Parquet shards + graph + manifest, built once per config.
-
-Layout under `<root>/corpora/<corpus_id>/`:
-  manifest.json      written last; lists every file with its size and sha256
-  graph.parquet      one row per directed edge (int32 src, dst)
-  train/*.parquet    one row per walk: walk (list<int32>, length L) + its jumper events
-  eval/*.parquet     the held-out split, generated from another seed
+"""Building the walk corpus (Parquet shards + graph + manifest), once per config; records/corpus.py reads it.
 
 Each shard is generated and written by its own task (Ray on a cluster), which
 returns only (path, size, sha256, stats): the driver never holds walk data, so
@@ -25,27 +19,22 @@ from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raywalk.science.compliance import Compliance, RuleTable, check_sequences
 from raywalk.config import Config
 from raywalk.science.graph import Graph, Jumpers, build_graph, place_jumpers
+from raywalk.messages import Tell, tell
 from raywalk.records import layout
-from raywalk.records.layout import CORPORA, MANIFEST
+from raywalk.records.corpus import (FORMAT_VERSION, Corpus, CorpusError, check_files, check_verify_mode,
+                                    verified_manifest)
+from raywalk.records.layout import CORPORA, CORPUS_GRAPH, MANIFEST, corpus_shard
+from raywalk.records.manifest import entry
 from raywalk.records.storage import Store
 from raywalk.science.walks import jumper_events, sample_walks
 
-# 2: walks drawn by the exact-feasibility sampler; a version-1 corpus holds other walks for the same
-# config, so it is refused by open_corpus and moved aside and rebuilt by build_corpus, never mixed in.
-FORMAT_VERSION = 2
-VERIFY = ("size", "full")           # reuse checks: manifest + sizes (cheap), or + sha256 of every file
 MAX_IN_FLIGHT = 1000                # shard tasks submitted at once: the whole demand for any sane corpus
 SPLITS = {"train": 0, "eval": 1}   # split -> seed stream, so eval never shares draws with train
-
-
-class CorpusError(RuntimeError):
-    """A corpus that is missing, incomplete, corrupt or inconsistent."""
 
 
 def eval_size(cfg: Config) -> int:
@@ -94,17 +83,14 @@ def make_shard(graph: Graph, jumpers: Jumpers, table: RuleTable, spec: ShardSpec
     return buf.getvalue(), stats
 
 
-def shard_rel(spec: ShardSpec) -> str:
-    return f"{spec.split}/part-{spec.index:05d}.parquet"
-
-
 def write_shard(graph: Graph, jumpers: Jumpers, table: RuleTable, spec: ShardSpec, seed: int, walk_length: int,
                 work_uri: str) -> tuple[str, int, str, dict]:
     """Generate one shard, write it under work_uri; return (relative path, size, sha256, stats), no walk data."""
     data, stats = make_shard(graph, jumpers, table, spec, seed, walk_length)
-    rel = shard_rel(spec)
+    rel = corpus_shard(spec.split, spec.index)
     Store.open(work_uri).write_bytes(rel, data)
-    return rel, len(data), hashlib.sha256(data).hexdigest(), stats
+    e = entry(data)
+    return rel, e["size"], e["sha256"], stats
 
 
 def _path_samples(walks: np.ndarray, ev: dict, jumpers: Jumpers, limit: int) -> dict[int, list[str]]:
@@ -140,120 +126,6 @@ def plan_shards(cfg: Config) -> list[ShardSpec]:
     return specs
 
 
-# ---- a finished corpus --------------------------------------------------------
-
-@dataclass(frozen=True)
-class Corpus:
-    store: Store          # the corpus directory
-    manifest: dict
-
-    @property
-    def uri(self) -> str:
-        return self.store.uri
-
-    def files(self, split: str) -> list[str]:
-        """Filesystem paths (for pyarrow / Ray Data with `self.store.fs`)."""
-        return [self.store.path(f) for f in self.manifest["splits"][split]["files"]]
-
-    def graph(self) -> Graph:
-        t = pq.read_table(io.BytesIO(self.store.read_bytes("graph.parquet")))
-        m = self.manifest
-        return Graph.from_edges(m["n"], m["K"], t["src"].to_numpy(), t["dst"].to_numpy(), m["seeds"]["graph"])
-
-    def jumpers(self) -> Jumpers:
-        return Jumpers.from_records(self.manifest["jumpers"])
-
-    def rule_table(self) -> RuleTable:
-        return RuleTable.build(self.graph(), self.jumpers())
-
-    def walks(self, split: str, limit: int | None = None) -> np.ndarray:
-        L = self.manifest["walk_length"]
-        parts, have = [], 0
-        for rel in self.manifest["splits"][split]["files"]:
-            t = pq.read_table(io.BytesIO(self.store.read_bytes(rel)), columns=["walk"])
-            parts.append(t["walk"].combine_chunks().flatten().to_numpy().reshape(-1, L))
-            have += len(parts[-1])
-            if limit is not None and have >= limit:
-                break
-        out = np.concatenate(parts).astype(np.int64)
-        return out if limit is None else out[:limit]
-
-    def gate_starts(self, k: int) -> np.ndarray:
-        """First tokens of the first k held-out walks, cycling when the split is smaller."""
-        first = self.walks("eval", limit=k)[:, 0]
-        return np.resize(first, k)
-
-
-def _file_sizes(store: Store) -> dict[str, int]:
-    """Every file under store with its size, from one recursive listing (no reads)."""
-    sel = pafs.FileSelector(store.path(), allow_not_found=True, recursive=True)
-    base = store.path() + "/"
-    return {i.path[len(base):]: i.size for i in store.fs.get_file_info(sel) if i.type == pafs.FileType.File}
-
-
-def _sha256(store: Store, rel: str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with store.fs.open_input_stream(store.path(rel)) as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def check_files(store: Store, checksums: dict[str, dict], verify: str, only: list[str] | None = None) -> None:
-    """CorpusError unless every file in checksums (or just those in `only`) is there with its size,
-    and under verify="full" its sha256 too. One listing; "full" reads the files it checks."""
-    sizes = _file_sizes(store)
-    rels = list(checksums) if only is None else only
-    for rel in rels:
-        if rel not in sizes or rel not in checksums:
-            raise CorpusError(f"{rel} is missing")
-        if sizes[rel] != checksums[rel]["size"]:
-            raise CorpusError(f"{rel} has {sizes[rel]} bytes, manifest says {checksums[rel]['size']}")
-    if verify == "full":
-        for rel in rels:
-            if _sha256(store, rel) != checksums[rel]["sha256"]:
-                raise CorpusError(f"{rel} does not match its sha256 in the manifest")
-
-
-def read_manifest(store: Store, cfg: Config) -> dict:
-    """The manifest at store if it is a finished corpus of cfg's, else CorpusError with the reason."""
-    if not store.is_file(MANIFEST):
-        raise CorpusError("manifest.json is missing (an interrupted build?)")
-    try:
-        m = store.read_json(MANIFEST)
-    except ValueError as e:
-        raise CorpusError(f"manifest.json is not valid JSON ({e})") from None
-    if m.get("format_version") != FORMAT_VERSION:
-        raise CorpusError(f"format_version {m.get('format_version')} != {FORMAT_VERSION}: written by another raywalk "
-                          f"whose sampler draws other walks for this config, so it cannot be reused or mixed")
-    if m.get("config_hash") != cfg.corpus_id():
-        raise CorpusError(f"config_hash {m.get('config_hash')} does not match {cfg.corpus_id()}")
-    return m
-
-
-def _check_verify(verify: str) -> None:
-    if verify not in VERIFY:
-        raise ValueError(f"verify: {verify!r} is invalid: must be one of {', '.join(VERIFY)}")
-
-
-def _verify(store: Store, cfg: Config, verify: str = "size") -> dict:
-    """The manifest if the corpus is complete and matches cfg, else CorpusError with the reason.
-
-    verify="size": manifest, config hash, and every listed file present with its size;
-    verify="full": also the sha256 of every file (reads the whole corpus).
-    """
-    _check_verify(verify)
-    m = read_manifest(store, cfg)
-    check_files(store, m["checksums"], verify)
-    return m
-
-
-def open_corpus(root: Store, cfg: Config, verify: str = "size") -> Corpus:
-    """The finished corpus for cfg under root, or CorpusError (verify: "size" or "full")."""
-    store = root.sub(CORPORA, cfg.corpus_id())
-    return Corpus(store, _verify(store, cfg, verify))
-
-
 # ---- building -------------------------------------------------------------------
 
 Mapper = Callable[[Callable, list], Iterable]   # (fn, list of arg tuples) -> results in any order, each (i, result)
@@ -265,12 +137,12 @@ def _serial_map(fn: Callable, args: list) -> Iterable:
 
 
 def build_corpus(cfg: Config, root: Store, *, mapper: Mapper | None = None, progress: bool = True,
-                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+                 log: Tell = tell,
                  verify: str = "size") -> tuple[Corpus, dict]:
     """Build the corpus for cfg (or reuse one that passes `verify`). Returns (corpus, summary)."""
     t0 = time.perf_counter()
     store = root.sub(CORPORA, cfg.corpus_id())
-    _check_verify(verify)
+    check_verify_mode(verify)
     if store.exists():
         reused = _reuse(root, store, cfg, verify, log)
         if reused is not None:
@@ -281,7 +153,7 @@ def build_corpus(cfg: Config, root: Store, *, mapper: Mapper | None = None, prog
     specs = plan_shards(cfg)
     work = root.sub(CORPORA, f"{layout.BUILDING}{cfg.corpus_id()}") if root.local else store
     work.delete_dir("")
-    checksums = {"graph.parquet": _write_graph(work, graph)}
+    checksums = {CORPUS_GRAPH: _write_graph(work, graph)}
     # Each task writes its own shard and returns only its path, size, sha256 and stats.
     table = RuleTable.build(graph, jumpers)   # one object in every task's arguments: ray_mapper puts it once
     args = [(graph, jumpers, table, s, cfg.seed, cfg.corpus.walk_length, work.uri) for s in specs]
@@ -299,10 +171,10 @@ def build_corpus(cfg: Config, root: Store, *, mapper: Mapper | None = None, prog
     return Corpus(store, manifest), {**summary, "reused": False}
 
 
-def _reuse(root: Store, store: Store, cfg: Config, verify: str, log: Callable[[str], None]) -> Corpus | None:
+def _reuse(root: Store, store: Store, cfg: Config, verify: str, log: Tell) -> Corpus | None:
     """The corpus at store if it passes `verify`; else it is moved aside (never deleted) and None."""
     try:
-        return Corpus(store, _verify(store, cfg, verify))
+        return Corpus(store, verified_manifest(store, cfg, verify))
     except CorpusError as e:
         aside = f"{CORPORA}/{layout.aside(cfg.corpus_id(), layout.INVALID)}"
         log(f"warning: corpus {store.uri} is not usable ({e}); moved to {root.child_uri(aside)} and rebuilding")
@@ -316,8 +188,8 @@ def _write_graph(work: Store, graph: Graph) -> dict:
     buf = io.BytesIO()
     pq.write_table(pa.table({"src": pa.array(src.astype(np.int32)), "dst": pa.array(dst.astype(np.int32))}), buf)
     data = buf.getvalue()
-    work.write_bytes("graph.parquet", data)
-    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    work.write_bytes(CORPUS_GRAPH, data)
+    return entry(data)
 
 
 def _run_shards(mapper: Mapper, args: list, specs: list[ShardSpec], progress: bool
@@ -343,7 +215,7 @@ def _collect(specs: list[ShardSpec], written: dict, checksums: dict[str, dict]
     stats: dict[str, list[dict]] = {s: [] for s in SPLITS}
     for i, spec in enumerate(specs):
         rel, size, sha, st = written.pop(i)
-        checksums[rel] = {"size": size, "sha256": sha}
+        checksums[rel] = {"size": size, "sha256": sha}   # manifest.entry's form
         files[spec.split].append(rel)
         stats[spec.split].append(st)
     return files, stats

@@ -8,9 +8,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from raywalk.records.errors import byte_size
 from raywalk.science.batches import fill_windows, token_dtype
 from raywalk.config import ConfigError, TrainConfig
-from raywalk.service.corpus import Corpus
+from raywalk.records.corpus import Corpus
 from raywalk.science.loop import epoch_seed
 from raywalk.service.windows import batch_to_windows, windows_per_walk
 
@@ -76,13 +77,6 @@ def free_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _size(b: float) -> str:
-    for unit, k in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if b >= k:
-            return f"{b / k:.1f} {unit}"
-    return f"{b:.0f} B"
-
-
 @dataclass(frozen=True)
 class DataPlan:
     """Which data path a worker takes, and why (train.data, memory, or the run's recorded choice)."""
@@ -100,7 +94,7 @@ class DataPlan:
 
     def describe(self) -> str:
         if self.path == "resident":
-            return (f"resident on {self.device}, {_size(self.nbytes)} {str(self.dtype).removeprefix('torch.')}"
+            return (f"resident on {self.device}, {byte_size(self.nbytes)} {str(self.dtype).removeprefix('torch.')}"
                     f" ({self.why})")
         return f"streaming ({self.why})"
 
@@ -122,8 +116,8 @@ def plan_data(train: TrainConfig, n_windows: int, width: int, n_vertices: int, d
     if recorded == "resident" or train.data == "resident":
         if nbytes > free:
             field = "the run's recorded data path" if recorded else "train.data"
-            raise ConfigError(f"{field}: 'resident' is invalid on {device}: the windows take {_size(nbytes)}, "
-                              f"more than the {_size(free)} free there"
+            raise ConfigError(f"{field}: 'resident' is invalid on {device}: the windows take {byte_size(nbytes)}, "
+                              f"more than the {byte_size(free)} free there"
                               + ("; resume on a worker with more memory (the path a run took is kept so its "
                                  "epoch order never changes)" if recorded else "; use train.data=stream or auto"))
         return plan("resident", "kept from the run's first start" if recorded else "train.data=resident")
@@ -131,8 +125,8 @@ def plan_data(train: TrainConfig, n_windows: int, width: int, n_vertices: int, d
         return plan("stream", "train.data=stream")
     fits = nbytes <= budget
     if fits:
-        return plan("resident", f"within budget {_size(budget)}", fits)
-    return plan("stream", f"windows {_size(nbytes)} > budget {_size(budget)}", fits)
+        return plan("resident", f"within budget {byte_size(budget)}", fits)
+    return plan("stream", f"windows {byte_size(nbytes)} > budget {byte_size(budget)}", fits)
 
 
 def load_resident(corpus: Corpus, w: int, n_windows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

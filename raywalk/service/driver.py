@@ -20,16 +20,17 @@ from raywalk.records import layout, lease, result
 from raywalk.service import ray_env
 from raywalk.service import stops
 from raywalk.service import trackers
-from raywalk.records.checkpoints import KEEP, RUN_DIR, info as checkpoint_info, newest_intact
+from raywalk.records.checkpoints import KEEP, info as checkpoint_info, resume_hint
 from raywalk.config import Config, ConfigError
 from raywalk.service.windows import windows_per_walk
 from raywalk.service.corpus import build_corpus, ray_mapper
 from raywalk.records.lease import LeaseLost
-from raywalk.records.result import RESULT, count_restarts
-from raywalk.records.storage import FAULT_ENV, Store, StorageUnwritable
-from raywalk.records.storage import warn as _stderr
+from raywalk.records.result import count_restarts
+from raywalk.records.layout import RESULT, RUN_DIR
+from raywalk.records.errors import StorageUnwritable, unwritable
+from raywalk.records.storage import FAULT_ENV, Store
+from raywalk.messages import Tell, tell
 
-Log = Callable[[str], None]
 
 
 def steps_per_epoch(cfg: Config, n_windows: int) -> int:
@@ -37,7 +38,7 @@ def steps_per_epoch(cfg: Config, n_windows: int) -> int:
     return per_worker // (cfg.train.batch_size // cfg.run.workers)
 
 
-def retire(root: Store, experiment_id: str, log: Log) -> None:
+def retire(root: Store, experiment_id: str, log: Tell) -> None:
     """--fresh: move an earlier run aside (never delete it) and say where it went."""
     if not root.exists(experiment_id):
         return
@@ -46,29 +47,7 @@ def retire(root: Store, experiment_id: str, log: Log) -> None:
     log(f"--fresh: moved the earlier run to {root.child_uri(aside)}")
 
 
-def finished_result(root: Store, experiment_id: str, log: Log = _stderr) -> dict[str, Any] | None:
-    exp = root.sub(experiment_id)
-    if exp.is_file(RESULT):
-        r = exp.read_json_or_warn(RESULT, "result", log)   # torn: not finished, train (and rewrite it)
-        if isinstance(r, dict) and r.get("status") in ("passed", "failed"):
-            return r
-    return None
-
-
-def resume_hint(exp: Store) -> str:
-    """The newest intact checkpoint and how to go on from it (for a storage stop's one line)."""
-    try:
-        found = newest_intact(exp.sub(RUN_DIR))
-    except Exception:   # the store itself is unreachable: say nothing we do not know
-        found = None
-    if found is None:
-        return "no intact checkpoint yet; rerun the same command to start it again once there is room"
-    name, epoch = found
-    return (f"newest intact checkpoint {exp.sub(RUN_DIR).child_uri(name)} (epoch {epoch}); rerun the same "
-            f"command to resume from it once there is room")
-
-
-def mark_interrupted(exp: Store, exp_id: str, cfg: Config, reason: str, log: Log) -> bool:
+def mark_interrupted(exp: Store, exp_id: str, cfg: Config, reason: str, log: Tell) -> bool:
     """result.json says `interrupted` with the reason, if it can still be written (never over a finished run)."""
     try:
         r = result.read(exp, log) or result.Result(experiment_id=exp_id, config=cfg.to_dict())
@@ -127,7 +106,7 @@ class Instruments:
 
 
 def train(cfg: Config, *, fresh: bool = False, verbose: bool = False, progress: bool = True,
-          callbacks: list | None = None, log: Log = _stderr, instruments: Instruments | None = None
+          callbacks: list | None = None, log: Tell = tell, instruments: Instruments | None = None
           ) -> dict[str, Any]:
     """Run (or resume, or report) the experiment for cfg; returns its result.json content.
 
@@ -140,11 +119,11 @@ def train(cfg: Config, *, fresh: bool = False, verbose: bool = False, progress: 
     if fresh:
         lease.Lease(root.sub(exp_id), exp_id).check_free()   # never move a running driver's experiment
         retire(root, exp_id, log)
-    done = finished_result(root, exp_id, log)
+    done = result.read_finished(root.sub(exp_id), log)   # torn: not finished, train (and rewrite it)
     if done is not None:
-        log(f"experiment {exp_id} already finished ({done['status']}); not training again "
+        log(f"experiment {exp_id} already finished ({done.status}); not training again "
             f"(use --fresh to start over)")
-        return done
+        return done.to_json()
     check_before_ray(cfg)
     run = functools.partial(_train_leased, cfg, root, exp_id, verbose=verbose, progress=progress,
                             callbacks=callbacks, instruments=instruments, log=log)
@@ -160,7 +139,7 @@ def check_before_ray(cfg: Config) -> None:
     trackers.check(cfg.run.trackers, cfg.run.storage)   # a missing tracker package
 
 
-def _leased(cfg: Config, exp: Store, exp_id: str, run: Callable, log: Log) -> dict[str, Any]:
+def _leased(cfg: Config, exp: Store, exp_id: str, run: Callable, log: Tell) -> dict[str, Any]:
     """run(held=, fitting=) under the experiment's lease; a storage that refuses writes stops it in one line."""
     fitting = threading.Event()   # set while trainer.fit() runs in the main thread
 
@@ -175,20 +154,20 @@ def _leased(cfg: Config, exp: Store, exp_id: str, run: Callable, log: Log) -> di
     except (LeaseLost, lease.LeaseHeld):
         raise
     except Exception as e:   # full disk, quota, read-only, denied: stop at once, say how to go on
-        u = stops.unwritable(e, exp.uri)
+        u = unwritable(e, exp.uri)
         if u is None:
             raise
         raise _storage_stop(exp, exp_id, cfg, u, log) from None
 
 
-def _storage_stop(exp: Store, exp_id: str, cfg: Config, u: StorageUnwritable, log: Log) -> StorageUnwritable:
+def _storage_stop(exp: Store, exp_id: str, cfg: Config, u: StorageUnwritable, log: Tell) -> StorageUnwritable:
     stop = StorageUnwritable(u.what, u.why, u.free, resume_hint(exp))
     mark_interrupted(exp, exp_id, cfg, stop.line(), log)
     return stop
 
 
 def _train_leased(cfg: Config, root: Store, exp_id: str, *, verbose: bool, progress: bool, callbacks: list | None,
-                  instruments: Instruments | None, log: Log, held: lease.Lease | None = None,
+                  instruments: Instruments | None, log: Tell, held: lease.Lease | None = None,
                   fitting: threading.Event | None = None) -> dict[str, Any]:
     ray_env.ensure_ray(cfg, verbose=verbose)
     import ray
@@ -200,7 +179,7 @@ def _train_leased(cfg: Config, root: Store, exp_id: str, *, verbose: bool, progr
     return finalise(root, exp_id, log, held=held)
 
 
-def worker_spec(cfg: Config, root: Store, exp_id: str, *, verbose: bool, progress: bool, log: Log, holder: str,
+def worker_spec(cfg: Config, root: Store, exp_id: str, *, verbose: bool, progress: bool, log: Tell, holder: str,
                 instruments: Instruments | None = None):
     """The corpus (built or reused), the epoch's steps and what every worker is handed."""
     from raywalk.service.dataset import window_dataset, windows_per_epoch
@@ -286,7 +265,7 @@ def _f(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
 
 
-def finalise(root: Store, exp_id: str, log: Log, held: lease.Lease | None = None) -> dict[str, Any]:
+def finalise(root: Store, exp_id: str, log: Tell, held: lease.Lease | None = None) -> dict[str, Any]:
     """Complete result.json (checkpoints, restarts) and print the outcome; tolerates partial records."""
     exp = root.sub(exp_id)
     r = result.read(exp, log)

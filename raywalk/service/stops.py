@@ -14,9 +14,9 @@ import contextlib
 import json
 from typing import Any, Callable
 
-from raywalk.records.lease import LeaseLost, check_holder
-from raywalk.records.layout import RUN_DIR
-from raywalk.records.storage import Store, StorageUnwritable, free_space, will_recur
+from raywalk.records.lease import LeaseLost
+from raywalk.records.errors import unwritable
+from raywalk.records.storage import Store
 from raywalk.service import ray_private
 
 NAMESPACE = "raywalk"
@@ -55,26 +55,8 @@ def _stop(token: str, kind: str, line: str, detail: dict | None = None) -> Stopp
     return Stopped(line)
 
 
-def unwritable(e: BaseException, where: str) -> StorageUnwritable | None:
-    """e as a StorageUnwritable (through Ray's task-error wrapping), None if it is not one."""
-    x: BaseException | None = e
-    seen = set()
-    while x is not None and id(x) not in seen:
-        seen.add(id(x))
-        if isinstance(x, StorageUnwritable) and getattr(x, "what", None):
-            return StorageUnwritable(x.what, x.why, x.free)
-        cause = getattr(x, "cause", None)
-        x = cause if isinstance(cause, BaseException) else (x.__cause__ or x.__context__)
-    why = will_recur(e)
-    if why is None:
-        return None
-    return StorageUnwritable(where, why, free_space(where) if "://" not in where else None)
-
-
-def guarded_loop(spec: Any, loop: Callable[[Any], None] | None = None) -> None:
+def guarded_loop(spec: Any, loop: Callable[[Any], None]) -> None:
     """The worker loop, with unfixable faults turned into one recorded stop (see the module doc)."""
-    if loop is None:
-        from raywalk.service.worker import train_loop_per_worker as loop
     if recorded(spec.driver_token) is not None:
         return   # restarted after a recorded stop: end at once, on every rank
     try:
@@ -93,29 +75,3 @@ def guarded_loop(spec: Any, loop: Callable[[Any], None] | None = None) -> None:
     if ray.train.get_context().get_world_size() == 1:
         return   # alone: ending normally ends the run at once (no worker-group restart to sit through)
     raise stop from None   # other ranks wait in collectives: a raise makes Ray tear the group down
-
-
-def check_lease(spec: Any) -> None:
-    """LeaseLost unless this worker's driver still holds the experiment's lease (before a durable write)."""
-    holder = getattr(spec, "lease_holder", "")
-    if holder:
-        check_holder(Store.open(spec.config.run.storage).sub(spec.experiment_id), spec.experiment_id, holder)
-
-
-@contextlib.contextmanager
-def checkpoint_upload(spec: Any, name: str, uploading: bool):
-    """Around ray.train.report: a checkpoint whose upload failed for good is removed (it was never
-    registered, and a torn copy only takes room), and the error names it."""
-    try:
-        yield
-    except Exception as e:
-        if not uploading:
-            raise
-        ckpts = Store.open(spec.config.run.storage).sub(spec.experiment_id, RUN_DIR)
-        u = unwritable(e, ckpts.child_uri(name))
-        if u is None:
-            raise
-        with contextlib.suppress(Exception):
-            ckpts.delete_dir(name)
-        u = StorageUnwritable(ckpts.child_uri(name), u.why, free_space(ckpts.path(name)) if ckpts.local else None)
-        raise u from None

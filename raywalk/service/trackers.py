@@ -32,16 +32,14 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from raywalk.config import ConfigError
-from raywalk.records.layout import SWEEP_FILE, TB_DIR
+from raywalk.records.layout import MLRUNS, SWEEP_FILE, TB_DIR, tb_reach, tb_suffix
 
 if TYPE_CHECKING:
     from raywalk.records.storage import Store
 
-TRACKERS = {"tensorboard": ("tensorboard", "pip install 'raywalk[tensorboard]'"),
+PACKAGES = {"tensorboard": ("tensorboard", "pip install 'raywalk[tensorboard]'"),   # one per config.TRACKERS
             "mlflow": ("mlflow", "pip install 'raywalk[mlflow]'")}
-MLFLOW_DIR = "mlruns"
 CURVES = ("train_loss", "edge_compliance", "rule_compliance")
-_TB_NAME = re.compile(r"\.raywalk-e(\d+)-s(\d+)$")
 
 
 class TrackerError(ConfigError):
@@ -52,10 +50,10 @@ def check(names: tuple[str, ...] | list[str], storage: str) -> None:
     """TrackerError unless every named tracker's library is importable and has somewhere to write.
 
     Looks the packages up without importing them (cheap; before Ray starts)."""
-    from raywalk.records.storage import is_remote
+    from raywalk.records.uris import is_remote
 
     for name in names:
-        module, install = TRACKERS[name]
+        module, install = PACKAGES[name]
         if importlib.util.find_spec(module) is None:
             raise TrackerError(f"run.trackers: {name!r} needs the {module} package, which is not installed: "
                                f"{install}")
@@ -67,7 +65,7 @@ def check(names: tuple[str, ...] | list[str], storage: str) -> None:
 
 def mlflow_uri(root: "Store") -> str:
     """Where MLflow goes: MLFLOW_TRACKING_URI, else the file store ROOT/mlruns."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"file://{root.path(MLFLOW_DIR)}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"file://{root.path(MLRUNS)}"
 
 
 class Trackers:
@@ -114,9 +112,9 @@ class TensorBoardSink:
         self.store = store
         self.epochs = self.steps = 0
         for name in store.listdir():
-            m = _TB_NAME.search(name)
-            if m:
-                self.epochs, self.steps = max((self.epochs, self.steps), (int(m.group(1)), int(m.group(2))))
+            reach = tb_reach(name)
+            if reach:
+                self.epochs, self.steps = max((self.epochs, self.steps), reach)
 
     def update(self, c: dict[str, list]) -> None:
         losses, epochs = c["train_loss"], len(c["edge_compliance"])
@@ -125,7 +123,7 @@ class TensorBoardSink:
         from torch.utils.tensorboard import SummaryWriter
 
         with tempfile.TemporaryDirectory() as tmp:
-            w = SummaryWriter(tmp, filename_suffix=f".raywalk-e{epochs:04d}-s{len(losses):09d}")
+            w = SummaryWriter(tmp, filename_suffix=tb_suffix(epochs, len(losses)))
             for i in range(self.steps, len(losses)):
                 w.add_scalar("train_loss", losses[i], i + 1)
             for e in range(self.epochs, epochs):

@@ -51,20 +51,22 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from raywalk.config import Config
-from raywalk.records import layout
-from raywalk.records.storage import Store, join_uri
-from raywalk.records.storage import warn as _stderr
-from raywalk.service.sweep import Point, Sweep, build_summary, format_table, summary_row, to_csv
+from raywalk.records import layout, result
+from raywalk.records.layout import utc_iso
+from raywalk.records.storage import Store
+from raywalk.records.uris import join_uri
+from raywalk.messages import Tell, tell
+from raywalk.service.sweep import Point, Sweep
+from raywalk.service.sweep_summary import build_summary, format_table, summary_row, to_csv
 
 TRIAL_CPU = 0.1
 DATA_CPU = 1.0
 DRIVER_RESOURCE = "raywalk_driver"   # declared by the head node in cluster.yaml
 DRIVER_UNIT = 1.0                    # what one trial driver takes of it
 
-Log = Callable[[str], None]
 
 
 def trial_need(cfg: Config, on_head: bool = False) -> dict[str, float]:
@@ -217,10 +219,10 @@ def _train_recorded(cfgs: list[Config], tid: str, sweep_store: Store,
     from raywalk.service.bucket_driver import train_bucket
 
     def log(s: str) -> None:
-        print(f"[{tid}] {s}" if len(cfgs) > 1 or not s.startswith("[") else s, file=sys.stderr, flush=True)
+        tell(f"[{tid}] {s}" if len(cfgs) > 1 or not s.startswith("[") else s)
 
     eids = [c.experiment_id() for c in cfgs]
-    base = {"trained_now": True, "started_at": time.time(), "bucket": tid if len(cfgs) > 1 else None,
+    base = {"trained_now": True, "started_at": utc_iso(), "bucket": tid if len(cfgs) > 1 else None,
             "driver_node_id": ray.get_runtime_context().get_node_id()}
     t0 = time.perf_counter()
     try:
@@ -231,19 +233,18 @@ def _train_recorded(cfgs: list[Config], tid: str, sweep_store: Store,
             results = train_bucket(cfgs, callbacks=[TuneReportCallback()], progress=False, verbose=verbose, log=log)
     except BaseException as e:
         for eid in eids:
-            sweep_store.write_json(layout.trial_record(eid), {**base, "experiment_id": eid,
-                                                             "finished_at": time.time(),
+            sweep_store.write_json(layout.trial_record(eid), {**base, "experiment_id": eid, "finished_at": utc_iso(),
                                                              "wall_time_s": time.perf_counter() - t0,
                                                              "error": f"{type(e).__name__}: {e}"})
         raise
     wall = time.perf_counter() - t0
     for eid in eids:
-        sweep_store.write_json(layout.trial_record(eid), {**base, "experiment_id": eid, "finished_at": time.time(),
+        sweep_store.write_json(layout.trial_record(eid), {**base, "experiment_id": eid, "finished_at": utc_iso(),
                                                          "wall_time_s": wall, "error": None})
     return results, wall
 
 
-def _prebuild_corpora(points: list[Point], root: Store, log: Log) -> None:
+def _prebuild_corpora(points: list[Point], root: Store, log: Tell) -> None:
     from raywalk.service.corpus import build_corpus, ray_mapper
 
     done: set[str] = set()
@@ -274,15 +275,13 @@ def plan_buckets(points: list[Point], bucket: int | None, sweep_bucket: int | No
 
 
 def run_sweep(sweep: Sweep, *, storage: str | None = None, max_concurrent: int | None = None,
-              verbose: bool = False, log: Log = _stderr, bucket: int | None = None) -> dict[str, Any]:
+              verbose: bool = False, log: Tell = tell, bucket: int | None = None) -> dict[str, Any]:
     """Run the sweep's unfinished points as Tune trials, same-shape points bucketed; write and return the summary."""
-    from raywalk.service.driver import finished_result
-
     root = Store.open(storage or sweep.base.run.storage)
     sweep = sweep.with_storage(root.uri)      # absolute: trials run in other directories
     sd = sweep_dir(root, sweep.sweep_id)
     t0 = time.perf_counter()
-    pending = [p for p in sweep.points if finished_result(root, p.experiment_id) is None]
+    pending = [p for p in sweep.points if result.read_finished(root.sub(p.experiment_id), log) is None]
     buckets = plan_buckets(pending, bucket, sweep.bucket)
     log(f"sweep {sweep.sweep_id}: {len(sweep.points)} points, {len(sweep.points) - len(pending)} already "
         f"finished, {len(pending)} to run in {len(buckets)} trial(s) (at most "
@@ -298,7 +297,7 @@ def run_sweep(sweep: Sweep, *, storage: str | None = None, max_concurrent: int |
 
 
 def _run_trials(sweep: Sweep, buckets: list[tuple[str, list[Point]]], root: Store, sd: Store,
-                max_concurrent: int | None, verbose: bool, log: Log) -> int:
+                max_concurrent: int | None, verbose: bool, log: Tell) -> int:
     """The buckets as one Tuner's trials, on the joined or a local Ray; returns the concurrency used."""
     pending = [p for _, b in buckets for p in b]
     if not verbose:
@@ -322,7 +321,7 @@ def _run_trials(sweep: Sweep, buckets: list[tuple[str, list[Point]]], root: Stor
     return k_used
 
 
-def _plan_concurrency(pending: list[Point], max_concurrent: int | None, log: Log) -> tuple[int, bool]:
+def _plan_concurrency(pending: list[Point], max_concurrent: int | None, log: Tell) -> tuple[int, bool]:
     """(trials at once, drivers on the head), said in one line with what a trial holds and where it came from."""
     import ray
 
@@ -356,7 +355,7 @@ def _tuner(sweep: Sweep, buckets: list[tuple[str, list[Point]]], root: Store, sd
         tune_config=tune.TuneConfig(max_concurrent_trials=k_used,
                                     trial_dirname_creator=lambda t: t.config["trial"]),
         run_config=tune.RunConfig(
-            name="tune", storage_path=sd.path(), storage_filesystem=root.fs,   # as the driver does
+            name=layout.TUNE_DIR, storage_path=sd.path(), storage_filesystem=root.fs,   # as the driver does
             verbose=None if verbose else 0,
             # Train restarts lost workers itself; Tune restarts a lost driver, whose train() resumes.
             failure_config=tune.FailureConfig(max_failures=max(1, *(p.cfg.run.max_failures for p in pending))),
@@ -369,18 +368,19 @@ def _summary_rows(sweep: Sweep, root: Store, sd: Store, ran: set[str]) -> list[d
     rows = []
     for p in sweep.points:
         exp = root.sub(p.experiment_id)
-        result = exp.read_json_or_warn(layout.RESULT, "result") if exp.is_file(layout.RESULT) else None
-        result = result if isinstance(result, dict) else None   # torn: the point counts as not run
+        r = result.read(exp)   # torn: the point counts as not run
         rec = sd.read_json_or_warn(layout.trial_record(p.experiment_id), "trial record") \
             if sd.is_file(layout.trial_record(p.experiment_id)) else {}
         rec = rec if isinstance(rec, dict) else {}
         rec = {**rec, "trained_now": p.experiment_id in ran}
-        rows.append(summary_row(p, result, rec, exp.child_uri(layout.RESULT) if result is not None else None))
+        rows.append(summary_row(p, r.to_json() if r is not None else None, rec,
+                                exp.child_uri(layout.RESULT) if r is not None else None))
     return rows
 
 
 def print_summary(summary: dict[str, Any], root_uri: str, out=None) -> None:
     out = out or sys.stdout
     print(format_table(summary), file=out)
-    print(f"summary: {join_uri(root_uri, 'sweeps', summary['sweep_id'], 'summary.json')} (and summary.csv); "
+    where = join_uri(root_uri, layout.SWEEPS, summary["sweep_id"], layout.SUMMARY)
+    print(f"summary: {where} (and {layout.SUMMARY_CSV}); "
           f"{summary['trials_run']} trial(s) run in {summary['wall_time_s']:.0f}s", file=out)

@@ -1,7 +1,7 @@
 """The function Ray Train runs on every worker: a thin shell around science/loop.py.
 
 It sets the worker up (threads, device, determinism), restores the resume
-point (Ray's latest registered checkpoint, records/checkpoints.py), then per
+point (Ray's latest registered checkpoint, service/checkpointing.py), then per
 epoch: feed this worker's Ray Data shard to `run_epoch`, gate with `epoch_end`,
 report metrics + checkpoint, rewrite result.json (rank 0), print one line. It
 stops once the gate passes or the epochs run out. The science lives in science/loop.py and never sees Ray.
@@ -11,26 +11,24 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from raywalk.records import checkpoints as ckpt
 from raywalk.science.gate import Gate
-from raywalk.service import ray_private, stops
+from raywalk.service import checkpointing, ray_private
 from raywalk.config import Config
-from raywalk.service.corpus import Corpus
+from raywalk.records.corpus import Corpus
 from raywalk.records.result import ResultWriter
+from raywalk.messages import quiet, tell
+from raywalk.records.layout import RUN_DIR
 from raywalk.records.storage import Store
 from raywalk.science.batches import ResidentWindows
 from raywalk.service.dataset import DataPlan, epoch_stream, load_resident, plan_data, window_dataset
 from raywalk.science.loop import (EpochEnd, EpochRun, TrainingState, check_precision, compiled, epoch_end,
-                                  gather_epoch_losses, gather_rng, run_epoch, set_determinism)
+                                  run_epoch, set_determinism)
 from raywalk.service.trackers import open_trackers
 
 
@@ -74,48 +72,6 @@ def torch_threads(cpus_per_worker: float) -> int:
 def _quiet_logs() -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)   # per-report INFO lines
     ray_private.quiet_train_reports()   # "Reporting training result N: ..."
-
-
-def _restore(state: TrainingState, run: Store, rank: int, world: int, say) -> str | None:
-    """Load the resume point into `state` (Ray's latest registered checkpoint, see checkpoints.py); its name."""
-    import ray.train
-
-    s, name = ckpt.resume_point(run, ray.train.get_checkpoint(), say)
-    if s is not None:
-        state.load_state_dict(s, rank, world)   # the model is on its device already
-    return name
-
-
-def _report(state: TrainingState, spec: WorkerSpec, rank: int, metrics: dict[str, Any],
-            upload_async: bool = False) -> str:
-    """Checkpoint the state where it stands (epoch end or mid-epoch) and report it; returns its name.
-
-    With `upload_async` (an epoch checkpoint bound for remote storage) Ray uploads it in a
-    background thread and registers it only once uploaded, so a resume never sees half of
-    one (and the manifest check stays). A just-in-time checkpoint is always synchronous:
-    it must be in storage before the node goes.
-    """
-    import ray.train
-
-    mid = state.step > 0
-    losses = gather_epoch_losses(state) if mid else None   # collectives: every rank takes part
-    rng = gather_rng()
-    name = ckpt.dir_name(state.epoch, state.step)
-    mode = ray.train.CheckpointUploadMode.ASYNC if upload_async else ray.train.CheckpointUploadMode.SYNC
-    tmp = tempfile.mkdtemp(prefix="raywalk-ckpt-")   # Ray deletes it after the upload
-    checkpoint = None
-    try:
-        if rank == 0:
-            stops.check_lease(spec)   # never write into a run that another driver has taken over
-            ckpt.save(tmp, state.state_dict(rng, spec.experiment_id, losses))
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        with stops.checkpoint_upload(spec, name, uploading=rank == 0):   # a full disk: one clear stop
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name, checkpoint_upload_mode=mode,
-                             delete_local_checkpoint_after_upload=True if checkpoint is not None else None)
-    finally:
-        if checkpoint is None or not upload_async:   # an async upload deletes its own directory when done
-            shutil.rmtree(tmp, ignore_errors=True)
-    return name
 
 
 class NoticeWatch:
@@ -176,7 +132,8 @@ class NoticeWatch:
             return
         self.seen.add(key)
         left = (info.deadline_ms / 1000 - time.time()) if info.deadline_ms else None
-        name = _report(state, self.spec, self.rank, {"epoch": state.epoch, "step": state.step, "preemption": True})
+        name = checkpointing.report(state, self.spec, self.rank,
+                                    {"epoch": state.epoch, "step": state.step, "preemption": True})
         if self.writer is not None:
             self.writer.notice({"at_step": state.step, "epoch": state.epoch + 1, "checkpoint": name,
                                 "nodes": info.preempted_node_ids, "ranks": info.preempted_ranks,
@@ -223,7 +180,7 @@ def _setup(spec: WorkerSpec):
         torch.cuda.set_device(device)   # object collectives use the current device
     check_precision(cfg.train.precision, device)
     set_determinism(cfg.run.deterministic)
-    say = (lambda s: print(s, file=sys.stderr, flush=True)) if rank == 0 else (lambda s: None)
+    say = tell if rank == 0 else quiet   # rank 0 speaks for the run
     return rank, world, device, say
 
 
@@ -300,11 +257,11 @@ def _start(spec: WorkerSpec) -> _Worker:
     cfg = spec.config
     rank, world, device, say = _setup(spec)
     root = Store.open(cfg.run.storage)
-    run = root.sub(spec.experiment_id, ckpt.RUN_DIR)
+    run = root.sub(spec.experiment_id, RUN_DIR)
     corpus = Corpus(Store.open(spec.corpus_uri), spec.corpus_manifest)
     gate = Gate(spec.gate_starts, corpus.rule_table(), cfg).shard(rank, world)   # this rank's share
     state = TrainingState.create(cfg, spec.steps_per_epoch, device)
-    restored = _restore(state, run, rank, world, say)
+    restored = checkpointing.restore(state, run, rank, world, say)
     writer = ResultWriter(root, spec.experiment_id, cfg, world, device.type, spec.driver_token, spec.corpus_uri,
                           lease_holder=spec.lease_holder).start() if rank == 0 else None
     _announce_resume(writer, restored, state, run, say)
@@ -351,7 +308,7 @@ def _epoch(w: _Worker) -> None:
         progress.close(state)
     end = epoch_end(state, run, w.gate)
     t = time.perf_counter()
-    _report(state, spec, w.rank, _metrics(spec, end, run, state.epoch), upload_async=not w.run.local)
+    checkpointing.report(state, spec, w.rank, _metrics(spec, end, run, state.epoch), upload_async=not w.run.local)
     state.timing.checkpoint_seconds.append(time.perf_counter() - t)
     if w.writer is not None:
         w.writer.epoch_done(state.curves, end.comp, state.gate_epoch, state.epoch, w.gate.n_distinct,

@@ -23,14 +23,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from raywalk.records import checkpoints as ckpt
 from raywalk.config import Config, ConfigError
-from raywalk.service.corpus import Corpus, CorpusError, check_files, read_manifest
+from raywalk.records import checkpoints as ckpt
+from raywalk.records.corpus import Corpus, CorpusError, check_files, read_manifest
+from raywalk.records.errors import StorageError, first_line
+from raywalk.records.layout import CORPORA, CORPUS_GRAPH, RESULT, RUN_DIR
+from raywalk.records.manifest import listed
+from raywalk.records.result import Unreadable, load as load_result
+from raywalk.records.storage import Store
+from raywalk.records.uris import check_uri, is_remote, join_uri, split_query
 from raywalk.science.graph import Graph, Jumpers
 from raywalk.science.model import GPT
-from raywalk.records.result import RESULT
-from raywalk.records.layout import CORPORA
-from raywalk.records.storage import Store, StorageError, check_uri, is_remote, join_uri, split_query
 
 
 class LoadError(ValueError):
@@ -100,7 +103,7 @@ def load(where: str | Path, checkpoint: str | int = "gate", device: str | torch.
 
     state, name = _checkpoint(exp, result, eid, checkpoint)
     if state.get("experiment_id", eid) != eid:
-        raise LoadError(f"experiment {eid}: checkpoint {exp.child_uri(ckpt.RUN_DIR, name)} belongs to "
+        raise LoadError(f"experiment {eid}: checkpoint {exp.child_uri(RUN_DIR, name)} belongs to "
                         f"experiment {state['experiment_id']}")
     model = GPT.from_config(cfg)
     try:
@@ -108,13 +111,13 @@ def load(where: str | Path, checkpoint: str | int = "gate", device: str | torch.
     except RuntimeError as e:
         old = any(k.endswith(("q_proj.bias", "out_proj.bias")) for k in state["model"])
         why = ("it has attention biases: it was trained before raywalk's attention projections became "
-               "bias-free; retrain it (raywalk train ... --fresh)" if old else str(e).splitlines()[0])
+               "bias-free; retrain it (raywalk train ... --fresh)" if old else first_line(e))
         raise LoadError(f"experiment {eid}: checkpoint {name} does not fit the model: {why}") from None
     model.eval().to(device)
 
     corpus = _find_corpus(exp_uri, result, cfg, eid)
     return Experiment(config=cfg, result=result, model=model, graph=corpus.graph(), jumpers=corpus.jumpers(),
-                      epoch=int(state["epoch"]), checkpoint_uri=exp.child_uri(ckpt.RUN_DIR, name), corpus=corpus,
+                      epoch=int(state["epoch"]), checkpoint_uri=exp.child_uri(RUN_DIR, name), corpus=corpus,
                       requested=checkpoint)
 
 
@@ -143,22 +146,18 @@ def _parent(uri: str) -> str:
 
 def _read_result(exp: Store) -> dict[str, Any]:
     try:
-        found = exp.is_file(RESULT)
+        r = load_result(exp)
+    except Unreadable as e:
+        raise LoadError(str(e)) from None
     except OSError as e:
         raise LoadError(f"cannot read {exp.child_uri(RESULT)}: {e}") from None
-    if not found:
+    if r is None:
         raise LoadError(f"no experiment at {exp.uri}: {exp.child_uri(RESULT)} does not exist")
-    try:
-        r = exp.read_json(RESULT)
-    except ValueError as e:
-        raise LoadError(f"{exp.child_uri(RESULT)} is not valid JSON ({e})") from None
-    if not isinstance(r, dict):
-        raise LoadError(f"{exp.child_uri(RESULT)} is not a raywalk result (not a JSON object)")
     return r
 
 
 def _checkpoint(exp: Store, result: dict[str, Any], eid: str, which: str | int) -> tuple[dict[str, Any], str]:
-    run = exp.sub(ckpt.RUN_DIR)
+    run = exp.sub(RUN_DIR)
     if which == "gate":
         epoch = _gate_epoch(result, eid, run)
     elif which == "latest":
@@ -204,7 +203,7 @@ def _open_checked(store: Store, cfg: Config) -> Corpus:
     """The corpus at store if it is the config's; the files read here are checked against the manifest."""
     try:
         m = read_manifest(store, cfg)
-        check_files(store, m["checksums"], "full", only=["graph.parquet", *m["splits"]["eval"]["files"]])
+        check_files(store, listed(m), "full", only=[CORPUS_GRAPH, *m["splits"]["eval"]["files"]])
     except CorpusError as e:
         raise LoadError(str(e)) from None
     return Corpus(store, m)
