@@ -11,7 +11,9 @@ side by side in one run:
   * an anchor epoch, train + gate (1000 greedy sequences of 256 tokens), seconds, for
     compile off/on x deterministic on/off (goal: <= 10 s on one H100/H200);
   * determinism: two runs of 200 steps from one state give identical losses with
-    run.deterministic on; greedy tokens equal reference_generate's on a sample.
+    run.deterministic on; greedy tokens equal reference_generate's on a sample;
+  * buckets (k = 1, 4, 16, 64 anchor-shape members in one batched step): member-steps/s
+    against the solo runner's steps/s, peak GPU memory against science/bucket.member_bytes.
 With --ray (and Ray installed): the same epoch under TorchTrainer, resident and streaming.
 --quick cuts every epoch to 1,000 steps (and scales the epoch time up).
 """
@@ -115,8 +117,42 @@ def main() -> None:
     print(f"\ndeterministic on: two 200-step runs identical {torch.equal(la, lb)}; greedy == reference_generate "
           f"on {len(starts)} starts: {same}")
 
+    buckets(cfg, host, dev, min(steps, 200), solo=steps / r.train_seconds)
+
     if args.ray:
         under_ray(cfg, tmp, steps)
+
+
+def buckets(cfg, host: torch.Tensor, dev: torch.device, steps: int, solo: float, ks=(1, 4, 16, 64)) -> None:
+    """Anchor-shape buckets: member-steps/s and peak memory for k members in one batched step, against the
+    solo path's steps/s (run_epoch above). Every member gets the anchor's windows (its own seed, so its own
+    order and initial weights): throughput, not science."""
+    from raywalk.science.batches import ResidentWindows
+    from raywalk.science.bucket import BucketState, BucketWindows, member_bytes, run_bucket_epoch
+    from raywalk.science.loop import set_determinism
+
+    set_determinism(True)
+    print(f"\nbuckets at the anchor shape ({steps} steps each; solo run_epoch {solo:,.0f} steps/s)")
+    print(f"{'k':>4s} {'member-steps/s':>15s} {'x solo':>7s} {'peak GiB':>9s} {'estimate GiB':>13s}")
+    for k in ks:
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+        cfgs = [cfg.replace(seed=cfg.seed + i) for i in range(k)]
+        try:
+            b = BucketState(cfgs, steps, dev)
+            data = BucketWindows([ResidentWindows(host.to(dev), c.seed, c.train.batch_size) for c in cfgs])
+            run_bucket_epoch(b, data.epoch(1, steps=20))   # warm-up: allocator, kernels
+            b = BucketState(cfgs, steps, dev)
+            r = run_bucket_epoch(b, data.epoch(0, steps=steps))
+        except torch.OutOfMemoryError:
+            print(f"{k:4d}  out of memory")
+            break
+        peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan")
+        est = k * member_bytes(cfg, len(host)) / 2**30
+        rate = k * steps / r.train_seconds
+        print(f"{k:4d} {rate:15,.0f} {rate / solo:7.2f} {peak:9.2f} {est:13.2f}")
+        del b, data
 
 
 def under_ray(cfg, tmp: str, steps: int) -> None:

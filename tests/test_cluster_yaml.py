@@ -194,3 +194,11 @@ def test_gpu_fallbacks_keep_one_gpu_model(cluster):
                                            "node_config": {"InstanceType": "g4dn.xlarge"}}
     mixed["available_node_types"]["t4"]["resources"] = {"CPU": 4, "GPU": 1}
     assert len(set(gpu_models(mixed).values())) == 2
+
+
+def test_gpu_nodes_start_cuda_mps_before_ray(cluster):
+    """Fractional-GPU trials share a GPU's SMs only under MPS; the daemon must run before any CUDA client."""
+    for name, t in cluster["available_node_types"].items():
+        if t["resources"].get("GPU", 0) > 0:
+            cmds = t["worker_setup_commands"]
+            assert any("nvidia-cuda-mps-control -d" in c for c in cmds), name

@@ -95,6 +95,18 @@ def test_the_writer_writes_only_when_asked(tmp_path):
     assert result.count_restarts(root.sub("exp")) == 1
 
 
+def test_a_bucket_member_records_its_bucket_and_says_when_it_goes_on_alone(tmp_path):
+    cfg = tiny_config(tmp_path)
+    root = Store.open(str(tmp_path / "root"))
+    block = {"id": "bucket-1234abcd", "members": ["exp", "other"]}
+    w = ResultWriter(root, "exp", cfg, 1, "cpu", "drv", "corpus-uri", bucket=block).start()
+    w.epoch_done(CURVES, Compliance(99, 100, 36, 40), None, 1, 16, 25)
+    assert result.read(root.sub("exp")).extra["bucket"] == block
+    solo = ResultWriter(root, "exp", cfg, 1, "cpu", "drv2", "corpus-uri").start()   # `raywalk train` on its config
+    solo.epoch_done(CURVES, Compliance(99, 100, 36, 40), None, 2, 16, 25)
+    assert result.read(root.sub("exp")).extra["bucket"] == {**block, "continued_solo_from_epoch": 2}
+
+
 def test_by_jump_length_report():
     rows = result.by_jump_length({"4": [10, 9], 2: (30, 27), 6: (0, 0)}, w=4)   # result.json's string keys too
     assert rows == [

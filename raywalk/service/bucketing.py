@@ -10,7 +10,9 @@ The default K: on a GPU worker, the most members whose measured memory
 (`member_bytes`: weights, gradient, AdamW moments, saved activations, resident windows)
 fits MEMORY_SHARE of the worker's share of the GPU, at most GPU_MAX; on a CPU worker,
 CPU_DEFAULT: benchmarks/bucket.py shows a member-step cheaper than a solo step at every
-k it measures, and the gain flattens by 8 on two cores.
+k it measures for models whose step is overhead more than arithmetic (at most CPU_BUCKET_FLOPS a
+member-step; the anchor's 23 GFLOP step is slower bucketed on a CPU: 1 there), and the gain
+flattens by 8 on two cores.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from raywalk.service.bucket_driver import SHARED_RUN, bucket_id
 from raywalk.service.windows import windows_per_walk
 
 CPU_DEFAULT = 8
+CPU_BUCKET_FLOPS = 2e9   # per member-step: the quickstart model (0.7 GFLOP) gains, the anchor (23 GFLOP) loses
 GPU_MAX = 64
 MEMORY_SHARE = 0.8
 # GiB per GPU model (run.accelerator_type); one not listed is taken to be the smallest common one
@@ -53,9 +56,21 @@ def budget(cfg: Config, host_available: int) -> tuple[int, str]:
     return int(cfg.train.data_budget * host_available), f"train.data_budget {cfg.train.data_budget:g} of the host's free memory"
 
 
+def step_flops(cfg: Config) -> float:
+    """One member's training step, about 6 x parameters x tokens (forward and backward)."""
+    from raywalk.science.bucket import RowLayout
+    from raywalk.science.model import GPT
+
+    import torch
+
+    with torch.device("meta"):
+        width = RowLayout.of(GPT.from_config(cfg)).width
+    return 6.0 * width * cfg.train.batch_size * cfg.w
+
+
 def default_k(cfg: Config, host_available: int) -> int:
-    if cfg.run.gpus_per_worker == 0:
-        return CPU_DEFAULT
+    if cfg.run.gpus_per_worker == 0:   # a CPU gains only where the step is overhead, not arithmetic
+        return CPU_DEFAULT if step_flops(cfg) <= CPU_BUCKET_FLOPS else 1
     room, _ = budget(cfg, host_available)
     return max(1, min(GPU_MAX, room // member_bytes(cfg, n_windows(cfg))))
 
