@@ -79,6 +79,19 @@ def test_storage_through_a_regular_file(tmp_path, capsys, verb):
     assert tree(tmp_path) == ["afile"] and blocker.read_text() == "x"
 
 
+def test_a_bucket_below_one_or_one_that_cannot_fit_is_refused_before_anything(tmp_path, capsys, monkeypatch):
+    sweep = str(ROOT / "configs" / "sweep_tiny.yaml")
+    one_line_error(capsys, ["tune", sweep, "--bucket", "0", "--storage", str(tmp_path / "r")],
+                   "--bucket: 0 is invalid: must be >= 1")
+    seeds = tmp_path / "seeds.yaml"   # same-shape points: one bucket, which a tiny host cannot hold
+    seeds.write_text(f"base: {ROOT / 'configs' / 'quickstart.yaml'}\ngrid: {{seed: [1, 2, 3]}}\n")
+    from raywalk.service import dataset
+    monkeypatch.setattr(dataset, "free_memory", lambda device: 2**20)
+    one_line_error(capsys, ["tune", str(seeds), "--storage", str(tmp_path / "r")],
+                   "bucket: 3 members need about", "GiB budget (train.data_budget 0.5 of the host's free memory)")
+    assert tree(tmp_path) == ["seeds.yaml"]
+
+
 def test_storage_that_cannot_be_written(tmp_path, capsys):
     root = unwritable_root(tmp_path)
     one_line_error(capsys, ["train", str(QUICKSTART), "--storage", str(root)], "raywalk train:", str(root.parent))
