@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -178,10 +179,22 @@ class Corpus:
         out = np.concatenate(parts).astype(np.int64)
         return out if limit is None else out[:limit]
 
+    @property
+    def identity(self) -> dict:
+        return identity(self.manifest)
+
     def gate_starts(self, k: int) -> np.ndarray:
         """First tokens of the first k held-out walks, cycling when the split is smaller."""
         first = self.walks("eval", limit=k)[:, 0]
         return np.resize(first, k)
+
+
+def identity(manifest: dict) -> dict:
+    """What a run's checkpoints record of the corpus they were trained on: its format and one sha256 over
+    every file's (the corpus id names a config, not the walks: a rebuild in another format keeps the id)."""
+    files = json.dumps(manifest["checksums"], sort_keys=True).encode()
+    return {"id": manifest["config_hash"], "format_version": manifest["format_version"],
+            "sha256": hashlib.sha256(files).hexdigest()}
 
 
 def _file_sizes(store: Store) -> dict[str, int]:
