@@ -246,6 +246,16 @@ def _train_leased(cfg: Config, root: Store, exp_id: str, *, verbose: bool, progr
     return finalise(root, exp_id, log, held=held)
 
 
+def driver_streams(cfg: Config, exp: Store) -> bool:
+    """Whether the driver builds the streaming path's windows for the workers: train.data=stream, unless the
+    run took the resident path (a choice kept for the whole run, dataset.plan_data), whose windows would then
+    sit in the object store beside every worker's tensor, twice in host memory."""
+    if cfg.train.data != "stream":
+        return False
+    r = result.read(exp, log=lambda s: None)   # torn or missing: finished_result has said so
+    return r is None or r.data_path != "resident"
+
+
 def _worker_spec(cfg: Config, root: Store, exp_id: str, *, verbose: bool, progress: bool,
                  instruments: Instruments | None, log: Log, holder: str):
     """The corpus (built or reused), the epoch's steps and what every worker is handed."""
@@ -265,7 +275,7 @@ def _worker_spec(cfg: Config, root: Store, exp_id: str, *, verbose: bool, progre
     return WorkerSpec(config=cfg, experiment_id=exp_id, corpus_uri=corpus.uri, corpus_manifest=corpus.manifest,
                       gate_starts=tuple(corpus.gate_starts(cfg.gate.sequences).tolist()), steps_per_epoch=steps,
                       driver_token=uuid.uuid4().hex, progress=progress, verbose=verbose,
-                      windows=window_dataset(corpus, cfg.w, materialize=True) if cfg.train.data == "stream" else None,
+                      windows=window_dataset(corpus, cfg.w, materialize=True) if driver_streams(cfg, exp) else None,
                       n_windows=n_windows,
                       instruments=instruments, lease_holder=holder)
 
