@@ -15,7 +15,8 @@ Goal (issue): resident >= 50,000 batches/s on this 2-core CPU.
 --rss: the resident path's host memory in a real run. `raywalk.train` (one CPU worker, train.data=resident,
 one epoch cut to a few steps, a small gate) on the corpus of --walks walks, then on a 50,000-walk one (the least corpus_size allows at n = 500); a step
 hook on the worker reads its peak RSS (VmHWM). The difference is what the windows cost the worker's host
-memory, set against their size in the resident tensor: 1x means they are held once. The object store's
+memory, set against their size in the resident tensor: 1x means they are held once (a rough figure: the
+smaller run's peak moves by some 20-40 MiB from run to run; twice would add 56 MiB more). The object store's
 bytes in use (the driver's materialised window dataset, if any) are reported beside it. Last, a resident
 run stopped in epoch 2 and rerun with train.data=stream: the run keeps its path, so the windows the driver
 would build for streaming only take host memory beside the worker's tensor.
