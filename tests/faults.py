@@ -229,3 +229,34 @@ class _FillHook:
                 f.write(b"\0" * n)
                 size -= n
 
+
+
+@dataclass(frozen=True)
+class LoseLease:
+    """Remove the experiment's lease file (as a takeover ends it) before step `step` of epoch 1, then slow
+    each step by `pause` s and note in `marker` the last step begun: how far training went on without it."""
+    lease: str
+    marker: str
+    step: int = 2
+    pause: float = 0.1
+
+    def __post_init__(self) -> None:
+        _by_value()
+
+    def for_worker(self, rank: int, checkpoints: Store) -> "_LoseLeaseHook | None":
+        return _LoseLeaseHook(self) if rank == 0 else None
+
+
+@dataclass
+class _LoseLeaseHook:
+    spec: LoseLease
+
+    def before_step(self, epoch: int, step: int) -> None:
+        s = self.spec
+        if (epoch, step) < (1, s.step):
+            return
+        if (epoch, step) == (1, s.step):
+            os.remove(s.lease)
+        with open(s.marker, "w") as f:
+            f.write(f"{epoch} {step}\n")
+        time.sleep(s.pause)

@@ -19,6 +19,8 @@ import pytest
 
 from raywalk.service import driver as trainer
 from raywalk.cli import main
+from raywalk.config import ConfigError
+from raywalk.service import corpus as corpus_module
 from faults import FillDisk
 from raywalk.records.lease import LEASE
 from raywalk.records.result import RESULT, list_resumes
@@ -134,6 +136,26 @@ def test_kills_between_temp_write_and_rename_leave_nothing_a_reader_trips_on(tmp
     monkeypatch.delenv(FAULT_ENV)
     # the next driver on this experiment sweeps the leftovers (it holds the lease, no workers run yet)
     assert exp.sweep_temps() == len(left)
+
+    # Its last record lost (rank 0's epoch-3 write failed, the driver marked the run interrupted): the
+    # checkpoints are complete, so a rerun trains nothing and rebuilds result.json from the newest one.
+    lost = {**r, "status": "interrupted", "interrupted": {"reason": "storage unwritable", "at": "T"},
+            "epochs_trained": 2, "curves": {k: v[:2] if k != "train_loss" else v[:2 * r["steps_per_epoch"]]
+                                            for k, v in r["curves"].items()}}
+    exp.write_json(RESULT, lost)
+    # ...but first its corpus is rebuilt in another format (a newer raywalk): the rerun refuses in one line
+    monkeypatch.setattr(corpus_module, "FORMAT_VERSION", 3)
+    with pytest.raises(ConfigError) as refused:
+        trainer.train(cfg, **quiet)
+    line = str(refused.value)
+    assert "\n" not in line and f"experiment {cfg.experiment_id()} was trained on corpus" in line, line
+    assert "format 2" in line and "(format 3," in line and "--fresh" in line, line
+    assert exp.read_json(RESULT) == lost                          # refused before any worker ran
+    monkeypatch.undo()   # the raywalk that built it: its corpus again (rebuilt, the same walks), accepted
+    logs: list[str] = []
+    again = trainer.train(cfg, progress=False, log=logs.append)
+    assert comparable(again) == comparable(reference) and exp.read_json(RESULT)["status"] == "failed", logs
+    assert not any(l.startswith("epoch ") for l in logs)
 
 
 def test_a_lease_taken_over_from_a_paused_driver_stops_it_and_the_new_one_finishes(tmp_path, reference):

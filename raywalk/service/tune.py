@@ -212,6 +212,7 @@ def _train_recorded(cfg: Config, eid: str, sweep_store: Store, verbose: bool) ->
     import ray
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from raywalk.records.lease import LeaseLost
     from raywalk.service import driver
 
     def log(s: str) -> None:
@@ -224,6 +225,8 @@ def _train_recorded(cfg: Config, eid: str, sweep_store: Store, verbose: bool) ->
     try:
         r = driver.train(cfg, callbacks=[TuneReportCallback()], progress=False, verbose=verbose, log=log)
     except BaseException as e:
+        if isinstance(e, LeaseLost):   # the driver's one line, as `raywalk train` prints it
+            log(str(e))
         sweep_store.write_json(rec, {**base, "finished_at": utc_iso(), "wall_time_s": time.perf_counter() - t0,
                                      "error": f"{type(e).__name__}: {e}"})
         raise
