@@ -20,7 +20,7 @@ import pytest
 from raywalk.service import driver as trainer
 from raywalk.cli import main
 from raywalk.config import ConfigError
-from raywalk.service import corpus as corpus_module
+from raywalk.records import corpus as corpus_module
 from faults import FillDisk
 from raywalk.records.lease import LEASE
 from raywalk.records.result import RESULT, list_resumes
