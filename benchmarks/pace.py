@@ -69,12 +69,14 @@ def overhead(tmp: Path, epochs: int) -> None:
 
 
 def seam(tmp: Path, anchor: Path | None) -> None:
-    from raywalk.service.driver import Instruments, train
+    from raywalk.service.driver import train
+    from tests.faults import instrumented
 
     storage = anchor or tmp / "seam"
     cfg = Config.load(ROOT / "configs" / "anchor.yaml", [
         f"run.storage={storage}", "train.max_epochs=3", "gate.rule=1.0", "gate.sequences=8"])
-    r = train(cfg, progress=False, instruments=Instruments(max_steps_per_epoch=20), log=lambda s: None, fresh=True)
+    with instrumented(max_steps_per_epoch=20):
+        r = train(cfg, progress=False, log=lambda s: None, fresh=True)
     t = r["timing"]
     print("\n2. epoch seam at the anchor on CPU (20-step epochs, 8-sequence gate)")
     print(f"   {'epoch':>5s} {'train s':>8s} {'gate s':>7s} {'ckpt s':>7s} {'seam s':>7s} {'seam - gate':>12s}")

@@ -98,6 +98,9 @@ class ModelConfig:
 
 DATA_PATHS = ("auto", "resident", "stream")
 OPERATIONAL_TRAIN_KEYS = ("data", "data_budget", "compile")   # not part of the experiment id
+# Keys raywalk once had and no longer reads: a user's config naming one is refused like any unknown key, but a
+# config an older run recorded (result.json) still loads without them. All operational: no experiment id changes.
+RETIRED_KEYS = {"run": ("preemption_check_steps",)}
 
 
 @dataclass(frozen=True)
@@ -169,8 +172,6 @@ class RunConfig:
     """Restarts allowed after spot preemptions (a node drained with notice), counted apart; -1: unlimited."""
     preemption_check_seconds: float = 5.0
     """Seconds between polls for a spot reclaim notice (each poll is a ~14 ms barrier), in [0, 3600]; 0 never polls."""
-    preemption_check_steps: int = 0
-    """A fixed number of steps between polls instead (tests); 0 uses preemption_check_seconds."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per training worker, in (0, 64]."""
     gpus_per_worker: float = 0.0
@@ -189,8 +190,6 @@ class RunConfig:
         _check(0 <= self.max_failures <= 1000, f"{p}.max_failures", self.max_failures, "must be in [0, 1000]")
         _check(-1 <= self.max_preemptions <= 1000, f"{p}.max_preemptions", self.max_preemptions,
                "must be in [-1, 1000] (-1: unlimited)")
-        _check(0 <= self.preemption_check_steps <= 1_000_000, f"{p}.preemption_check_steps",
-               self.preemption_check_steps, "must be in [0, 1000000] (0: by run.preemption_check_seconds)")
         _check(0.0 <= self.preemption_check_seconds <= 3600, f"{p}.preemption_check_seconds",
                self.preemption_check_seconds, "must be in [0, 3600] (0: never)")
         _check(0 < self.cpus_per_worker <= 64, f"{p}.cpus_per_worker", self.cpus_per_worker, "must be in (0, 64]")
@@ -241,6 +240,14 @@ class Config:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Config":
         return _build(cls, d, "")
+
+    @classmethod
+    def from_recorded(cls, d: Mapping[str, Any]) -> "Config":
+        """A config as a run recorded it, perhaps by an older raywalk (RETIRED_KEYS dropped)."""
+        if isinstance(d, Mapping):
+            d = {k: {kk: vv for kk, vv in v.items() if kk not in RETIRED_KEYS.get(k, ())}
+                 if isinstance(v, Mapping) else v for k, v in d.items()}
+        return cls.from_dict(d)
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> "Config":

@@ -62,6 +62,16 @@ def test_unknown_section_and_missing_file(tmp_path):
         Config.load(bad)
 
 
+def test_a_retired_key_is_refused_from_a_user_but_read_from_an_older_runs_record():
+    recorded = Config().to_dict()
+    recorded["run"]["preemption_check_steps"] = 5   # as a result.json of an older raywalk holds it
+    with pytest.raises(ConfigError, match="^run.preemption_check_steps: unknown key"):
+        Config.from_dict(recorded)
+    assert Config.from_recorded(recorded) == Config()
+    with pytest.raises(ConfigError, match="^run.bogus: unknown key"):
+        Config.from_recorded({**recorded, "run": {**recorded["run"], "bogus": 1}})
+
+
 def test_overrides_and_roundtrip():
     c = Config.load(QUICKSTART, ["graph.n=128", "corpus.corpus_size=12800", "train.lr=1e-3"])
     assert c.graph.n == 128 and c.train.lr == 1e-3

@@ -105,30 +105,3 @@ def test_a_config_that_cannot_pass_is_flagged_failed(tmp_path_factory):
     assert "gate not passed after 3 epochs" in f["reason"]
     assert f["final_rule_compliance"] == r["curves"]["rule_compliance"][-1]
     assert len(list((Path(cfg.run.storage) / cfg.experiment_id() / "checkpoints").glob("epoch_*"))) == 3
-
-
-class RecordingHooks:
-    """A hook factory like tests' fault injection: rank 0 records every (epoch, step) it is called at."""
-    seen: list = []
-
-    def for_worker(self, rank, checkpoints):
-        return self if rank == 0 else None
-
-    def before_step(self, epoch, step):
-        self.seen.append((epoch, step))
-
-
-def test_instruments_shorten_epochs_and_feed_the_hot_loops_step_callbacks():
-    import pickle
-    from types import SimpleNamespace
-
-    from raywalk.service.driver import Instruments
-
-    with pytest.raises(ValueError, match=r"max_steps_per_epoch: 0 is invalid: must be a whole number >= 1"):
-        Instruments(max_steps_per_epoch=0)
-    assert (Instruments(max_steps_per_epoch=5).steps(100), Instruments(max_steps_per_epoch=5).steps(3),
-            Instruments().steps(100)) == (5, 3, 100)
-    i = pickle.loads(pickle.dumps(Instruments(RecordingHooks())))   # it travels to the workers in the WorkerSpec
-    assert i.step_callback(1, None) is None and Instruments().step_callback(0, None) is None
-    i.step_callback(0, None)(SimpleNamespace(epoch=1, step=3))   # TrainingState: epochs done, steps of the next
-    assert RecordingHooks.seen == [(2, 3)]

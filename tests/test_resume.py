@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from raywalk.records import checkpoints as ckpt
-from faults import WorkerKill
 from raywalk.records.lease import LEASE
 from raywalk.records.storage import Store
-from raywalk.service.driver import Instruments, train
+from raywalk.service.driver import train
 from raywalk.science.loop import rng_state, set_rng_state
+from tests.faults import WorkerKill, instrumented
 from tests.conftest import LONG, QUICKSTART, kill_session, reference_run, tiny_config, tiny_overrides
 from tests.test_trackers import expected, mlflow_runs, mlflow_scalars, tb_scalars
 
@@ -60,8 +60,8 @@ def test_torn_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, refere
     cfg = tiny_config(tmp_path, **LONG)
     marker = tmp_path / "killed"
     # delay: Train registers epoch_0002 first (it polls every 0.5 s in tests, conftest)
-    r = train(cfg, progress=False, log=lambda s: None,
-              instruments=Instruments(WorkerKill(rank=0, epoch=3, step=2, marker=str(marker), truncate_latest=True, delay=2)))
+    with instrumented(WorkerKill(rank=0, epoch=3, step=2, marker=str(marker), truncate_latest=True, delay=2)):
+        r = train(cfg, progress=False, log=lambda s: None)
     assert marker.exists() and r["restarts"] == 1
     err = capfd.readouterr().err
     assert "skipping checkpoint" in err and "epoch_0002" in err and "truncated" in err, err[-4000:]

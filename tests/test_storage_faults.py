@@ -5,7 +5,6 @@ The session's local Ray (conftest); the uninterrupted reference run is the sessi
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -19,12 +18,13 @@ import pytest
 
 from raywalk.service import driver as trainer
 from raywalk.cli import main
-from faults import FillDisk
 from raywalk.records.lease import LEASE
 from raywalk.records.result import RESULT, list_resumes
-from raywalk.records.storage import FAULT_ENV, Store, is_temp
+from raywalk.records import checkpoints as ckpt
+from raywalk.records.storage import Store, is_temp
 from tests.conftest import (LONG, QUICKSTART, kill_session, mounted_tmpfs, reference_run,
                             session_pids, tiny_config, tiny_overrides)
+from tests.faults import FillDisk, instrumented
 from tests.flaky_proxy import FlakyProxy
 from tests.s3server import s3_server  # noqa: F401  (the fixture)
 
@@ -57,18 +57,16 @@ def tmpfs(tmp_path):
         yield d
 
 
-def test_a_full_filesystem_stops_at_once_in_one_line_and_the_rerun_finishes(tmpfs, tmp_path, reference,
-                                                                              capfd, monkeypatch):
+def test_a_full_filesystem_stops_at_once_in_one_line_and_the_rerun_finishes(tmpfs, tmp_path, reference, capfd):
     root = tmpfs / "root"
     cfg = tiny_config(root, **LONG)
     exp = Store.open(str(root)).sub(cfg.experiment_id())
     marker = tmp_path / "filled"
-    # The disk fills during epoch 2: its checkpoint write is the first to fail.
-    monkeypatch.setattr(trainer, "train", functools.partial(
-        trainer.train, instruments=trainer.Instruments(FillDisk(epoch=2, step=3, path=str(tmpfs), marker=str(marker),
-                                     leave=32768))))   # room for result.json, not for an 82 KB checkpoint
+    # The disk fills during epoch 2: its checkpoint write is the first to fail. Room is left for result.json,
+    # not for an 82 KB checkpoint.
     t0 = time.perf_counter()
-    rc = main(_cli_args(root))
+    with instrumented(FillDisk(epoch=2, step=3, path=str(tmpfs), marker=str(marker), leave=32768)):
+        rc = main(_cli_args(root))
     stopped_s = time.perf_counter() - t0
     out, err = capfd.readouterr()
     assert marker.exists()
@@ -88,10 +86,8 @@ def test_a_full_filesystem_stops_at_once_in_one_line_and_the_rerun_finishes(tmpf
     assert r["status"] == "interrupted" and r["interrupted"]["reason"] == last.removeprefix("raywalk train: ")
     assert r["restarts"] == 0 and r["epochs_trained"] == 1
     assert ckpts.listdir() == [".validate_storage_marker", "checkpoint_manager_snapshot.json", "epoch_0001"]
-    from raywalk.records import checkpoints as ckpt
     assert ckpt.read(ckpts.sub("epoch_0001"))["epoch"] == 1                # nothing on disk damaged
 
-    monkeypatch.undo()
     subprocess.run(["mount", "-o", "remount,size=64m", str(tmpfs)], check=True)   # room again
     assert main(_cli_args(root)) == 0
     err = capfd.readouterr().err
@@ -112,16 +108,16 @@ def test_full_storage_before_ray_is_one_line_too(tmpfs, capfd):
     assert not any(is_temp(f) for _, _, fs in os.walk(tmpfs) for f in fs)
 
 
-def test_kills_between_temp_write_and_rename_leave_nothing_a_reader_trips_on(tmp_path, reference, monkeypatch,
-                                                                              capfd):
+def test_kills_between_temp_write_and_rename_leave_nothing_a_reader_trips_on(tmp_path, reference):
     """SIGKILL of the rank-0 worker right between writing the temp file and renaming it: first a checkpoint's
     manifest, then the resume record the restart writes, then result.json. Ray restarts the worker group
     each time; the run finishes with the reference's curves, and the temps left behind are never read."""
     cfg = tiny_config(tmp_path, **{**LONG, "run.max_failures": 3})
     marks = {k: tmp_path / f"killed-{k}" for k in ("checkpoint", "resume", "result")}
-    monkeypatch.setenv(FAULT_ENV, f"checkpoint:{marks['checkpoint']},/resumes/:{marks['resume']},"
-                                  f"/result.json:{marks['result']}")
-    r = trainer.train(cfg, **quiet)
+    kills = {f"/{ckpt.MANIFEST}": str(marks["checkpoint"]), "/resumes/": str(marks["resume"]),
+             "/result.json": str(marks["result"])}
+    with instrumented(kill_before_rename=kills):
+        r = trainer.train(cfg, **quiet)
     assert all(m.exists() for m in marks.values())
     assert r["restarts"] == 3
     exp = Store.open(str(tmp_path)).sub(cfg.experiment_id())
@@ -130,7 +126,6 @@ def test_kills_between_temp_write_and_rename_leave_nothing_a_reader_trips_on(tmp
     # 3 restarts, 2 resume records: the one killed before its rename never landed; its temp is not read
     assert len(list_resumes(exp, log=lambda s: pytest.fail(s))) == 2
     assert comparable(r) == comparable(reference)
-    monkeypatch.delenv(FAULT_ENV)
     # the next driver on this experiment sweeps the leftovers (it holds the lease, no workers run yet)
     assert exp.sweep_temps() == len(left)
 
