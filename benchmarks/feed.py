@@ -9,7 +9,7 @@ windows for 200,000 walks), side by side in one run:
     permutation (drawn from (seed, epoch) on the CPU) and widened to int64;
   * streaming: Ray Data's `random_shuffle` of the same materialised windows ->
     `streaming_split(1)` -> `iter_torch_batches(64)`, as the streaming path runs it.
-Goal (issue): resident >= 50,000 batches/s on this 2-core CPU.
+Goal: resident >= 50,000 batches/s on this 2-core CPU.
 """
 from __future__ import annotations
 

@@ -7,11 +7,11 @@
    one worker, one thread): `raywalk train`'s steps/s (steps / timing.train_seconds of
    result.json, which runs first step to last, data included) against a bare PyTorch
    loop over the same model, optimizer and number of steps fed from an in-memory tensor.
-   Goal (issue): >= 0.9 of the bare loop.
+   Goal: >= 0.9 of the bare loop.
 2. The epoch seam at the anchor (d_model 128, 4 layers, 200,000 walks), on CPU: from the
    last step of an epoch to the first of the next (reduction, checkpoint, report,
    result.json, the next epoch's first batch), the gate left out (seam - gate seconds).
-   Epochs cut to 20 steps and an 8-sequence gate. Goal (issue): <= 1 s.
+   Epochs cut to 20 steps and an 8-sequence gate. Goal: <= 1 s.
 """
 from __future__ import annotations
 

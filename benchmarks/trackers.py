@@ -2,7 +2,7 @@
 
 Run: PYTHONPATH=. python benchmarks/trackers.py
 
-Ray-free: the sinks of raywalk/trackers.py on a local root in a temp directory, fed curves as
+Ray-free: the sinks of raywalk/service/trackers.py on a local root in a temp directory, fed curves as
 the training loop does. An anchor epoch is 9,375 optimizer steps; the writes are
 synchronous on rank 0, so their time is added to the epoch's.
 """

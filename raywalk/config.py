@@ -136,7 +136,7 @@ class TrainConfig:
         _check(0.0 <= self.warmup_frac < 1.0, f"{p}.warmup_frac", self.warmup_frac, "must be in [0, 1)")
         _check(0.0 <= self.min_lr_ratio <= 1.0, f"{p}.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         _check(1 <= self.max_epochs <= 50, f"{p}.max_epochs", self.max_epochs,
-               "must be in [1, 50] (the phase's training budget)")
+               "must be in [1, 50] (the study's training budget)")
         _check(self.precision in ("fp32", "bf16"), f"{p}.precision", self.precision, 'must be "fp32" or "bf16"')
         _check(self.data in DATA_PATHS, f"{p}.data", self.data, 'must be "auto", "resident" or "stream"')
         _check(0.0 < self.data_budget <= 1.0, f"{p}.data_budget", self.data_budget, "must be in (0, 1]")

@@ -17,7 +17,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from raywalk.records import checkpoints as ckpt
 from raywalk.records.layout import is_temp
@@ -134,16 +134,48 @@ def _fire_once(marker: str, due: bool) -> bool:
     return True
 
 
-def _hook_for(spec, rank: int, checkpoints: Store, hook):
-    """The faulting rank's hook until the fault has fired (`spec.marker` exists); after it, a normal
-    run, timed from rank 0's first step (`<marker>.resumed`)."""
-    if os.path.exists(spec.marker):
-        return _FirstStepProbe(f"{spec.marker}.resumed") if rank == 0 else None
-    return hook(spec, checkpoints) if rank == spec.rank else None
+@dataclass
+class _FirstStepProbe:
+    path: str
+    done: bool = False
+
+    def before_step(self, epoch: int, step: int) -> None:
+        if not self.done:
+            with open(self.path, "w") as f:
+                f.write(f"{time.time()} {epoch} {step}\n")
+            self.done = True
+
+
+class _OnOneRank:
+    """A fault one rank's hook fires once (`marker` records it); after it, a normal run, timed from rank 0's
+    first step (`<marker>.resumed`). Subclasses: dataclasses with `rank` and `marker`, and their HOOK."""
+    HOOK: ClassVar[type]
+
+    def for_worker(self, rank: int, checkpoints: Store):
+        if os.path.exists(self.marker):
+            return _FirstStepProbe(f"{self.marker}.resumed") if rank == 0 else None
+        return self.HOOK(self, checkpoints) if rank == self.rank else None
+
+
+@dataclass
+class _KillHook:
+    spec: "WorkerKill"
+    checkpoints: Store
+
+    def before_step(self, epoch: int, step: int) -> None:
+        s = self.spec
+        if not _fire_once(s.marker, (epoch, step) == (s.epoch, s.step)):
+            return
+        time.sleep(s.delay)
+        if s.truncate_latest:
+            newest = ckpt.candidates(self.checkpoints, None)[0]
+            data = self.checkpoints.read_bytes(f"{newest}/{ckpt.STATE}")
+            self.checkpoints.write_bytes(f"{newest}/{ckpt.STATE}", data[: len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)
-class WorkerKill:
+class WorkerKill(_OnOneRank):
     """SIGKILL worker `rank` once, just before step `step` (0-based) of epoch `epoch` (1-based).
 
     `marker` records the kill (pid, time) so the restarted worker group does not kill again;
@@ -159,67 +191,12 @@ class WorkerKill:
     delay: float = 0.0
     truncate_latest: bool = False
 
-    def for_worker(self, rank: int, checkpoints: Store) -> "_KillHook | _FirstStepProbe | None":
-        return _hook_for(self, rank, checkpoints, _KillHook)
-
-
-@dataclass
-class _KillHook:
-    spec: WorkerKill
-    checkpoints: Store
-
-    def before_step(self, epoch: int, step: int) -> None:
-        s = self.spec
-        if not _fire_once(s.marker, (epoch, step) == (s.epoch, s.step)):
-            return
-        time.sleep(s.delay)
-        if s.truncate_latest:
-            newest = ckpt.candidates(self.checkpoints, None)[0]
-            data = self.checkpoints.read_bytes(f"{newest}/{ckpt.STATE}")
-            self.checkpoints.write_bytes(f"{newest}/{ckpt.STATE}", data[: len(data) // 2])
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-@dataclass
-class _FirstStepProbe:
-    path: str
-    done: bool = False
-
-    def before_step(self, epoch: int, step: int) -> None:
-        if not self.done:
-            with open(self.path, "w") as f:
-                f.write(f"{time.time()} {epoch} {step}\n")
-            self.done = True
-
-
-@dataclass(frozen=True)
-class Preempt:
-    """A spot reclaim, as a test stages it on a local multi-node cluster.
-
-    Just before step `step` of epoch `epoch`, rank `rank` drains its own node with reason
-    PREEMPTION and a `deadline_s` (what the autoscaler does on a reclaim notice; with
-    notice=False nothing is drained: a node about to vanish unannounced), writes its node
-    id to `marker`, then slows every further step by `slow_s`, so the test can kill the node
-    mid-epoch. With `kill_after_jit`, the worker SIGKILLs itself once a just-in-time
-    checkpoint of this epoch is on disk and `settle_s` have passed (for Ray to register it).
-    """
-    epoch: int
-    step: int
-    marker: str
-    rank: int = 0
-    notice: bool = True
-    deadline_s: float = 120.0
-    slow_s: float = 0.4
-    kill_after_jit: bool = False
-    settle_s: float = 3.0
-
-    def for_worker(self, rank: int, checkpoints: Store) -> "_PreemptHook | _FirstStepProbe | None":
-        return _hook_for(self, rank, checkpoints, _PreemptHook)
+    HOOK: ClassVar[type] = _KillHook
 
 
 @dataclass
 class _PreemptHook:
-    spec: Preempt
+    spec: "Preempt"
     checkpoints: Store
     started: bool = False
     jit_seen_at: float | None = None
@@ -250,6 +227,30 @@ class _PreemptHook:
         """A just-in-time checkpoint of this fault's epoch, complete (an earlier fault's may still be kept)."""
         return (ckpt.is_mid_epoch(name) and ckpt.position(name)[0] == self.spec.epoch - 1
                 and self.checkpoints.is_file(f"{name}/{ckpt.MANIFEST}"))
+
+
+@dataclass(frozen=True)
+class Preempt(_OnOneRank):
+    """A spot reclaim, as a test stages it on a local multi-node cluster.
+
+    Just before step `step` of epoch `epoch`, rank `rank` drains its own node with reason
+    PREEMPTION and a `deadline_s` (what the autoscaler does on a reclaim notice; with
+    notice=False nothing is drained: a node about to vanish unannounced), writes its node
+    id to `marker`, then slows every further step by `slow_s`, so the test can kill the node
+    mid-epoch. With `kill_after_jit`, the worker SIGKILLs itself once a just-in-time
+    checkpoint of this epoch is on disk and `settle_s` have passed (for Ray to register it).
+    """
+    epoch: int
+    step: int
+    marker: str
+    rank: int = 0
+    notice: bool = True
+    deadline_s: float = 120.0
+    slow_s: float = 0.4
+    kill_after_jit: bool = False
+    settle_s: float = 3.0
+
+    HOOK: ClassVar[type] = _PreemptHook
 
 
 @dataclass(frozen=True)

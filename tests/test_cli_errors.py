@@ -11,7 +11,6 @@ import pytest
 from raywalk.cli import main
 from raywalk.records.storage import Store, StorageError
 from tests.conftest import QUICKSTART, ROOT
-from tests.s3server import s3_server  # noqa: F401  (fixture)
 
 
 def one_line_error(capsys, argv: list[str], *needles: str) -> str:

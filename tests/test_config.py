@@ -9,7 +9,7 @@ from raywalk.config import Config, ConfigError
 from tests.conftest import QUICKSTART, ROOT
 
 
-def test_anchor_matches_the_spec():
+def test_anchor_yaml_is_the_studys_anchor():
     c = Config.load(ROOT / "configs" / "anchor.yaml")
     assert (c.graph.n, c.graph.K, c.graph.p_in, c.graph.p_out, c.graph.n_jumpers_per_block) == (500, 4, 0.25, 0.03, 2)
     assert (c.w, c.corpus.walk_length, c.corpus.corpus_size) == (64, 256, 200_000)

@@ -1,7 +1,7 @@
 """The storage fault campaign: a real full filesystem, kills between a temp write and its rename, a lease
 taken over from a paused driver. Each ends in a run that finishes with curves equal to an uninterrupted one.
 
-The session's local Ray (conftest); the uninterrupted reference run is the session's (conftest.reference_run).
+The session's local Ray (conftest); the uninterrupted run is the session's (conftest.long_reference).
 """
 from __future__ import annotations
 
@@ -22,23 +22,12 @@ from raywalk.records.lease import LEASE
 from raywalk.records.result import RESULT, list_resumes
 from raywalk.records import checkpoints as ckpt
 from raywalk.records.storage import Store, is_temp
-from tests.conftest import (LONG, QUICKSTART, kill_session, mounted_tmpfs, reference_run,
-                            session_pids, tiny_config, tiny_overrides)
+from tests.conftest import LONG, QUICKSTART, kill_session, mounted_tmpfs, session_pids, tiny_config, tiny_overrides
 from tests.faults import FillDisk, instrumented
 from tests.flaky_proxy import FlakyProxy
-from tests.s3server import s3_server  # noqa: F401  (the fixture)
+from tests.helpers import comparable
 
 quiet = dict(progress=False, log=lambda s: None)
-
-
-def comparable(r: dict) -> dict:
-    return {k: r[k] for k in ("curves", "gate", "epochs_trained", "steps_per_epoch", "status", "failure",
-                              "experiment_id")}
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, local_ray):
-    return reference_run(tmp_path_factory, **LONG)
 
 
 def _cli_args(storage: Path | str) -> list[str]:
@@ -57,7 +46,7 @@ def tmpfs(tmp_path):
         yield d
 
 
-def test_a_full_filesystem_stops_at_once_in_one_line_and_the_rerun_finishes(tmpfs, tmp_path, reference, capfd):
+def test_a_full_filesystem_stops_at_once_in_one_line_and_the_rerun_finishes(tmpfs, tmp_path, long_reference, capfd):
     root = tmpfs / "root"
     cfg = tiny_config(root, **LONG)
     exp = Store.open(str(root)).sub(cfg.experiment_id())
@@ -92,7 +81,7 @@ def test_a_full_filesystem_stops_at_once_in_one_line_and_the_rerun_finishes(tmpf
     assert main(_cli_args(root)) == 0
     err = capfd.readouterr().err
     assert "resuming from" in err and "epoch_0001" in err and "epoch 1/3" not in err
-    assert comparable(json.loads((Path(exp.path()) / RESULT).read_text())) == comparable(reference)
+    assert comparable(json.loads((Path(exp.path()) / RESULT).read_text())) == comparable(long_reference)
 
 
 def test_full_storage_before_ray_is_one_line_too(tmpfs, capfd):
@@ -108,7 +97,7 @@ def test_full_storage_before_ray_is_one_line_too(tmpfs, capfd):
     assert not any(is_temp(f) for _, _, fs in os.walk(tmpfs) for f in fs)
 
 
-def test_kills_between_temp_write_and_rename_leave_nothing_a_reader_trips_on(tmp_path, reference):
+def test_kills_between_temp_write_and_rename_leave_nothing_a_reader_trips_on(tmp_path, long_reference):
     """SIGKILL of the rank-0 worker right between writing the temp file and renaming it: first a checkpoint's
     manifest, then the resume record the restart writes, then result.json. Ray restarts the worker group
     each time; the run finishes with the reference's curves, and the temps left behind are never read."""
@@ -125,12 +114,12 @@ def test_kills_between_temp_write_and_rename_leave_nothing_a_reader_trips_on(tmp
     assert len(left) >= 2, left                                   # the kills really were mid-write
     # 3 restarts, 2 resume records: the one killed before its rename never landed; its temp is not read
     assert len(list_resumes(exp, log=lambda s: pytest.fail(s))) == 2
-    assert comparable(r) == comparable(reference)
+    assert comparable(r) == comparable(long_reference)
     # the next driver on this experiment sweeps the leftovers (it holds the lease, no workers run yet)
     assert exp.sweep_temps() == len(left)
 
 
-def test_a_lease_taken_over_from_a_paused_driver_stops_it_and_the_new_one_finishes(tmp_path, reference):
+def test_a_lease_taken_over_from_a_paused_driver_stops_it_and_the_new_one_finishes(tmp_path, long_reference):
     cfg = tiny_config(tmp_path, **LONG)
     exp = tmp_path / cfg.experiment_id()
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONUNBUFFERED": "1",
@@ -181,11 +170,11 @@ def test_a_lease_taken_over_from_a_paused_driver_stops_it_and_the_new_one_finish
     # pinned, ray_env.pin_ray_address), not "Found multiple active Ray instances" and a dead monitor thread.
     assert "multiple active Ray instances" not in text, text[-3000:]
     assert any("taking over experiment" in l and f"pid {old.pid}" in l for l in logs)
-    assert comparable(got) == comparable(reference)
-    assert comparable(json.loads((exp / RESULT).read_text())) == comparable(reference)
+    assert comparable(got) == comparable(long_reference)
+    assert comparable(json.loads((exp / RESULT).read_text())) == comparable(long_reference)
 
 
-def test_a_flaky_object_store_ends_exactly_as_an_unfaulted_run(s3_server, reference):
+def test_a_flaky_object_store_ends_exactly_as_an_unfaulted_run(s3_server, long_reference):
     """moto behind a proxy that answers 10% of requests with 503 SlowDown and drops 3% of connections
     (2% before the request reaches the store, 1% after it landed): the clients' retries absorb it all."""
     import logging
@@ -201,8 +190,8 @@ def test_a_flaky_object_store_ends_exactly_as_an_unfaulted_run(s3_server, refere
     print(f"\nflaky S3: {st} in {took:.0f}s")
     assert st["503"] >= 10 and st["dropped"] >= 2 and st["dropped_after"] >= 1, st   # really faulted
     assert r["restarts"] == 0 and not any(l.startswith("warning") for l in logs), logs
-    assert comparable(r) == comparable(reference)
+    assert comparable(r) == comparable(long_reference)
     direct = Store.open(s3_server["uri"]("flaky")).sub(r["experiment_id"])   # past the proxy, now closed
-    assert direct.read_json(RESULT)["curves"] == reference["curves"]
+    assert direct.read_json(RESULT)["curves"] == long_reference["curves"]
     assert direct.listdir() == ["attempts", "checkpoints", "result.json"]     # lease released, no strays
 
