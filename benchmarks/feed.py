@@ -10,7 +10,7 @@ windows for 200,000 walks), side by side in one run:
     permutation (drawn from (seed, epoch) on the CPU) and widened to int64;
   * streaming: Ray Data's `random_shuffle` of the same materialised windows ->
     `streaming_split(1)` -> `iter_torch_batches(64)`, as the streaming path runs it.
-Goal (issue): resident >= 50,000 batches/s on this 2-core CPU.
+Goal: resident >= 50,000 batches/s on this 2-core CPU.
 
 --rss: the resident path's host memory in a real run. `raywalk.train` (one CPU worker, train.data=resident,
 one epoch cut to a few steps, a small gate) on the corpus of --walks walks, then on a 50,000-walk one (the least corpus_size allows at n = 500); a step
@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class PeakRss:
-    """A step hook factory (driver.Instruments): rank 0 writes its process's VmHWM (bytes) and the object
+    """A step hook factory (tests.faults.instrumented): rank 0 writes its process's VmHWM (bytes) and the object
     store's bytes in use to `path`, before every step."""
 
     def __init__(self, path: str):
@@ -80,19 +80,20 @@ class StopAt:
 def rerun_streaming_over_resident(walks: int, storage: str) -> tuple[int, int]:
     """(rank 0's peak RSS, the object store's bytes in use) when a run that took the resident path is rerun
     with train.data=stream (the path it took is kept: it goes on resident)."""
-    from raywalk.service.driver import Instruments, train
+    from raywalk.service.driver import train
+    from tests.faults import instrumented
 
     cfg = Config.load(ROOT / "configs" / "anchor.yaml", [
         f"run.storage={storage}", f"corpus.corpus_size={walks}", "train.data=resident", "train.max_epochs=2",
         "gate.sequences=8", "run.max_failures=0"])
     try:
-        train(cfg, fresh=True, progress=False, log=lambda s: None,
-              instruments=Instruments(hooks=StopAt(2), max_steps_per_epoch=8))
+        with instrumented(StopAt(2), max_steps_per_epoch=8):
+            train(cfg, fresh=True, progress=False, log=lambda s: None)
     except Exception:
         pass   # stopped in epoch 2, as meant
     probe = Path(tempfile.mkdtemp(prefix="raywalk-rss-")) / "rss"
-    train(cfg.replace(**{"train.data": "stream"}), progress=False, log=lambda s: None,
-          instruments=Instruments(hooks=PeakRss(str(probe)), max_steps_per_epoch=8))
+    with instrumented(PeakRss(str(probe)), max_steps_per_epoch=8):
+        train(cfg.replace(**{"train.data": "stream"}), progress=False, log=lambda s: None)
     hwm, used = (int(x) for x in probe.read_text().split())
     return hwm, used
 
@@ -100,15 +101,16 @@ def rerun_streaming_over_resident(walks: int, storage: str) -> tuple[int, int]:
 def worker_rss(walks: int, storage: str) -> tuple[int, int, int]:
     """(rank 0's peak RSS, the resident windows' bytes, the object store's bytes in use) in a short resident
     run (one epoch of 8 steps, an 8-sequence gate) on a corpus of `walks` walks."""
-    from raywalk.service.driver import Instruments, train
+    from raywalk.service.driver import train
     from raywalk.service.windows import windows_per_walk
+    from tests.faults import instrumented
 
     cfg = Config.load(ROOT / "configs" / "anchor.yaml", [
         f"run.storage={storage}", f"corpus.corpus_size={walks}", "train.data=resident", "train.max_epochs=1",
         "gate.sequences=8"])
     probe = Path(tempfile.mkdtemp(prefix="raywalk-rss-")) / "rss"
-    train(cfg, fresh=True, progress=False, log=lambda s: None,
-          instruments=Instruments(hooks=PeakRss(str(probe)), max_steps_per_epoch=8))
+    with instrumented(PeakRss(str(probe)), max_steps_per_epoch=8):
+        train(cfg, fresh=True, progress=False, log=lambda s: None)
     hwm, used = (int(x) for x in probe.read_text().split())
     n = walks * windows_per_walk(cfg.corpus.walk_length, cfg.w)
     return hwm, n * (cfg.w + 1) * torch.tensor([], dtype=token_dtype(cfg.graph.n)).element_size(), used

@@ -16,36 +16,8 @@ from raywalk.service import trackers
 from raywalk.config import ConfigError
 from raywalk.records.storage import Store
 from tests.conftest import QUICKSTART, tiny_config
+from tests.helpers import expected, mlflow_runs, mlflow_scalars, tb_scalars
 
-
-def tb_scalars(d) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar under d, by tag, as TensorBoard's own reader gives them."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    ea = EventAccumulator(str(d), size_guidance={"scalars": 0})
-    ea.Reload()
-    return {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
-
-
-def mlflow_runs(root, eid):
-    import os
-
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    from mlflow import MlflowClient
-
-    c = MlflowClient(tracking_uri=f"file://{root}/mlruns")
-    x = c.get_experiment_by_name("raywalk")
-    return c, c.search_runs([x.experiment_id], filter_string=f"tags.`raywalk.experiment_id` = '{eid}'")
-
-
-def mlflow_scalars(c, run_id) -> dict[str, list[tuple[int, float]]]:
-    return {k: sorted((m.step, m.value) for m in c.get_metric_history(run_id, k)) for k in trackers.CURVES}
-
-
-def expected(curves: dict, f32: bool) -> dict[str, list[tuple[int, float]]]:
-    """result.json's curves as (step, value): steps 1.. for the loss, epochs 1.. for compliance."""
-    cast = (lambda v: float(np.float32(v))) if f32 else float
-    return {k: [(i + 1, cast(v)) for i, v in enumerate(curves[k])] for k in trackers.CURVES}
 
 
 def curves_at(full: dict, epochs: int, spe: int) -> SimpleNamespace:

@@ -112,7 +112,7 @@ def test_two_point_sweep_then_rerun_trains_nothing(tmp_path):
     excluded = {e["experiment_id"] for e in disk["excluded_from_svd"]}
     assert excluded == {eid for eid, r in results.items() if not r["svd_eligible"]}
 
-    from tests.test_trackers import mlflow_runs
+    from tests.helpers import mlflow_runs
     for p in sweep.points:
         c, runs = mlflow_runs(tmp_path / "results", p.experiment_id)
         assert len(runs) == 1 and runs[0].data.tags["raywalk.sweep_id"] == sweep.sweep_id

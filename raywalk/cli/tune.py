@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
     p.add_argument("--storage", help="storage root, local path or s3://... (default: the base config's run.storage)")
     p.add_argument("--max-concurrent", type=int, default=None, metavar="K",
                    help="trials at once (default: as many as the cluster can grow to - its autoscaler's node "
-                        "types and max_workers, or its resources now without an autoscaler; see raywalk/tune.py)")
+                        "types and max_workers, or its resources now without an autoscaler; see raywalk/service/tune.py)")
     p.add_argument("--dry-run", action="store_true", help="validate and list the points; run nothing")
     p.add_argument("--verbose", action="store_true", help="show Ray's and Tune's own logs and status tables")
 

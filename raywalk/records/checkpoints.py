@@ -128,8 +128,7 @@ def save(directory: str | Path, state: dict[str, Any], corpus: dict[str, Any] | 
     d.mkdir(parents=True, exist_ok=True)
     files = pack(state, corpus)
     (d / STATE).write_bytes(files[STATE])
-    # layout's one temp rule (never listed, never read as a manifest); tests: RAYWALK_FAULT_BEFORE_RENAME=checkpoint:...
-    replace_local(str(d / MANIFEST), files[MANIFEST], fault=f"checkpoint:{d / MANIFEST}")
+    replace_local(str(d / MANIFEST), files[MANIFEST])   # layout's one temp rule: never listed, never read as a manifest
 
 
 def _files(store: Store) -> dict[str, bytes]:

@@ -13,7 +13,6 @@ import os
 import signal
 import threading
 import uuid
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from raywalk.records import layout, lease, result
@@ -28,7 +27,7 @@ from raywalk.records.lease import LeaseLost
 from raywalk.records.result import count_restarts
 from raywalk.records.layout import RESULT, RUN_DIR
 from raywalk.records.errors import StorageUnwritable, unwritable
-from raywalk.records.storage import FAULT_ENV, Store
+from raywalk.records.storage import Store
 from raywalk.messages import Tell, tell
 
 
@@ -85,48 +84,16 @@ def check_storage_reachable(root: Store, nodes: list[dict]) -> None:
 
 def worker_env(cfg: Config, verbose: bool) -> dict[str, str]:
     env = ray_env.worker_env(verbose)
-    if os.environ.get(FAULT_ENV):   # a test's kill-before-rename hook reaches the workers too
-        env[FAULT_ENV] = os.environ[FAULT_ENV]
     if cfg.run.deterministic and cfg.run.gpus_per_worker > 0:
         env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"   # read when CUDA starts: deterministic cuBLAS
     return env
 
 
-@dataclass(frozen=True)
-class Instruments:
-    """What tests and benchmarks hand `train` (never a real run): shorter epochs, and a hook in every
-    worker's hot loop.
-
-    `hooks` is a factory (tests' fault injection: WorkerKill, Preempt, FillDisk): on each worker
-    `hooks.for_worker(rank, checkpoints)` gives that worker's hook or None, and the hook's
-    `before_step(epoch, step)` runs before every step (epoch 1-based, step = steps of it done),
-    as one of run_epoch's step callbacks. `max_steps_per_epoch` cuts epochs short (benchmarks time
-    a few steps); the schedule is planned for the shortened epochs.
-    """
-    hooks: Any = None
-    max_steps_per_epoch: int | None = None
-
-    def __post_init__(self):
-        n = self.max_steps_per_epoch
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise ValueError(f"max_steps_per_epoch: {n!r} is invalid: must be a whole number >= 1 (or None)")
-
-    def steps(self, planned: int) -> int:
-        return min(planned, self.max_steps_per_epoch) if self.max_steps_per_epoch else planned
-
-    def step_callback(self, rank: int, checkpoints: Store) -> Callable | None:
-        """This worker's hook as a run_epoch step callback (called on the worker), or None."""
-        hook = self.hooks.for_worker(rank, checkpoints) if self.hooks is not None else None
-        return None if hook is None else (lambda state: hook.before_step(state.epoch + 1, state.step))
-
-
 def train(cfg: Config, *, fresh: bool = False, verbose: bool = False, progress: bool = True,
-          callbacks: list | None = None, log: Tell = tell, instruments: Instruments | None = None
-          ) -> dict[str, Any]:
+          callbacks: list | None = None, log: Tell = tell) -> dict[str, Any]:
     """Run (or resume, or report) the experiment for cfg; returns its result.json content.
 
-    `callbacks` are Ray Train UserCallbacks (a Tune trial passes TuneReportCallback);
-    `instruments` are for tests and benchmarks only (see Instruments).
+    `callbacks` are Ray Train UserCallbacks (a Tune trial passes TuneReportCallback).
     """
     root = Store.open(cfg.run.storage)
     cfg = cfg.replace(**{"run.storage": root.uri})   # absolute: workers run in other directories
@@ -141,7 +108,7 @@ def train(cfg: Config, *, fresh: bool = False, verbose: bool = False, progress: 
         return done.to_json()
     _check_before_ray(cfg)
     run = functools.partial(_train_leased, cfg, root, exp_id, verbose=verbose, progress=progress,
-                            callbacks=callbacks, instruments=instruments, log=log)
+                            callbacks=callbacks, log=log)
     return _leased(cfg, root.sub(exp_id), exp_id, run, log)
 
 
@@ -213,13 +180,13 @@ def _storage_stop(exp: Store, exp_id: str, cfg: Config, u: StorageUnwritable, lo
 
 
 def _train_leased(cfg: Config, root: Store, exp_id: str, *, verbose: bool, progress: bool, callbacks: list | None,
-                  instruments: Instruments | None, log: Tell, held: lease.Lease | None = None,
+                  log: Tell, held: lease.Lease | None = None,
                   fitting: FitStop | None = None) -> dict[str, Any]:
     ray_env.ensure_ray(cfg, verbose=verbose)
     import ray
 
     check_storage_reachable(root, ray.nodes())
-    spec = _worker_spec(cfg, root, exp_id, verbose=verbose, progress=progress, instruments=instruments, log=log,
+    spec = _worker_spec(cfg, root, exp_id, verbose=verbose, progress=progress, log=log,
                         holder=held.holder if held is not None else "")
     _fit(_trainer(spec, root, callbacks), spec, root.sub(exp_id), held, fitting)
     return finalise(root, exp_id, log, held=held)
@@ -235,8 +202,7 @@ def driver_streams(cfg: Config, exp: Store) -> bool:
     return r is None or r.data_path != "resident"
 
 
-def _worker_spec(cfg: Config, root: Store, exp_id: str, *, verbose: bool, progress: bool,
-                 instruments: Instruments | None, log: Tell, holder: str):
+def _worker_spec(cfg: Config, root: Store, exp_id: str, *, verbose: bool, progress: bool, log: Tell, holder: str):
     """The corpus (built or reused), the epoch's steps and what every worker is handed."""
     from raywalk.service.dataset import window_dataset, windows_per_epoch
     from raywalk.service.worker import WorkerSpec
@@ -245,8 +211,6 @@ def _worker_spec(cfg: Config, root: Store, exp_id: str, *, verbose: bool, progre
     log(f"corpus {'reused' if summary['reused'] else 'built'}: {corpus.uri}")
     n_windows = windows_per_epoch(corpus, cfg.w)
     steps = steps_per_epoch(cfg, n_windows)
-    if instruments is not None:
-        steps = instruments.steps(steps)
     exp = root.sub(exp_id)
     check_same_corpus(exp, exp_id, corpus)
     log(f"experiment {exp_id}: {'resuming' if exp.exists(RUN_DIR) else 'starting'}; {steps} steps/epoch, "
@@ -255,8 +219,7 @@ def _worker_spec(cfg: Config, root: Store, exp_id: str, *, verbose: bool, progre
                       gate_starts=tuple(corpus.gate_starts(cfg.gate.sequences).tolist()), steps_per_epoch=steps,
                       driver_token=uuid.uuid4().hex, progress=progress, verbose=verbose,
                       windows=window_dataset(corpus, cfg.w, materialize=True) if driver_streams(cfg, exp) else None,
-                      n_windows=n_windows,
-                      instruments=instruments, lease_holder=holder)
+                      n_windows=n_windows, lease_holder=holder)
 
 
 def _trainer(spec, root: Store, callbacks: list | None):

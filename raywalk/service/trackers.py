@@ -2,7 +2,7 @@
 
 Exactly the three curves result.json holds, under the same names: `train_loss` at every
 optimizer step (step 1, 2, ...), `edge_compliance` and `rule_compliance` at every epoch
-(step = epoch, 1-based); the phase document rules out any other metric.
+(step = epoch, 1-based); no other metric, so a tracker shows what result.json holds.
 
 Rank 0 calls `open_trackers` after restoring its checkpoint, `Trackers.epoch_end(curves)`
 after each epoch's checkpoint and result.json, and `close()` at the end; the writes run on a

@@ -58,8 +58,6 @@ class WorkerSpec:
     """Draw rank 0's per-epoch progress bar."""
     verbose: bool = False
     """Keep Ray Train's own INFO logs."""
-    instruments: Any = None
-    """Tests' and benchmarks' driver.Instruments; None in real runs."""
     lease_holder: str = ""
     """The driver's lease id: workers write only while it holds a live lease (stops.py)."""
 
@@ -81,8 +79,7 @@ class NoticeWatch:
     A poll is a barrier, so every rank must poll at the same steps. The cadence is in seconds
     (run.preemption_check_seconds; Ray's watcher refreshes every 5 s, faster gains nothing),
     turned into steps once per epoch: after CALIBRATE steps the ranks agree, in one tiny
-    all-reduce, on the slowest rank's step time. run.preemption_check_steps > 0 fixes the
-    cadence in steps instead.
+    all-reduce, on the slowest rank's step time.
     """
     CALIBRATE = 16
 
@@ -93,15 +90,13 @@ class NoticeWatch:
         run = spec.config.run
         # no watcher, no notices (ensure_ray turns it off for a laptop's embedded Ray): no polls
         watching = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1") != "0"
-        self.fixed = run.preemption_check_steps
-        self.seconds = run.preemption_check_seconds if watching and not self.fixed else 0.0
-        self.active = watching and bool(self.fixed or self.seconds)
-        self.every, self.calibrate_at, self.t0 = self.fixed, None, 0.0
+        self.seconds = run.preemption_check_seconds if watching else 0.0
+        self.active = bool(self.seconds)
+        self.every, self.calibrate_at, self.t0 = 0, None, 0.0
         self.seen: set = set()
 
     def start_epoch(self, start: int) -> None:
-        if not self.fixed:
-            self.every, self.calibrate_at = 0, start + self.CALIBRATE
+        self.every, self.calibrate_at = 0, start + self.CALIBRATE
 
     def __call__(self, state: TrainingState) -> None:
         step = state.step
@@ -248,7 +243,6 @@ class _Worker:
     writer: ResultWriter | None      # rank 0 only
     tracking: Any                    # rank 0's trackers, or None
     watch: NoticeWatch
-    instrument: Any                  # a test's step callback, or None
     stop_poll: stops.StopPoll        # a lost lease recorded by the driver (rank 0 polls)
     previous_end: float | None = None
 
@@ -271,15 +265,14 @@ def _start(spec: WorkerSpec) -> _Worker:
     tracking = open_trackers(cfg, root, spec.experiment_id, state.curves) if rank == 0 else None
     return _Worker(spec, rank, say, run, state, gate, batches, _net(state, cfg), writer,
                    tracking, NoticeWatch(spec, rank, spec.steps_per_epoch, run, writer, say),
-                   spec.instruments.step_callback(rank, run) if spec.instruments is not None else None,
                    stops.StopPoll(spec.driver_token))
 
 
 def _callbacks(w: _Worker) -> tuple[list, Progress | None]:
-    """This epoch's step callbacks, in order: a test's instrument, rank 0's stop poll, the notice watch, its bar."""
+    """This epoch's step callbacks, in order: rank 0's stop poll, the notice watch, its bar."""
     from ray.experimental.tqdm_ray import tqdm
 
-    callbacks = [w.instrument] if w.instrument is not None else []
+    callbacks = []
     if w.rank == 0:   # the others wait for it in the step's collectives
         callbacks.append(w.stop_poll)
     if w.watch.active:
