@@ -157,7 +157,8 @@ def buckets(cfg, host: torch.Tensor, dev: torch.device, steps: int, solo: float,
 
 def under_ray(cfg, tmp: str, steps: int) -> None:
     """One epoch under TorchTrainer (1 worker, 1 GPU) per data path, from result.json's timing."""
-    from raywalk.service.driver import Instruments, train
+    from raywalk.service.driver import train
+    from tests.faults import instrumented
 
     print("\nTorchTrainer, 1 GPU, one epoch")
     for data in ("resident", "stream"):
@@ -166,7 +167,8 @@ def under_ray(cfg, tmp: str, steps: int) -> None:
         Path(f"{tmp}/ray-{data}").mkdir(parents=True, exist_ok=True)
         if not Path(f"{tmp}/ray-{data}/corpora").exists():
             Path(f"{tmp}/ray-{data}/corpora").symlink_to(Path(tmp) / "corpora")
-        r = train(c, progress=False, instruments=Instruments(max_steps_per_epoch=steps), log=lambda s: None)
+        with instrumented(max_steps_per_epoch=steps):
+            r = train(c, progress=False, log=lambda s: None)
         t = r["timing"]
         print(f"  {data:<9s} train {t['train_seconds'][0]:.2f}s ({steps / t['train_seconds'][0]:,.0f} steps/s), "
               f"gate {t['gate_seconds'][0]:.2f}s, checkpoint {t['checkpoint_seconds'][0]:.2f}s")

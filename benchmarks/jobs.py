@@ -26,11 +26,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 
-from conftest import kill_session, tiny_overrides  # noqa: E402
-from clusters import LocalCluster, cli_env  # noqa: E402
-from test_jobs import submit_cmd  # noqa: E402
+from tests.clusters import LocalCluster, cli_env  # noqa: E402
+from tests.conftest import kill_session, tiny_overrides  # noqa: E402
+from tests.helpers import submit_cmd  # noqa: E402
 
 EPOCH = re.compile(r"^epoch (\d+)/(\d+) .* (\d+)s\s*$")
 

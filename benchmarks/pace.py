@@ -7,11 +7,11 @@
    one worker, one thread): `raywalk train`'s steps/s (steps / timing.train_seconds of
    result.json, which runs first step to last, data included) against a bare PyTorch
    loop over the same model, optimizer and number of steps fed from an in-memory tensor.
-   Goal (issue): >= 0.9 of the bare loop.
+   Goal: >= 0.9 of the bare loop.
 2. The epoch seam at the anchor (d_model 128, 4 layers, 200,000 walks), on CPU: from the
    last step of an epoch to the first of the next (reduction, checkpoint, report,
    result.json, the next epoch's first batch), the gate left out (seam - gate seconds).
-   Epochs cut to 20 steps and an 8-sequence gate. Goal (issue): <= 1 s.
+   Epochs cut to 20 steps and an 8-sequence gate. Goal: <= 1 s.
 """
 from __future__ import annotations
 
@@ -69,12 +69,14 @@ def overhead(tmp: Path, epochs: int) -> None:
 
 
 def seam(tmp: Path, anchor: Path | None) -> None:
-    from raywalk.service.driver import Instruments, train
+    from raywalk.service.driver import train
+    from tests.faults import instrumented
 
     storage = anchor or tmp / "seam"
     cfg = Config.load(ROOT / "configs" / "anchor.yaml", [
         f"run.storage={storage}", "train.max_epochs=3", "gate.rule=1.0", "gate.sequences=8"])
-    r = train(cfg, progress=False, instruments=Instruments(max_steps_per_epoch=20), log=lambda s: None, fresh=True)
+    with instrumented(max_steps_per_epoch=20):
+        r = train(cfg, progress=False, log=lambda s: None, fresh=True)
     t = r["timing"]
     print("\n2. epoch seam at the anchor on CPU (20-step epochs, 8-sequence gate)")
     print(f"   {'epoch':>5s} {'train s':>8s} {'gate s':>7s} {'ckpt s':>7s} {'seam s':>7s} {'seam - gate':>12s}")

@@ -5,7 +5,7 @@ Run: PYTHONPATH=. python benchmarks/reference_logits.py
 For d_model = d_head (one head) 16, 32, 64, 128, plus 4 heads of 32, two layers, weights
 N(0, 0.3) (trained scale, so score ulps reach the logits) and 64 random windows of 64
 tokens: max |Δlogit| and the count of differing logits between the reference's attention
-(re-stated in tests/test_model.py) and raywalk's explicit path, raywalk's fused SDPA path,
+(re-stated in tests/helpers.py) and raywalk's explicit path, raywalk's fused SDPA path,
 and the former divide-by-√d_head explicit path.
 """
 import sys
@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_model import reference_forward, to_reference  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from raywalk.science.model import GPT  # noqa: E402
+from tests.helpers import reference_forward, to_reference  # noqa: E402
 
 V, W, B = 64, 64, 64
 print(f"{'d_model':>7} {'heads':>5} {'d_head':>6} | {'explicit':>18} | {'fused SDPA':>18} | {'old divide':>18}")

@@ -26,11 +26,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))   # faults.py: test-only fault injection
 from raywalk.records import checkpoints as ckpt  # noqa: E402
 from raywalk.config import Config  # noqa: E402
-from raywalk.service.driver import Instruments, train  # noqa: E402
-from faults import Preempt  # noqa: E402
+from raywalk.service.driver import train  # noqa: E402
+from tests.faults import Preempt, instrumented  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,25 +87,25 @@ def main() -> None:
     poll_every_s = base.run.preemption_check_seconds
     try:
         # the shared corpus, built once
-        train(base.replace(**{"train.max_epochs": 1}), progress=False, instruments=Instruments(max_steps_per_epoch=1),
-              log=lambda s: None)
+        with instrumented(max_steps_per_epoch=1):
+            train(base.replace(**{"train.max_epochs": 1}), progress=False, log=lambda s: None)
 
-        def run(label: str, hooks=None, **dotted):
+        def run(label: str, hooks=None, every: int | None = None, **dotted):
             store = tmp / label
             store.mkdir()
             (store / "corpora").symlink_to(tmp / "corpus-root" / "corpora")
             cfg = base.replace(**{"run.storage": str(store), **dotted})
             metrics = store / "metrics.jsonl"
             t = time.time()
-            r = train(cfg, progress=False, instruments=Instruments(hooks, max_steps), log=lambda s: None,
-                      callbacks=[_Capture(str(metrics))])
+            with instrumented(hooks, max_steps_per_epoch=max_steps, notice_every_steps=every):
+                r = train(cfg, progress=False, log=lambda s: None, callbacks=[_Capture(str(metrics))])
             return r, time.time() - t, [json.loads(x) for x in metrics.read_text().splitlines()], cfg
 
         rows = []
-        for label, dotted in (("never", {"run.preemption_check_seconds": 0.0}),
-                              ("every step", {"run.preemption_check_steps": 1}),
-                              (f"every {poll_every_s:g} s (default)", {})):
-            r, wall, m, cfg = run(f"poll-{len(rows)}", **dotted)
+        for label, every, dotted in (("never", None, {"run.preemption_check_seconds": 0.0}),
+                                     ("every step", 1, {}),
+                                     (f"every {poll_every_s:g} s (default)", None, {})):
+            r, wall, m, cfg = run(f"poll-{len(rows)}", every=every, **dotted)
             tps = [x["tokens_per_second"] for x in m if "tokens_per_second" in x]
             rows.append((label, sum(tps) / len(tps), r["steps_per_epoch"]))
         print(f"config: {'anchor-shaped' if args.anchor else 'quickstart'}, {rows[0][2]} steps/epoch, 2 epochs")

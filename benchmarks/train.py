@@ -69,7 +69,8 @@ def plain_loop(cfg: Config, windows: np.ndarray, steps: int, device: str = "cpu"
 def under_ray(cfg: Config, workers: int, steps: int, tmp: Path, tag: str = "") -> float:
     import ray.train
 
-    from raywalk.service.driver import Instruments, train
+    from raywalk.service.driver import train
+    from tests.faults import instrumented
 
     class Capture(ray.train.UserCallback):
         def __init__(self, path: str):
@@ -85,8 +86,8 @@ def under_ray(cfg: Config, workers: int, steps: int, tmp: Path, tag: str = "") -
     # the corpus is shared: link the built one into this storage root
     (tmp / name).mkdir(exist_ok=True)
     os.symlink(tmp / "corpora", tmp / name / "corpora")
-    train(cfg, progress=False, callbacks=[Capture(str(out))], instruments=Instruments(max_steps_per_epoch=steps),
-          log=lambda s: None)
+    with instrumented(max_steps_per_epoch=steps):
+        train(cfg, progress=False, callbacks=[Capture(str(out))], log=lambda s: None)
     m = json.loads(out.read_text().splitlines()[-1])
     tokens = steps * cfg.train.batch_size * cfg.w
     steady = (tokens - cfg.train.batch_size * cfg.w) / (m["train_seconds"] - m["first_batch_seconds"])

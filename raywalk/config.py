@@ -99,6 +99,9 @@ class ModelConfig:
 DATA_PATHS = ("auto", "resident", "stream")
 TRACKERS = ("tensorboard", "mlflow")   # run.trackers' names; service/trackers.py says how each is installed
 OPERATIONAL_TRAIN_KEYS = ("data", "data_budget", "compile")   # not part of the experiment id
+# Keys raywalk once had and no longer reads: a user's config naming one is refused like any unknown key, but a
+# config an older run recorded (result.json) still loads without them. All operational: no experiment id changes.
+RETIRED_KEYS = {"run": ("preemption_check_steps",)}
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,7 @@ class TrainConfig:
         _check(0.0 <= self.warmup_frac < 1.0, f"{p}.warmup_frac", self.warmup_frac, "must be in [0, 1)")
         _check(0.0 <= self.min_lr_ratio <= 1.0, f"{p}.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         _check(1 <= self.max_epochs <= 50, f"{p}.max_epochs", self.max_epochs,
-               "must be in [1, 50] (the phase's training budget)")
+               "must be in [1, 50] (the study's training budget)")
         _check(self.precision in ("fp32", "bf16"), f"{p}.precision", self.precision, 'must be "fp32" or "bf16"')
         _check(self.data in DATA_PATHS, f"{p}.data", self.data, 'must be "auto", "resident" or "stream"')
         _check(0.0 < self.data_budget <= 1.0, f"{p}.data_budget", self.data_budget, "must be in (0, 1]")
@@ -170,8 +173,6 @@ class RunConfig:
     """Restarts allowed after spot preemptions (a node drained with notice), counted apart; -1: unlimited."""
     preemption_check_seconds: float = 5.0
     """Seconds between polls for a spot reclaim notice (each poll is a ~14 ms barrier), in [0, 3600]; 0 never polls."""
-    preemption_check_steps: int = 0
-    """A fixed number of steps between polls instead (tests); 0 uses preemption_check_seconds."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per training worker, in (0, 64]."""
     gpus_per_worker: float = 0.0
@@ -190,8 +191,6 @@ class RunConfig:
         _check(0 <= self.max_failures <= 1000, f"{p}.max_failures", self.max_failures, "must be in [0, 1000]")
         _check(-1 <= self.max_preemptions <= 1000, f"{p}.max_preemptions", self.max_preemptions,
                "must be in [-1, 1000] (-1: unlimited)")
-        _check(0 <= self.preemption_check_steps <= 1_000_000, f"{p}.preemption_check_steps",
-               self.preemption_check_steps, "must be in [0, 1000000] (0: by run.preemption_check_seconds)")
         _check(0.0 <= self.preemption_check_seconds <= 3600, f"{p}.preemption_check_seconds",
                self.preemption_check_seconds, "must be in [0, 3600] (0: never)")
         _check(0 < self.cpus_per_worker <= 64, f"{p}.cpus_per_worker", self.cpus_per_worker, "must be in (0, 64]")
@@ -240,6 +239,14 @@ class Config:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Config":
         return _build(cls, d, "")
+
+    @classmethod
+    def from_recorded(cls, d: Mapping[str, Any]) -> "Config":
+        """A config as a run recorded it, perhaps by an older raywalk (RETIRED_KEYS dropped)."""
+        if isinstance(d, Mapping):
+            d = {k: {kk: vv for kk, vv in v.items() if kk not in RETIRED_KEYS.get(k, ())}
+                 if isinstance(v, Mapping) else v for k, v in d.items()}
+        return cls.from_dict(d)
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> "Config":

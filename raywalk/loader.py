@@ -97,7 +97,7 @@ def load(where: str | Path, checkpoint: str | int = "gate", device: str | torch.
     result = _read_result(exp)
     eid = result.get("experiment_id", exp_uri)
     try:
-        cfg = Config.from_dict(result["config"])
+        cfg = Config.from_recorded(result["config"])
     except (KeyError, ConfigError) as e:
         raise LoadError(f"experiment {eid}: result.json holds no valid config ({e})") from None
 

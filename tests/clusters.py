@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from conftest import ROOT, kill_session, session_pids
+from tests.conftest import ROOT, kill_session, session_pids
 
 
 def free_ports(n: int) -> list[int]:

@@ -60,6 +60,24 @@ def reference_run(tmp_path_factory, **dotted) -> dict:
     return _references[key]
 
 
+@pytest.fixture(scope="module")
+def long_reference(tmp_path_factory, local_ray):
+    """The session's uninterrupted LONG run on the local Ray: what an interrupted LONG run must equal."""
+    return reference_run(tmp_path_factory, **LONG)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The tiny config (2 epochs) and its corpus, built in this process (no Ray)."""
+    from raywalk.records.storage import Store
+    from raywalk.service.corpus import build_corpus
+
+    root = tmp_path_factory.mktemp("corpus")
+    cfg = tiny_config(root, **{"train.max_epochs": 2})
+    c, _ = build_corpus(cfg, Store.open(str(root)), progress=False, log=lambda s: None)
+    return cfg, c
+
+
 EMPTY = "''"   # YAML for an empty string (a bare `key=` reads as null)
 
 
@@ -146,11 +164,9 @@ class Shared:
 
 def _start_local_ray(request):
     """Like a laptop's embedded Ray, no preemption watcher (ray_env.ensure_ray): one actor less per fit;
-    notices are test_preemption's. Started with tests/s3server.py's fake credentials in its environment
+    notices are test_preemption's. Started with s3_server's fake credentials (CREDS) in its environment
     (Ray's workers inherit it), so any module's runs, and CLI drivers that join it, reach that bucket."""
     from raywalk.service.ray_env import quiet_defaults
-    from tests.s3server import CREDS
-
     quiet_defaults()
     import ray
 
@@ -189,7 +205,7 @@ def without_local_ray():
 
 
 def _start_head(request):
-    from clusters import LocalCluster
+    from tests.clusters import LocalCluster
 
     c = LocalCluster(request.getfixturevalue("tmp_path_factory").mktemp("head"))
     try:
@@ -201,7 +217,7 @@ def _start_head(request):
 
 
 def _stop_head(c) -> None:
-    from clusters import stop_checked
+    from tests.clusters import stop_checked
 
     stop_checked(c)
 
@@ -249,6 +265,35 @@ def _release_shared():
     yield
     HEAD.release()
     LOCAL_RAY.release()
+
+
+# ---- a real S3-compatible server (moto, threaded, in this process) for the tests that need one -------------
+# Fake credentials in the environment only, the endpoint in the storage URI's query string.
+
+BUCKET = "raywalk-test"
+CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+         "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    moto_server = pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    old = {k: os.environ.get(k) for k in CREDS}
+    os.environ.update(CREDS)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    _, port = server.get_host_and_port()
+    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
+    client.create_bucket(Bucket=BUCKET)
+    yield {"port": port, "client": client,
+           "uri": lambda prefix, bucket=BUCKET: f"s3://{bucket}/{prefix}?endpoint_override=127.0.0.1:{port}&scheme=http"}
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @contextlib.contextmanager

@@ -25,7 +25,6 @@ from raywalk.service.corpus import eval_size
 from raywalk.science.gate import Gate
 from raywalk.records.storage import Store
 from tests.conftest import LONG, PASSING, reference_run
-from tests.s3server import s3_server  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +135,7 @@ def test_an_experiment_alone_falls_back_to_the_recorded_corpus(runs, tmp_path):
     r = json.loads((alone / "result.json").read_text())
     cid = r["config"] and raywalk.load(exp_dir(runs, "passed")).config.corpus_id()
     corpus_uri = str(runs["roots"]["passed"] / "corpora" / cid)
-    assert r.get("corpus", {}).get("uri") in (None, corpus_uri)   # where the lead's writer records it
+    assert r.get("corpus", {}).get("uri") in (None, corpus_uri)   # where result.json records it, if it does
     r["corpus"] = {"id": cid, "uri": corpus_uri}
     (alone / "result.json").write_text(json.dumps(r))
     assert raywalk.load(alone).corpus.uri == corpus_uri
@@ -212,7 +211,7 @@ def check_manifest(read, eid, epoch):
 
 def test_export_hands_the_gate_model_to_the_reference(runs, tmp_path, capsys):
     from raywalk.cli import main
-    from tests.test_model import reference_forward, to_reference
+    from tests.helpers import reference_forward, to_reference
 
     d, r = exp_dir(runs, "passed"), runs["passed"]
     g, out = r["gate"]["epoch"], tmp_path / "handoff"
@@ -232,7 +231,7 @@ def test_export_hands_the_gate_model_to_the_reference(runs, tmp_path, capsys):
     assert kw == {"vocab_size": cfg.graph.n, "d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers,
                   "n_heads": cfg.model.n_heads, "max_seq_len": cfg.w, "dropout": cfg.model.dropout}
     sd = torch.load(out / "model.pt", weights_only=True)
-    want = to_reference(exp.model.state_dict())   # the key map as the issue states it
+    want = to_reference(exp.model.state_dict())   # the reference's names (helpers.REF_KEYS)
     masks = {f"blocks.{i}.attention.causal_mask" for i in range(cfg.model.n_layers)}
     assert set(sd) == set(want) | masks
     assert all(torch.equal(sd[k], want[k]) for k in want)

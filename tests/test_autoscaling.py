@@ -1,4 +1,4 @@
-"""A sweep on a cold autoscaling cluster, on this machine (issue 11, item 5).
+"""A sweep on a cold autoscaling cluster, on this machine.
 
 The cluster is Ray's own fake multi-node autoscaler, set up as
 `ray.cluster_utils.AutoscalingCluster` does (its config; `RAY_FAKE_CLUSTER=1`
@@ -32,8 +32,8 @@ import pytest
 import yaml
 
 from raywalk.records.layout import parse_utc
-from clusters import LocalCluster, cli_env, free_ports, running
-from conftest import ROOT, kill_session, session_pids
+from tests.clusters import LocalCluster, cli_env, free_ports, running
+from tests.conftest import ROOT, kill_session, session_pids
 
 FAKE_HEAD_NODE_ID = "f" * 51 + "00000"     # ray.autoscaler._private.fake_multi_node.node_provider
 WORKER_TYPE = "ray.worker.cpu"

@@ -212,3 +212,26 @@ def test_a_checkpoint_written_before_still_loads_and_resumes(tmp_path):
     assert ckpt.select(run, 1, lambda w: None)[0]["format"] == 1
     # and what is written now has the same layout: the same keys, "format" among them
     assert ckpt.unpack(ckpt.pack(a.state_dict([rng_state()], "exp-old"))).keys() == s.keys()
+
+
+def test_the_corpus_a_run_was_trained_on_is_checked_on_resume(tmp_path):
+    """Checkpoints record the corpus's identity in their manifest; the driver refuses another corpus in one
+    line, and accepts checkpoints from before the record (nothing to compare)."""
+    from types import SimpleNamespace
+
+    from raywalk.config import ConfigError
+    from raywalk.records.corpus import identity
+    from raywalk.service.driver import check_same_corpus
+
+    m = {"config_hash": "c1", "format_version": 2, "checksums": {"train/part-0.parquet": {"size": 1, "sha256": "a"}}}
+    newer = {**m, "format_version": 3}
+    run = tmp_path / "exp" / ckpt.RUN_DIR
+    ckpt.save(run / "epoch_0001", state(1))                              # before the record: none
+    ckpt.save(run / "epoch_0002", state(2), corpus=identity(m))
+    exp = Store.open(str(tmp_path / "exp"))
+    assert ckpt.corpora(exp.sub(ckpt.RUN_DIR)) == {"epoch_0002": identity(m)}
+    check_same_corpus(exp, "e", SimpleNamespace(identity=identity(m), uri="/c"))   # the same one: goes on
+    with pytest.raises(ConfigError) as refused:
+        check_same_corpus(exp, "e", SimpleNamespace(identity=identity(newer), uri="/c"))
+    assert "\n" not in str(refused.value) and "was trained on corpus c1 format 2" in str(refused.value)
+    assert identity(newer)["sha256"] == identity(m)["sha256"]   # the same files: the format alone tells them apart

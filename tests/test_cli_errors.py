@@ -12,7 +12,6 @@ from raywalk.cli import main
 from raywalk.records.errors import StorageError
 from raywalk.records.storage import Store
 from tests.conftest import QUICKSTART, ROOT
-from tests.s3server import s3_server  # noqa: F401  (fixture)
 
 
 def one_line_error(capsys, argv: list[str], *needles: str) -> str:

@@ -9,7 +9,7 @@ from raywalk.config import Config, ConfigError
 from tests.conftest import QUICKSTART, ROOT
 
 
-def test_anchor_matches_the_spec():
+def test_anchor_yaml_is_the_studys_anchor():
     c = Config.load(ROOT / "configs" / "anchor.yaml")
     assert (c.graph.n, c.graph.K, c.graph.p_in, c.graph.p_out, c.graph.n_jumpers_per_block) == (500, 4, 0.25, 0.03, 2)
     assert (c.w, c.corpus.walk_length, c.corpus.corpus_size) == (64, 256, 200_000)
@@ -60,6 +60,16 @@ def test_unknown_section_and_missing_file(tmp_path):
     bad.write_text("graph: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         Config.load(bad)
+
+
+def test_a_retired_key_is_refused_from_a_user_but_read_from_an_older_runs_record():
+    recorded = Config().to_dict()
+    recorded["run"]["preemption_check_steps"] = 5   # as a result.json of an older raywalk holds it
+    with pytest.raises(ConfigError, match="^run.preemption_check_steps: unknown key"):
+        Config.from_dict(recorded)
+    assert Config.from_recorded(recorded) == Config()
+    with pytest.raises(ConfigError, match="^run.bogus: unknown key"):
+        Config.from_recorded({**recorded, "run": {**recorded["run"], "bogus": 1}})
 
 
 def test_overrides_and_roundtrip():

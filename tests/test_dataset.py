@@ -64,3 +64,19 @@ def test_filling_checks_the_count():
     assert fill_windows(chunks, 4, 3, torch.int16, CPU).tolist() == [[0, 1, 2], [3, 4, 5]] * 2
     with pytest.raises(ValueError, match="gave 4 windows, the corpus manifest says 5"):
         fill_windows(chunks, 5, 3, torch.int16, CPU)
+
+
+def test_the_driver_builds_streaming_windows_only_for_a_run_that_streams(tmp_path):
+    """A run keeps the path it took: after a resident start, train.data=stream must not put the windows in the
+    object store beside the workers' tensors (twice in host memory)."""
+    from raywalk.records.storage import Store
+    from raywalk.service.driver import driver_streams
+    from tests.conftest import tiny_config
+
+    exp = Store.open(str(tmp_path))
+    stream, auto = tiny_config(tmp_path, **{"train.data": "stream"}), tiny_config(tmp_path)
+    assert driver_streams(stream, exp) and not driver_streams(auto, exp)       # a first start
+    exp.write_json("result.json", {"status": "running", "data_path": "resident"})
+    assert not driver_streams(stream, exp)
+    exp.write_json("result.json", {"status": "running", "data_path": "stream"})
+    assert driver_streams(stream, exp)

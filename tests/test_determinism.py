@@ -24,12 +24,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from raywalk.science.gate import Gate
-from raywalk.service.corpus import build_corpus
 from raywalk.science.model import GPT
-from raywalk.records.storage import Store
 from raywalk.science.loop import TrainingState, epoch_end, optimizer_step, run_epoch
-from tests.conftest import tiny_config
-from tests.test_loop import resident
+from tests.helpers import resident
 
 THROWS_HEAD = "The following normally-nondeterministic operations will throw a"
 
@@ -60,19 +57,22 @@ def floating(out) -> bool:
 # torch 2.13's throw-list, bullet by bullet (keys are the bullets as throw_list reads them).
 # Backward entries name the backward ops autograd dispatches; "on a CUDA tensor" is ignored
 # (everything is flagged whatever its device: a CUDA worker runs these ops on cuda).
+# The bullets "X when attempting to differentiate a CUDA tensor" that name only backward ops.
+DIFFERENTIATED = {
+    ":class:`torch.nn.AvgPool3d`": ("aten.avg_pool3d_backward",),
+    ":class:`torch.nn.AdaptiveAvgPool2d`": ("aten._adaptive_avg_pool2d_backward",),
+    ":class:`torch.nn.AdaptiveAvgPool3d`": ("aten._adaptive_avg_pool3d_backward", "aten.adaptive_avg_pool3d_backward"),
+    ":class:`torch.nn.AdaptiveMaxPool2d`": ("aten.adaptive_max_pool2d_backward",),
+    ":class:`torch.nn.FractionalMaxPool2d`": ("aten.fractional_max_pool2d_backward",),
+    ":class:`torch.nn.FractionalMaxPool3d`": ("aten.fractional_max_pool3d_backward",),
+    ":class:`torch.nn.ReflectionPad1d`": ("aten.reflection_pad1d_backward",),
+    ":class:`torch.nn.ReflectionPad2d`": ("aten.reflection_pad2d_backward",),
+    ":class:`torch.nn.ReflectionPad3d`": ("aten.reflection_pad3d_backward",),
+    ":class:`torch.nn.CTCLoss`": ("aten._ctc_loss_backward",),
+    ":func:`torch.nn.functional.grid_sample`": ("aten.grid_sampler_2d_backward", "aten.grid_sampler_3d_backward"),
+}
 THROWS: dict[str, Throws] = {
-    ":class:`torch.nn.AvgPool3d` when attempting to differentiate a CUDA tensor":
-        Throws(("aten.avg_pool3d_backward",)),
-    ":class:`torch.nn.AdaptiveAvgPool2d` when attempting to differentiate a CUDA tensor":
-        Throws(("aten._adaptive_avg_pool2d_backward",)),
-    ":class:`torch.nn.AdaptiveAvgPool3d` when attempting to differentiate a CUDA tensor":
-        Throws(("aten._adaptive_avg_pool3d_backward", "aten.adaptive_avg_pool3d_backward")),
-    ":class:`torch.nn.AdaptiveMaxPool2d` when attempting to differentiate a CUDA tensor":
-        Throws(("aten.adaptive_max_pool2d_backward",)),
-    ":class:`torch.nn.FractionalMaxPool2d` when attempting to differentiate a CUDA tensor":
-        Throws(("aten.fractional_max_pool2d_backward",)),
-    ":class:`torch.nn.FractionalMaxPool3d` when attempting to differentiate a CUDA tensor":
-        Throws(("aten.fractional_max_pool3d_backward",)),
+    **{f"{what} when attempting to differentiate a CUDA tensor": Throws(ops) for what, ops in DIFFERENTIATED.items()},
     ":class:`torch.nn.MaxUnpool1d`": Throws(("aten.max_unpool2d",)),   # 1-d runs the 2-d op on (N, C, 1, L)
     ":class:`torch.nn.MaxUnpool2d`": Throws(("aten.max_unpool2d",)),
     ":class:`torch.nn.MaxUnpool3d`": Throws(("aten.max_unpool3d",)),
@@ -81,19 +81,12 @@ THROWS: dict[str, Throws] = {
         Throws(("aten.upsample_linear1d_backward", "aten.upsample_bilinear2d_backward",
                 "aten.upsample_bicubic2d_backward", "aten.upsample_trilinear3d_backward",
                 "aten._upsample_bilinear2d_aa_backward", "aten._upsample_bicubic2d_aa_backward")),
-    ":class:`torch.nn.ReflectionPad1d` when attempting to differentiate a CUDA tensor":
-        Throws(("aten.reflection_pad1d_backward",)),
-    ":class:`torch.nn.ReflectionPad2d` when attempting to differentiate a CUDA tensor":
-        Throws(("aten.reflection_pad2d_backward",)),
-    ":class:`torch.nn.ReflectionPad3d` when attempting to differentiate a CUDA tensor":
-        Throws(("aten.reflection_pad3d_backward",)),
     # torch's own test of this line (test_nondeterministic_alert_NLLLoss) feeds a 4-d input: the
     # kernel that raises is nll_loss2d's; the 2-d nll_loss kernels reduce in one block. The line
     # does not say so, so all four are on it.
     ":class:`torch.nn.NLLLoss` when called on a CUDA tensor":
         Throws(("aten.nll_loss_forward", "aten.nll_loss_backward", "aten.nll_loss2d_forward",
                 "aten.nll_loss2d_backward")),
-    ":class:`torch.nn.CTCLoss` when attempting to differentiate a CUDA tensor": Throws(("aten._ctc_loss_backward",)),
     ":class:`torch.nn.EmbeddingBag` when attempting to differentiate a CUDA tensor when ``mode='max'``":
         Throws(("aten._embedding_bag_backward", "aten._embedding_bag_dense_backward"),
                lambda a, out: a["mode"] == 2),   # 0 sum, 1 mean, 2 max
@@ -107,8 +100,6 @@ THROWS: dict[str, Throws] = {
     # nanmedian(dim) runs the same CUDA kernel (median_with_indices_impl)
     ":func:`torch.median` with indices output when called on a CUDA tensor":
         Throws(("aten.median.dim", "aten.median.dim_values", "aten.nanmedian.dim", "aten.nanmedian.dim_values")),
-    ":func:`torch.nn.functional.grid_sample` when attempting to differentiate a CUDA tensor":
-        Throws(("aten.grid_sampler_2d_backward", "aten.grid_sampler_3d_backward")),
     ":func:`torch.cumsum` when called on a CUDA tensor when dtype is floating point or complex":
         Throws(("aten.cumsum", "aten.cumsum_"), lambda a, out: floating(out)),
     ":func:`torch.Tensor.scatter_reduce` when ``reduce='prod'`` and called on CUDA tensor":
@@ -236,14 +227,6 @@ def test_the_recorder_catches_f_cross_entropy():
 
 
 # ---- what raywalk runs -------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    cfg = tiny_config(root)
-    c, _ = build_corpus(cfg, Store.open(str(root)), progress=False, log=lambda s: None)
-    return cfg, c
-
 
 # the recorder saw forward, backward, clipping, AdamW and the gate's decoding
 SEEN = {"aten._log_softmax.default", "aten.gather.default", "aten._log_softmax_backward_data.default",

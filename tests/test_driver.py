@@ -107,28 +107,35 @@ def test_a_config_that_cannot_pass_is_flagged_failed(tmp_path_factory):
     assert len(list((Path(cfg.run.storage) / cfg.experiment_id() / "checkpoints").glob("epoch_*"))) == 3
 
 
-class RecordingHooks:
-    """A hook factory like tests' fault injection: rank 0 records every (epoch, step) it is called at."""
-    seen: list = []
+def test_a_lease_lost_while_fit_runs_off_the_main_thread_stops_it_promptly(tmp_path, monkeypatch):
+    """As in a Tune trial: train() in a thread, where Ray installs no Ctrl-C handler. The lease removed a few
+    steps into the epoch stops the fit within a poll or two (not at the epoch's checkpoint, 73 steps on) and
+    the caller gets the driver's one line."""
+    import threading
 
-    def for_worker(self, rank, checkpoints):
-        return self if rank == 0 else None
+    from raywalk.records.lease import LEASE, LeaseLost
+    from tests.faults import LoseLease, instrumented
 
-    def before_step(self, epoch, step):
-        self.seen.append((epoch, step))
+    monkeypatch.setenv("RAYWALK_LEASE_HEARTBEAT_S", "0.5")   # the loss is seen within half a second
+    cfg = tiny_config(tmp_path, **{"train.max_epochs": 1})
+    marker = tmp_path / "last-step"
+    lose = LoseLease(lease=str(tmp_path / cfg.experiment_id() / LEASE), marker=str(marker), step=2, pause=0.1)
+    got: dict = {}
 
+    def trial() -> None:
+        try:
+            got["result"] = train(cfg, **quiet)
+        except BaseException as e:
+            got["error"] = e
 
-def test_instruments_shorten_epochs_and_feed_the_hot_loops_step_callbacks():
-    import pickle
-    from types import SimpleNamespace
-
-    from raywalk.service.driver import Instruments
-
-    with pytest.raises(ValueError, match=r"max_steps_per_epoch: 0 is invalid: must be a whole number >= 1"):
-        Instruments(max_steps_per_epoch=0)
-    assert (Instruments(max_steps_per_epoch=5).steps(100), Instruments(max_steps_per_epoch=5).steps(3),
-            Instruments().steps(100)) == (5, 3, 100)
-    i = pickle.loads(pickle.dumps(Instruments(RecordingHooks())))   # it travels to the workers in the WorkerSpec
-    assert i.step_callback(1, None) is None and Instruments().step_callback(0, None) is None
-    i.step_callback(0, None)(SimpleNamespace(epoch=1, step=3))   # TrainingState: epochs done, steps of the next
-    assert RecordingHooks.seen == [(2, 3)]
+    with instrumented(lose):
+        t = threading.Thread(target=trial)
+        t.start()
+        t.join(timeout=600)
+    e = got.get("error")
+    assert isinstance(e, LeaseLost), got
+    assert str(e) == (f"lost the lease on experiment {cfg.experiment_id()}: it was removed; this driver stopped "
+                      f"training and writes nothing more"), e
+    epoch, step = map(int, marker.read_text().split())
+    assert epoch == 1 and step < 40, step       # of the epoch's 75 steps
+    assert not (tmp_path / cfg.experiment_id() / "checkpoints" / "epoch_0001").exists()

@@ -36,7 +36,7 @@ def test_starts_are_deduplicated_once_and_weighted(world):
     gate = Gate(starts, table, cfg)
     assert gate.starts.tolist() == sorted(set(starts.tolist())) and gate.n_distinct == len(gate.starts)
     assert gate.counts.tolist() == [int((starts == s).sum()) for s in gate.starts] and gate.counts.sum() == 50
-    assert Gate(tuple(starts.tolist()), table, cfg).starts.tolist() == gate.starts.tolist()   # the spec's tuple
+    assert Gate(tuple(starts.tolist()), table, cfg).starts.tolist() == gate.starts.tolist()   # a tuple, as WorkerSpec holds them
 
 
 @pytest.mark.parametrize("n_ranks", [1, 2, 3, 40])

@@ -10,14 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from clusters import LocalCluster, cli_env  # noqa: F401  (LocalCluster: benchmarks/jobs.py)
-from conftest import ROOT, tiny_overrides
+from tests.clusters import cli_env
+from tests.conftest import ROOT, tiny_overrides
+from tests.helpers import submit_cmd
 
-
-def submit_cmd(address: str, storage: str, *train_args: str, no_wait: bool = False) -> list[str]:
-    return ["ray", "job", "submit", "--address", address, "--working-dir", ".",
-            "--runtime-env", "runtime_env.yaml", *(["--no-wait"] if no_wait else []),
-            "--", "raywalk", "train", "configs/quickstart.yaml", "--storage", storage, *train_args]
 
 
 def test_quickstart_through_ray_job_submit(head, tmp_path):

@@ -10,8 +10,6 @@ import pytest
 from raywalk.records.lease import LEASE, Lease, LeaseHeld, LeaseInfo, LeaseLost, hold, timings
 from raywalk.records.storage import Store
 
-from tests.s3server import s3_server  # noqa: E402,F401  (the fixture)
-
 
 @pytest.fixture(scope="module")
 def s3_uri(s3_server):

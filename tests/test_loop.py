@@ -21,17 +21,13 @@ from torch.overrides import TorchFunctionMode
 
 from raywalk.science.compliance import Compliance, JumpLengthCounts
 from raywalk.config import ConfigError
-from raywalk.service.corpus import build_corpus
-from raywalk.service.windows import walks_to_windows
-from raywalk.science.batches import ResidentWindows, token_dtype
 from raywalk.science.gate import Gate, GateCounts
 from raywalk.science.generate import greedy_generate, reference_generate
 from raywalk.science.model import GPT
-from raywalk.records.storage import Store
 from raywalk.service.worker import torch_threads
 from raywalk.science.loop import (TrainingState, all_reduce_losses, check_precision, compiled, epoch_end,
                               gather_epoch_losses, rng_state, run_epoch, set_determinism)
-from tests.conftest import tiny_config
+from tests.helpers import resident
 
 PKG = str(Path(__file__).resolve().parents[1] / "raywalk")
 FACTORIES = {torch.tensor, torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.rand,
@@ -80,20 +76,6 @@ def test_generation_with_a_default_device_that_is_not_the_models():
         torch.set_default_device(None)
     assert torch.equal(fast, want_fast) and torch.equal(ref, want_ref) and torch.equal(fast, ref)
     assert fast.device.type == "cpu" and fast16.shape == fast.shape
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    cfg = tiny_config(root, **{"train.max_epochs": 2})
-    c, _ = build_corpus(cfg, Store.open(str(root)), progress=False, log=lambda s: None)
-    return cfg, c
-
-
-def resident(cfg, corpus, device="cpu"):
-    """The train windows on the resident path, as a worker holds them."""
-    windows = torch.from_numpy(walks_to_windows(corpus.walks("train"), cfg.w)).to(token_dtype(cfg.graph.n))
-    return ResidentWindows(windows.to(device), cfg.seed, cfg.train.batch_size)
 
 
 def one_epoch(cfg, corpus, device="cpu"):

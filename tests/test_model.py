@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from raywalk.science.model import GPT
+from tests.helpers import reference_forward, to_reference
 
 V, W, D = 20, 8, 32
 
@@ -189,53 +190,7 @@ def test_circuits_reproduce_scores_and_output(n_heads):
             assert not torch.allclose(ov[layer, 0], ov[layer, 0].T)   # the transpose would be wrong
 
 
-# ---- the study's reference model, re-stated from its documented conventions -----------------
-# (ParkerWilliams/dcsbm-transformer src/model/: keys token_embedding, position_embedding,
-# blocks.i.attention.W_{q,k,v,o}, lm_head; scores multiplied by 1/sqrt(d_head); future -inf
-# for the softmax, zero for the SVD target). Written here from those facts, not imported.
-
-REF_KEYS = {"tok_emb.": "token_embedding.", "pos_emb.": "position_embedding.", "head.": "lm_head.",
-            "attn.q_proj.": "attention.W_q.", "attn.k_proj.": "attention.W_k.",
-            "attn.v_proj.": "attention.W_v.", "attn.out_proj.": "attention.W_o."}
-
-
-def to_reference(sd):
-    out = {}
-    for k, v in sd.items():
-        for a, b in REF_KEYS.items():
-            k = k.replace(a, b)
-        out[k] = v
-    return out
-
-
-def reference_forward(sd, n_layers, n_heads, idx, divide=False):
-    """Logits and per-layer zero-filled QKᵀ/√d as the reference computes them.
-
-    divide=True scales by dividing with √d_head instead (raywalk before it scaled by multiplying; for the benchmark)."""
-    F = torch.nn.functional
-    B, T = idx.shape
-    d_model = sd["token_embedding.weight"].shape[1]
-    dh = d_model // n_heads
-    x = F.embedding(idx, sd["token_embedding.weight"]) + F.embedding(torch.arange(T), sd["position_embedding.weight"])
-    mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
-    qkts = []
-    for i in range(n_layers):
-        p = f"blocks.{i}."
-        h = F.layer_norm(x, (d_model,), sd[p + "ln_1.weight"], sd[p + "ln_1.bias"])
-        q, k, v = (F.linear(h, sd[p + f"attention.W_{n}.weight"]).view(B, T, n_heads, dh).transpose(1, 2)
-                   for n in "qkv")
-        raw = q @ k.transpose(-2, -1)
-        raw = raw / math.sqrt(dh) if divide else raw * (1.0 / math.sqrt(dh))
-        qkts.append(raw.masked_fill(~mask, 0.0))
-        att = raw.masked_fill(~mask, float("-inf")).softmax(-1)
-        y = (att @ v).transpose(1, 2).reshape(B, T, d_model)
-        x = x + F.linear(y, sd[p + "attention.W_o.weight"])
-        h = F.layer_norm(x, (d_model,), sd[p + "ln_2.weight"], sd[p + "ln_2.bias"])
-        x = x + F.linear(F.gelu(F.linear(h, sd[p + "mlp.0.weight"], sd[p + "mlp.0.bias"])),
-                         sd[p + "mlp.2.weight"], sd[p + "mlp.2.bias"])
-    x = F.layer_norm(x, (d_model,), sd["ln_f.weight"], sd["ln_f.bias"])
-    return F.linear(x, sd["lm_head.weight"]), qkts
-
+# ---- the study's reference model (tests/helpers.py re-states it) -------------------------------
 
 @pytest.mark.parametrize("d_model,n_heads", [(16, 1), (32, 1), (64, 1), (128, 1), (128, 4)])
 def test_bit_identical_to_the_reference_attention(d_model, n_heads):

@@ -14,7 +14,6 @@ from raywalk.records.overview import format_overview, scan
 from raywalk.records.result import NO_LEASE_GRACE_S, EpochFacts, build, status_now
 from raywalk.records.storage import Store
 from tests.conftest import tiny_config
-from tests.s3server import s3_server  # noqa: F401  (fixture)
 
 CURVES = SimpleNamespace(train_loss=[2.0] * 50, edge_compliance=[0.99, 0.999], rule_compliance=[0.5, 0.9],
                          n_rule_checks=[40, 40], n_distinct_sequences=[16, 16])

@@ -21,8 +21,8 @@ import time
 
 import pytest
 
-from clusters import cli_env
-from conftest import ROOT, kill_session, tiny_overrides
+from tests.clusters import cli_env
+from tests.conftest import ROOT, kill_session, tiny_overrides
 
 MULTI = "Found multiple active Ray instances"
 

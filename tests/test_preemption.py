@@ -17,15 +17,15 @@ import pytest
 import torch
 
 from raywalk.records import checkpoints as ckpt
-from faults import Faults, Preempt
 from raywalk.records.storage import Store
-from raywalk.service.driver import Instruments, train
+from raywalk.service.driver import train
 from tests.conftest import reference_run, tiny_config
-from tests.test_trackers import expected, mlflow_runs, mlflow_scalars, tb_scalars
+from tests.faults import Faults, Preempt, instrumented
+from tests.helpers import comparable, expected, mlflow_runs, mlflow_scalars, tb_scalars
 
 # Never passes (rule must be > 1.0): every run trains exactly 4 epochs; 2 ranks, so the mid-epoch state
-# holds both ranks' losses and RNG streams. Poll for notices every 5 steps.
-LONG = {"run.workers": 2, "gate.rule": 1.0, "train.max_epochs": 4, "run.preemption_check_steps": 5}
+# holds both ranks' losses and RNG streams.
+LONG = {"run.workers": 2, "gate.rule": 1.0, "train.max_epochs": 4}
 # The streaming path (Ray Data's shuffle, split across ranks), two ways in: the reference with train.data=stream,
 # where the driver builds the windows dataset once for every worker-group start, and the reclaimed run with auto
 # and a budget no corpus fits in, where rank 0 builds it at each of its starts. Both cut the same windows in the
@@ -62,10 +62,6 @@ def cluster(without_local_ray):
 
 def final_weights(r: dict) -> dict[str, torch.Tensor]:
     return ckpt.read(Store.open(r["checkpoints"]["latest"]))["model"]
-
-
-def comparable(r: dict) -> dict:
-    return {k: r[k] for k in ("curves", "gate", "epochs_trained", "steps_per_epoch", "status", "experiment_id")}
 
 
 def assert_identical(r: dict, ref: dict) -> None:
@@ -128,7 +124,8 @@ def test_three_reclaims_in_one_run_each_resume_from_the_right_checkpoint(cluster
 
     def training():
         try:
-            got["result"] = train(cfg, progress=False, log=lambda s: None, instruments=Instruments(faults))
+            with instrumented(faults, notice_every_steps=5):   # a notice seen within 5 steps of its drain
+                got["result"] = train(cfg, progress=False, log=lambda s: None)
         except BaseException as e:   # re-raised below, in the test's thread
             got["error"] = e
 
@@ -141,7 +138,8 @@ def test_three_reclaims_in_one_run_each_resume_from_the_right_checkpoint(cluster
         now = time.time()
         if m2.exists() and jit_checkpoints(tmp_path, cfg):
             since.setdefault("epoch 2", now)
-        if now - since.get("epoch 2", now) > 3 and len(cloud.killed) == 0:   # let Ray register it (SPEC §9)
+        # 3 s for Ray to register the just-in-time checkpoint first: an unregistered one is not resumed from
+        if now - since.get("epoch 2", now) > 3 and len(cloud.killed) == 0:
             cloud.kill(m2)
             cloud.replace()
         if drained is None and m3.exists():    # the restart needs a node that takes work

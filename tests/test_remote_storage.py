@@ -14,11 +14,9 @@ import time
 
 import pytest
 
-from conftest import QUICKSTART, kill_session, tiny_overrides
-
 from raywalk.records.storage import Store
-from raywalk.records.uris import join_uri, split_query# noqa: E402
-from tests.s3server import BUCKET, CREDS, s3_server  # noqa: E402,F401  (s3_server: the fixture)
+from raywalk.records.uris import join_uri, split_query
+from tests.conftest import BUCKET, CREDS, QUICKSTART, kill_session, tiny_overrides
 
 
 @pytest.fixture(scope="module")

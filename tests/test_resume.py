@@ -16,30 +16,20 @@ import pytest
 import torch
 
 from raywalk.records import checkpoints as ckpt
-from faults import WorkerKill
 from raywalk.records.lease import LEASE
 from raywalk.records.storage import Store
-from raywalk.service.driver import Instruments, train
+from raywalk.service.driver import train
 from raywalk.science.loop import rng_state, set_rng_state
-from tests.conftest import LONG, QUICKSTART, kill_session, reference_run, tiny_config, tiny_overrides
-from tests.test_trackers import expected, mlflow_runs, mlflow_scalars, tb_scalars
+from tests.faults import WorkerKill, instrumented
+from tests.conftest import LONG, QUICKSTART, kill_session, tiny_config, tiny_overrides
+from tests.helpers import comparable, expected, mlflow_runs, mlflow_scalars, tb_scalars
 
-TRACKED = {"run.trackers": ["tensorboard", "mlflow"]}   # issue 16: streamed curves across the kills
+TRACKED = {"run.trackers": ["tensorboard", "mlflow"]}   # streamed curves hold every point once across the kills
 
 
 def final_weights(r: dict) -> dict[str, torch.Tensor]:
     return ckpt.read(Store.open(r["checkpoints"]["latest"]))["model"]
 
-
-def comparable(r: dict) -> dict:
-    """What must be identical between an interrupted and an uninterrupted run."""
-    return {k: r[k] for k in ("curves", "gate", "epochs_trained", "steps_per_epoch", "status", "failure",
-                              "experiment_id")}
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, local_ray):
-    return reference_run(tmp_path_factory, **LONG)
 
 
 def check_tracked(root: Path, r: dict) -> None:
@@ -55,13 +45,13 @@ def check_tracked(root: Path, r: dict) -> None:
 # node and with tracked curves, tests/test_preemption.py.
 
 
-def test_torn_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, reference, capfd):
-    ref = reference
+def test_torn_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, long_reference, capfd):
+    ref = long_reference
     cfg = tiny_config(tmp_path, **LONG)
     marker = tmp_path / "killed"
     # delay: Train registers epoch_0002 first (it polls every 0.5 s in tests, conftest)
-    r = train(cfg, progress=False, log=lambda s: None,
-              instruments=Instruments(WorkerKill(rank=0, epoch=3, step=2, marker=str(marker), truncate_latest=True, delay=2)))
+    with instrumented(WorkerKill(rank=0, epoch=3, step=2, marker=str(marker), truncate_latest=True, delay=2)):
+        r = train(cfg, progress=False, log=lambda s: None)
     assert marker.exists() and r["restarts"] == 1
     err = capfd.readouterr().err
     assert "skipping checkpoint" in err and "epoch_0002" in err and "truncated" in err, err[-4000:]
@@ -78,10 +68,10 @@ def _cli(storage: Path) -> list[str]:
     return args
 
 
-def test_driver_sigkill_then_rerun_resumes_the_same_experiment(tmp_path, reference, local_ray):
+def test_driver_sigkill_then_rerun_resumes_the_same_experiment(tmp_path, long_reference, local_ray):
     """Also the lease's real-driver cases: a second driver is refused while the first runs, and the killed
     driver's stale lease is taken over by the rerun, which releases it at the end."""
-    ref = reference
+    ref = long_reference
     cfg = tiny_config(tmp_path, **LONG)
     exp = tmp_path / cfg.experiment_id()
     result = exp / "result.json"

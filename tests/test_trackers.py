@@ -6,6 +6,7 @@ bookkeeping that makes a resume neither skip nor repeat a point, and the refusal
 from __future__ import annotations
 
 import importlib.util
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,36 +16,8 @@ from raywalk.service import trackers
 from raywalk.config import ConfigError
 from raywalk.records.storage import Store
 from tests.conftest import QUICKSTART, tiny_config
+from tests.helpers import expected, mlflow_runs, mlflow_scalars, tb_scalars
 
-
-def tb_scalars(d) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar under d, by tag, as TensorBoard's own reader gives them."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    ea = EventAccumulator(str(d), size_guidance={"scalars": 0})
-    ea.Reload()
-    return {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
-
-
-def mlflow_runs(root, eid):
-    import os
-
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    from mlflow import MlflowClient
-
-    c = MlflowClient(tracking_uri=f"file://{root}/mlruns")
-    x = c.get_experiment_by_name("raywalk")
-    return c, c.search_runs([x.experiment_id], filter_string=f"tags.`raywalk.experiment_id` = '{eid}'")
-
-
-def mlflow_scalars(c, run_id) -> dict[str, list[tuple[int, float]]]:
-    return {k: sorted((m.step, m.value) for m in c.get_metric_history(run_id, k)) for k in trackers.CURVES}
-
-
-def expected(curves: dict, f32: bool) -> dict[str, list[tuple[int, float]]]:
-    """result.json's curves as (step, value): steps 1.. for the loss, epochs 1.. for compliance."""
-    cast = (lambda v: float(np.float32(v))) if f32 else float
-    return {k: [(i + 1, cast(v)) for i, v in enumerate(curves[k])] for k in trackers.CURVES}
 
 
 def curves_at(full: dict, epochs: int, spe: int) -> SimpleNamespace:
@@ -63,6 +36,7 @@ def test_streamed_epoch_by_epoch_and_resumed_without_repeats(tmp_path):
     for e in (1, 2):
         t.epoch_end(curves_at(full, e, spe))
     t.epoch_end(curves_at(full, 2, spe))   # nothing new: nothing written
+    t.flush()   # its writes land before the "kill" (a real kill stops its writer thread with it)
     # a kill after epoch 3's checkpoint but before its tracker write; the restart restores epoch 3
     t = trackers.open_trackers(cfg, root, eid, curves_at(full, 3, spe))
     t.epoch_end(curves_at(full, 4, spe))   # backfills epoch 3 with epoch 4
@@ -77,11 +51,45 @@ def test_streamed_epoch_by_epoch_and_resumed_without_repeats(tmp_path):
     # a rerun from scratch (--fresh) gets a new MLflow run; the old one is kept, marked superseded
     t = trackers.open_trackers(cfg, root, eid, curves_at(full, 0, spe))
     t.epoch_end(curves_at(full, 1, spe))
+    t.flush()
     c, runs = mlflow_runs(tmp_path, eid)
     assert len(runs) == 1 and mlflow_scalars(c, runs[0].info.run_id) == expected(curves_at(full, 1, spe).__dict__,
                                                                                  f32=False)
     _, old = mlflow_runs(tmp_path, f"{eid} (superseded)")
     assert len(old) == 1 and old[0].info.status == "KILLED"
+
+
+class SlowSink:
+    """Logs like a sink (how far it reaches, nothing twice) and takes `delay` s per write."""
+
+    def __init__(self, delay: float, fail_at: int | None = None):
+        self.delay, self.fail_at, self.logged, self.closed = delay, fail_at, [], False
+
+    def update(self, c: dict) -> None:
+        time.sleep(self.delay)
+        if len(c["edge_compliance"]) == self.fail_at:
+            raise OSError("the tracking server went away")
+        self.logged += c["train_loss"][len(self.logged):]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_writes_run_off_the_training_thread_and_every_point_once():
+    sink = SlowSink(delay=0.5)
+    t = trackers.Trackers([sink])
+    full = {"train_loss": list(range(40)), "edge_compliance": [0.5] * 4, "rule_compliance": [0.1] * 4}
+    t0 = time.perf_counter()
+    for e in range(1, 5):
+        t.epoch_end(curves_at(full, e, 10))
+    assert time.perf_counter() - t0 < 0.25          # four epochs' writes cost the training thread nothing
+    t.close()                                        # waits for the queue
+    assert sink.logged == full["train_loss"] and sink.closed
+
+    failing = trackers.Trackers([SlowSink(delay=0.0, fail_at=1)])
+    failing.epoch_end(curves_at(full, 1, 10))
+    with pytest.raises(OSError, match="went away"):  # a sink's error reaches the training thread
+        failing.close()
 
 
 def test_refused_before_ray_with_the_install_command(tmp_path, monkeypatch):

@@ -112,12 +112,17 @@ def test_reachability_matches_dense_powers():
     assert R.saturated and R.last < 12
 
 
+def without_jumpers(J):
+    """The same jumper table with no jumpers: plain uniform walks over the graph."""
+    import dataclasses
+
+    return dataclasses.replace(J, vertex=J.vertex[:0], block=J.block[:0], target_block=J.target_block[:0], r=J.r[:0])
+
+
 def test_steps_uniform_when_unconstrained():
     # no jumpers: walks are plain uniform walks; first-step frequencies from one vertex ~ 1/deg
     g, J, _ = anchor_like()
-    import dataclasses
-    none = dataclasses.replace(J, vertex=J.vertex[:0], block=J.block[:0], target_block=J.target_block[:0], r=J.r[:0])
-    walks = sample_walks(g, none, 4000, 2, np.random.default_rng(4)).walks
+    walks = sample_walks(g, without_jumpers(J), 4000, 2, np.random.default_rng(4)).walks
     v = np.bincount(walks[:, 0]).argmax()
     nxt = walks[walks[:, 0] == v, 1]
     nbrs = g.indices[g.indptr[v]:g.indptr[v + 1]]
@@ -127,14 +132,24 @@ def test_steps_uniform_when_unconstrained():
     assert ((counts - exp) ** 2 / exp).sum() < nbrs.size + 6 * np.sqrt(2 * nbrs.size)  # chi² sanity
 
 
-def test_verification_redraws_what_the_stepwise_check_misses(monkeypatch):
-    # skip the jumper's own rule at each step: nested conflicts now reach verification and must be redrawn
+def test_verification_redraws_every_walk_that_breaks_a_rule(monkeypatch):
+    # the sampler's first draw ignores every rule (a sampler of the same graph without jumpers): verification
+    # must catch each broken rule and redraw that walk with the real sampler
     import raywalk.science.walks as wk
 
     g, J, T = anchor_like()
-    monkeypatch.setattr(wk._Sampler, "check_new", False)
+    real, careless = wk._Sampler.generate, []
+
+    def first_draw_ignores_rules(self, gidx):
+        if careless:
+            return real(self, gidx)
+        walks, dead = real(wk._Sampler(g, without_jumpers(J), self.L, self.rng), gidx)
+        careless.append(int((wk.per_sequence_rule_violations(walks, T) > 0).sum()))   # walks that broke a rule
+        return walks, dead
+
+    monkeypatch.setattr(wk._Sampler, "generate", first_draw_ignores_rules)
     b = sample_walks(g, J, 400, 32, np.random.default_rng(7))
-    assert b.n_regenerated > 0
+    assert b.n_regenerated >= careless[0] > 0
     c = check_sequences(b.walks, T)
     assert c.rule_ok == c.rule_total > 0 and c.edge_ok == c.edge_total
 

@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
     p.add_argument("--storage", help="storage root, local path or s3://... (default: the base config's run.storage)")
     p.add_argument("--max-concurrent", type=int, default=None, metavar="K",
                    help="trials at once (default: as many as the cluster can grow to - its autoscaler's node "
-                        "types and max_workers, or its resources now without an autoscaler; see raywalk/tune.py)")
+                        "types and max_workers, or its resources now without an autoscaler; see raywalk/service/tune.py)")
     p.add_argument("--bucket", type=int, default=None, metavar="K",
                    help="train at most K same-shape points together in one worker (default: the sweep file's "
                         "`bucket`, else what fits the worker: 8 on a CPU, by memory on a GPU); 1: one per trial")

@@ -73,14 +73,17 @@ def is_mid_epoch(name: str) -> bool:
 
 # ---- the file format ---------------------------------------------------------------
 
-def pack(state: dict[str, Any]) -> dict[str, bytes]:
-    """A checkpoint's files for a training state (TrainingState.state_dict): state.pt and its manifest."""
+def pack(state: dict[str, Any], corpus: dict[str, Any] | None = None) -> dict[str, bytes]:
+    """A checkpoint's files for a training state (TrainingState.state_dict): state.pt and its manifest
+    (with `corpus`, the identity of the corpus trained on: a resume checks it without loading the state)."""
     import torch   # here, not at import: `raywalk ls` reads result.json (which names checkpoints) without torch
 
     buf = io.BytesIO()
     torch.save({"format": FORMAT, **state}, buf)
     data = buf.getvalue()
     manifest = {"files": {STATE: entry(data)}, "epoch": int(state["epoch"])}
+    if corpus is not None:
+        manifest["corpus"] = corpus
     return {STATE: data, MANIFEST: json.dumps(manifest).encode()}
 
 
@@ -119,21 +122,21 @@ def unpack(files: dict[str, bytes]) -> dict[str, Any]:
 
 # ---- save and read -------------------------------------------------------------------
 
-def save(directory: str | Path, state: dict[str, Any]) -> None:
+def save(directory: str | Path, state: dict[str, Any], corpus: dict[str, Any] | None = None) -> None:
     """Write state.pt, then (temp name, rename) the manifest that vouches for it."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    files = pack(state)
+    files = pack(state, corpus)
     (d / STATE).write_bytes(files[STATE])
-    # layout's one temp rule (never listed, never read as a manifest); tests: RAYWALK_FAULT_BEFORE_RENAME=checkpoint:...
-    replace_local(str(d / MANIFEST), files[MANIFEST], fault=f"checkpoint:{d / MANIFEST}")
+    replace_local(str(d / MANIFEST), files[MANIFEST])   # layout's one temp rule: never listed, never read as a manifest
 
 
-def write(run: Store, name: str, state: dict[str, Any], gate: str | None = None) -> None:
+def write(run: Store, name: str, state: dict[str, Any], gate: str | None = None,
+          corpus: dict[str, Any] | None = None) -> None:
     """A checkpoint written straight into `run` by raywalk itself (a bucket's member: no Ray run registers
     it), state.pt first and the manifest last; then, as Ray's num_to_keep, only the newest KEEP complete
-    ones stay, and the gate's (`gate`)."""
-    files = pack(state)
+    ones stay, and the gate's (`gate`). `corpus`: as `pack`'s."""
+    files = pack(state, corpus)
     d = run.sub(name)
     d.write_bytes(STATE, files[STATE])
     d.write_bytes(MANIFEST, files[MANIFEST])
@@ -193,6 +196,20 @@ def newest_intact(run: Store) -> tuple[str, int] | None:
         except (CheckpointError, OSError, ValueError):
             continue
     return None
+
+
+def corpora(run: Store) -> dict[str, dict[str, Any]]:
+    """{checkpoint name: the corpus identity its manifest records} for every complete checkpoint under run
+    that records one (checkpoints written before the record existed have none)."""
+    out = {}
+    for name in names(run, complete=True):
+        try:
+            c = json.loads(run.read_bytes(f"{name}/{MANIFEST}")).get("corpus")
+        except (OSError, ValueError, AttributeError):
+            continue   # a torn manifest: the resume skips that checkpoint anyway
+        if isinstance(c, dict):
+            out[name] = c
+    return out
 
 
 def _first_that_loads(tries: list[tuple[str, Store]], run: Store, warn: Tell) -> tuple[dict | None, str | None]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,6 +77,17 @@ class Corpus:
         """First tokens of the first k held-out walks, cycling when the split is smaller."""
         first = self.walks("eval", limit=k)[:, 0]
         return np.resize(first, k)
+
+    @property
+    def identity(self) -> dict:
+        return identity(self.manifest)
+
+
+def identity(m: dict) -> dict:
+    """What a run's checkpoints record of the corpus they were trained on: its format and one sha256 over
+    every file's (the corpus id names a config, not the walks: a rebuild in another format keeps the id)."""
+    files = json.dumps(manifest.listed(m), sort_keys=True).encode()
+    return {"id": m["config_hash"], "format_version": m["format_version"], "sha256": hashlib.sha256(files).hexdigest()}
 
 
 def _file_sizes(store: Store) -> dict[str, int]:

@@ -87,8 +87,10 @@ def is_experiment(name: str) -> bool:
 
 
 def aside(name: str, kind: str = RETIRED) -> str:
-    """The name a directory is moved aside to, never over an earlier one (UTC, to the second)."""
-    return f"{name}{kind}{utc_stamp()}"
+    """The name a directory is moved aside to, never over an earlier one (UTC, to the millisecond: a corpus
+    rebuilt and found unusable again within one second is moved aside twice)."""
+    t = time.time()
+    return f"{name}{kind}{utc_stamp(t)[:-1]}.{int(t * 1000) % 1000:03d}Z"
 
 
 # ---- temporary files: one naming rule --------------------------------------------------

@@ -37,15 +37,13 @@ def write_synced(path: str, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def write_temp(dest: str, data: bytes, fault: str | None = None) -> str:
+def write_temp(dest: str, data: bytes) -> str:
     """data in a new temp file beside dest (layout's temp rule, fsynced); returns its path.
 
-    fault_point(fault or dest) runs between the write and the caller's rename; a failure leaves
-    no temp behind (a full disk must not fill up further)."""
+    A failure leaves no temp behind (a full disk must not fill up further)."""
     tmp = os.path.join(os.path.dirname(dest), tmp_name(os.path.basename(dest)))
     try:
         write_synced(tmp, data)
-        fault_point(fault or dest)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -63,9 +61,9 @@ def rename_into(tmp: str, dest: str) -> None:
         raise
 
 
-def replace_local(dest: str, data: bytes, fault: str | None = None) -> None:
+def replace_local(dest: str, data: bytes) -> None:
     """Atomic local write: readers see the old file or the new one, never a part."""
-    rename_into(write_temp(dest, data, fault), dest)
+    rename_into(write_temp(dest, data), dest)
 
 
 
@@ -265,24 +263,3 @@ class Store:
                 rel = info.path[len(self.path(src)):].lstrip("/")
                 self.fs.copy_file(info.path, self.path(dst, rel))
         self.fs.delete_dir(self.path(src))
-
-
-# ---- a fault hook for tests: between a temp write and its rename -------------------------
-FAULT_ENV = "RAYWALK_FAULT_BEFORE_RENAME"   # "SUBSTRING:MARKER[,SUBSTRING:MARKER...]"
-
-
-def fault_point(dest: str) -> None:
-    """SIGKILL this process between a temp write and its rename, once per entry of $RAYWALK_FAULT_BEFORE_RENAME
-    (the first destination containing SUBSTRING while MARKER does not exist yet). Tests only; unset in real
-    runs (one getenv). The driver passes it on to its workers."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    for entry in spec.split(","):
-        sub, _, marker = entry.partition(":")
-        if sub and sub in dest and marker and not os.path.exists(marker):
-            import signal
-
-            with open(marker, "w") as f:
-                f.write(f"{os.getpid()} {dest}\n")
-            os.kill(os.getpid(), signal.SIGKILL)

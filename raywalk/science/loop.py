@@ -119,7 +119,7 @@ class Curves:
 
 @dataclass
 class Timing:
-    """Seconds per epoch, outside `curves` (the phase document allows no other curves)."""
+    """Seconds per epoch, outside `curves` (which holds the study's three curves and nothing else)."""
     train_seconds: list[float] = field(default_factory=list)        # first step to last, synchronised
     gate_seconds: list[float] = field(default_factory=list)
     checkpoint_seconds: list[float] = field(default_factory=list)   # save + report (+ upload when synchronous)

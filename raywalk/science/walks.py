@@ -203,11 +203,11 @@ def _add_rule(req, G, F, Fin, Rb, H, bs, Mm, reach_w, rmax, u, t, dn, b, base_ok
 
 
 @njit(cache=True, nogil=True)
-def _step_ok(k, mid, s1, t, L, nbr, r_of, tgt_of, req, G, F, Fin, Rb, H, bs, Mm, reach_w, rmax, check_new, full):
+def _step_ok(k, mid, s1, t, L, nbr, r_of, tgt_of, req, G, F, Fin, Rb, H, bs, Mm, reach_w, rmax, full):
     """Neighbour nbr[k] at step t keeps every pending rule satisfiable, its own new rule included."""
     u = nbr[k]
     ok = s1 < 0 or _reach(F, H, u, s1 - t, req[s1 & Mm], G, s1 & Mm)
-    if ok and k >= mid and check_new and t + r_of[u] <= L - 1:
+    if ok and k >= mid and t + r_of[u] <= L - 1:
         ok = _add_rule(req, G, F, Fin, Rb, H, bs, Mm, reach_w, rmax, u, t, t + r_of[u], tgt_of[u], ok, False, full)
     return ok
 
@@ -223,8 +223,8 @@ def _drop(cand, j, total, seeded, seed):
 
 
 @njit(cache=True, nogil=True)
-def _walk_kernel(starts, U, seeds, L, indptr, nbr, n_free, r_of, tgt_of, F, Fin, Rb, H, bs, reach_w, rmax, check_new,
-                 full, out, dead):
+def _walk_kernel(starts, U, seeds, L, indptr, nbr, n_free, r_of, tgt_of, F, Fin, Rb, H, bs, reach_w, rmax, full,
+                 out, dead):
     W = starts.shape[0]
     M = 1
     while M < rmax + 1:                       # deadlines pending at step t lie in [t, t+rmax]: distinct slots
@@ -283,7 +283,7 @@ def _walk_kernel(starts, U, seeds, L, indptr, nbr, n_free, r_of, tgt_of, F, Fin,
                 while total > 0:
                     j = min(int(y * total), total - 1)
                     uu = cand[j]
-                    if not check_new or r_of[uu] == 0 or t + r_of[uu] > L - 1 or _add_rule(
+                    if r_of[uu] == 0 or t + r_of[uu] > L - 1 or _add_rule(
                             req, G, F, Fin, Rb, H, bs, Mm, reach_w, rmax, uu, t, t + r_of[uu], tgt_of[uu], True,
                             False, full):
                         u = uu
@@ -298,7 +298,7 @@ def _walk_kernel(starts, U, seeds, L, indptr, nbr, n_free, r_of, tgt_of, F, Fin,
                     j = min(int(y * total), total - 1)
                     kk = cand[j] if listed else lo + j
                     if (s1 < 0 and kk < mid) or _step_ok(kk, mid, s1, t, L, nbr, r_of, tgt_of, req, G, F, Fin, Rb,
-                                                         H, bs, Mm, reach_w, rmax, check_new, full):
+                                                         H, bs, Mm, reach_w, rmax, full):
                         u = nbr[kk]
                         break
                     if not listed:
@@ -316,12 +316,7 @@ def _walk_kernel(starts, U, seeds, L, indptr, nbr, n_free, r_of, tgt_of, F, Fin,
                 continue
             dn = t + r_of[u]
             if r_of[u] > 0 and dn <= L - 1:
-                if check_new:
-                    _add_rule(req, G, F, Fin, Rb, H, bs, Mm, reach_w, rmax, u, t, dn, tgt_of[u], True, True, full)
-                elif req[dn & Mm] < 0:
-                    req[dn & Mm] = tgt_of[u]
-                    for w in range(nw):
-                        G[dn & Mm, w] = full[w]
+                _add_rule(req, G, F, Fin, Rb, H, bs, Mm, reach_w, rmax, u, t, dn, tgt_of[u], True, True, full)
             req[t & Mm] = -1                  # the rule due now is kept; its slot serves step t + M
             x = u
             out[i, t] = u
@@ -334,8 +329,6 @@ class WalkBatch:
 
 
 class _Sampler:
-    check_new = True      # test hook: False skips the jumper's own rule, so verification must catch conflicts
-
     def __init__(self, graph: Graph, jumpers: Jumpers, L: int, rng: np.random.Generator):
         self.g, self.j, self.L, self.rng = graph, jumpers, L, rng
         self.table = RuleTable.build(graph, jumpers)
@@ -371,7 +364,7 @@ class _Sampler:
         walks = np.empty((W, L), dtype=np.int32)
         dead = np.zeros(W, dtype=bool)
         _walk_kernel(start.astype(np.int64), U, seeds, L, self.indptr, self.nbr, self.n_free, self.r_of, self.tgt_of,
-                     self.F, self.Fin, self.Rb, self.H, self.g.block_size, self.reach_w, self.rmax, self.check_new, self.full,
+                     self.F, self.Fin, self.Rb, self.H, self.g.block_size, self.reach_w, self.rmax, self.full,
                      walks, dead)
         return walks, dead
 

@@ -12,9 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import os
-import signal
-import threading
 import uuid
 from typing import Any, Sequence
 
@@ -83,14 +80,10 @@ def train_bucket(cfgs: Sequence[Config], *, verbose: bool = False, progress: boo
 def _train_leased(cfgs: list[Config], root: Store, *, verbose: bool, progress: bool, callbacks: list | None,
                   log: Tell) -> dict[str, dict[str, Any]]:
     ids = [c.experiment_id() for c in cfgs]
-    fitting = threading.Event()
-
-    def lost(reason: str) -> None:
-        if fitting.is_set():   # as a solo driver: Ray's own SIGINT handler aborts the run
-            os.kill(os.getpid(), signal.SIGINT)
+    fitting = driver.FitStop()   # any member's lease lost stops the bucket, as a solo driver's does
 
     with contextlib.ExitStack() as stack:
-        held = [stack.enter_context(lease.hold(root.sub(eid), eid, log=log, on_lost=lost)) for eid in ids]
+        held = [stack.enter_context(lease.hold(root.sub(eid), eid, log=log, on_lost=fitting)) for eid in ids]
         for eid in ids:
             root.sub(eid).sweep_temps()
         ray_env.ensure_ray(cfgs[0], verbose=verbose)

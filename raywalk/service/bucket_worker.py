@@ -29,6 +29,7 @@ from raywalk.science.bucket import BucketState, BucketWindows, Member, run_bucke
 from raywalk.science.compliance import Compliance
 from raywalk.science.gate import Gate
 from raywalk.science.loop import record_epoch
+from raywalk.service import stops
 from raywalk.service.dataset import free_memory, load_resident
 from raywalk.service.trackers import open_trackers
 from raywalk.service.worker import Progress, WorkerSpec, _setup
@@ -99,7 +100,8 @@ class _MemberIO:
         name = ckpt.dir_name(m.epoch, step)
         if self.spec.lease_holder:   # never write into a run that another driver has taken over
             check_holder(self.exp, self.eid, self.spec.lease_holder)
-        ckpt.write(self.run, name, state.member_state(i, step), ckpt.dir_name(m.gate_epoch) if m.gate_epoch else None)
+        ckpt.write(self.run, name, state.member_state(i, step), ckpt.dir_name(m.gate_epoch) if m.gate_epoch else None,
+                   corpus=self.corpus.identity)
         return name
 
 
@@ -191,11 +193,12 @@ def train_bucket_loop(spec: BucketSpec) -> None:
     data = _windows(ios, cfg, device, say)
     step0 = point[1] if point else 0
     notices = _Notices(cfg.run.preemption_check_seconds, lambda: ios, say)
+    stop_poll = stops.StopPoll(spec.driver_token)   # a lost lease the driver recorded (a Tune trial's)
     while state.k:
         t0, epoch = time.perf_counter(), state.members[0].epoch
         progress = Progress(tqdm(total=steps, desc=f"bucket {spec.bucket_id} epoch {epoch + 1}", unit="step"),
                             step0) if spec.progress else None
-        callbacks = [notices] + ([lambda st, s: progress(_Steps(s))] if progress else [])
+        callbacks = [lambda st, s: stop_poll(st), notices] + ([lambda st, s: progress(_Steps(s))] if progress else [])
         run = run_bucket_epoch(state, data.epoch(epoch, step0, steps), step0, callbacks)
         if progress is not None:
             progress.close(_Steps(steps))

@@ -12,6 +12,7 @@ import tempfile
 from typing import Any
 
 from raywalk.records import checkpoints as ckpt
+from raywalk.records.corpus import identity
 from raywalk.records.errors import StorageUnwritable, free_space, unwritable
 from raywalk.records.layout import RUN_DIR
 from raywalk.records.lease import check_holder
@@ -49,7 +50,7 @@ def report(state: TrainingState, spec: Any, rank: int, metrics: dict[str, Any], 
     try:
         if rank == 0:
             _check_lease(spec)   # never write into a run that another driver has taken over
-            ckpt.save(tmp, state.state_dict(rng, spec.experiment_id, losses))
+            ckpt.save(tmp, state.state_dict(rng, spec.experiment_id, losses), corpus=identity(spec.corpus_manifest))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         with _removed_if_upload_fails(spec, name, uploading=rank == 0):   # a full disk: one clear stop
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name, checkpoint_upload_mode=mode,

@@ -26,8 +26,8 @@ from raywalk.config import Config
 from raywalk.science.graph import Graph, Jumpers, build_graph, place_jumpers
 from raywalk.messages import Tell, tell
 from raywalk.records import layout
-from raywalk.records.corpus import (FORMAT_VERSION, Corpus, CorpusError, check_files, check_verify_mode,
-                                    verified_manifest)
+from raywalk.records import corpus as corpus_format
+from raywalk.records.corpus import Corpus, CorpusError, check_files, check_verify_mode, verified_manifest
 from raywalk.records.layout import CORPORA, CORPUS_GRAPH, MANIFEST, corpus_shard
 from raywalk.records.manifest import entry
 from raywalk.records.storage import Store
@@ -242,7 +242,7 @@ def _check_summary(summary: dict) -> None:
 def _manifest(cfg: Config, graph: Graph, jumpers: Jumpers, files: dict[str, list[str]],
               stats: dict[str, list[dict]], summary: dict, checksums: dict[str, dict]) -> dict:
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": corpus_format.FORMAT_VERSION,   # the reader's: one home for the format
         "config_hash": cfg.corpus_id(),
         "config": cfg.corpus_key(),
         "n": cfg.graph.n, "K": cfg.graph.K, "w": cfg.w, "walk_length": cfg.corpus.walk_length,

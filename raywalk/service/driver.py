@@ -13,14 +13,13 @@ import os
 import signal
 import threading
 import uuid
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from raywalk.records import layout, lease, result
 from raywalk.service import ray_env
 from raywalk.service import stops
 from raywalk.service import trackers
-from raywalk.records.checkpoints import KEEP, info as checkpoint_info, resume_hint
+from raywalk.records.checkpoints import KEEP, corpora, info as checkpoint_info, resume_hint
 from raywalk.config import Config, ConfigError
 from raywalk.service.windows import windows_per_walk
 from raywalk.service.corpus import build_corpus, ray_mapper
@@ -28,7 +27,7 @@ from raywalk.records.lease import LeaseLost
 from raywalk.records.result import count_restarts
 from raywalk.records.layout import RESULT, RUN_DIR
 from raywalk.records.errors import StorageUnwritable, unwritable
-from raywalk.records.storage import FAULT_ENV, Store
+from raywalk.records.storage import Store
 from raywalk.messages import Tell, tell
 
 
@@ -59,6 +58,21 @@ def mark_interrupted(exp: Store, exp_id: str, cfg: Config, reason: str, log: Tel
         return False
 
 
+def check_same_corpus(exp: Store, exp_id: str, corpus) -> None:
+    """ConfigError unless every checkpoint that records its corpus was trained on this one: a resume over
+    another (a rebuild in a newer format, other walks under the same id) would change the data between epochs.
+    Checkpoints from before the record have nothing to compare and are accepted; those written from now on
+    record it."""
+    now = corpus.identity
+    for name, was in corpora(exp.sub(RUN_DIR)).items():
+        if (was.get("format_version"), was.get("sha256")) != (now["format_version"], now["sha256"]):
+            raise ConfigError(f"corpus: experiment {exp_id} was trained on corpus {was.get('id')} format "
+                              f"{was.get('format_version')} (sha256 {str(was.get('sha256'))[:12]}, checkpoint "
+                              f"{name}), not the one at {corpus.uri} (format {now['format_version']}, sha256 "
+                              f"{now['sha256'][:12]}): resuming would change its data between epochs; finish it "
+                              f"with the raywalk that built its corpus, or start over with --fresh")
+
+
 def check_storage_reachable(root: Store, nodes: list[dict]) -> None:
     """A local storage root works only when every node is on this one host (tests run several there)."""
     hosts = sorted({n["NodeManagerAddress"] for n in nodes if n.get("Alive")})
@@ -70,48 +84,16 @@ def check_storage_reachable(root: Store, nodes: list[dict]) -> None:
 
 def worker_env(cfg: Config, verbose: bool) -> dict[str, str]:
     env = ray_env.worker_env(verbose)
-    if os.environ.get(FAULT_ENV):   # a test's kill-before-rename hook reaches the workers too
-        env[FAULT_ENV] = os.environ[FAULT_ENV]
     if cfg.run.deterministic and cfg.run.gpus_per_worker > 0:
         env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"   # read when CUDA starts: deterministic cuBLAS
     return env
 
 
-@dataclass(frozen=True)
-class Instruments:
-    """What tests and benchmarks hand `train` (never a real run): shorter epochs, and a hook in every
-    worker's hot loop.
-
-    `hooks` is a factory (tests' fault injection: WorkerKill, Preempt, FillDisk): on each worker
-    `hooks.for_worker(rank, checkpoints)` gives that worker's hook or None, and the hook's
-    `before_step(epoch, step)` runs before every step (epoch 1-based, step = steps of it done),
-    as one of run_epoch's step callbacks. `max_steps_per_epoch` cuts epochs short (benchmarks time
-    a few steps); the schedule is planned for the shortened epochs.
-    """
-    hooks: Any = None
-    max_steps_per_epoch: int | None = None
-
-    def __post_init__(self):
-        n = self.max_steps_per_epoch
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise ValueError(f"max_steps_per_epoch: {n!r} is invalid: must be a whole number >= 1 (or None)")
-
-    def steps(self, planned: int) -> int:
-        return min(planned, self.max_steps_per_epoch) if self.max_steps_per_epoch else planned
-
-    def step_callback(self, rank: int, checkpoints: Store) -> Callable | None:
-        """This worker's hook as a run_epoch step callback (called on the worker), or None."""
-        hook = self.hooks.for_worker(rank, checkpoints) if self.hooks is not None else None
-        return None if hook is None else (lambda state: hook.before_step(state.epoch + 1, state.step))
-
-
 def train(cfg: Config, *, fresh: bool = False, verbose: bool = False, progress: bool = True,
-          callbacks: list | None = None, log: Tell = tell, instruments: Instruments | None = None
-          ) -> dict[str, Any]:
+          callbacks: list | None = None, log: Tell = tell) -> dict[str, Any]:
     """Run (or resume, or report) the experiment for cfg; returns its result.json content.
 
-    `callbacks` are Ray Train UserCallbacks (a Tune trial passes TuneReportCallback);
-    `instruments` are for tests and benchmarks only (see Instruments).
+    `callbacks` are Ray Train UserCallbacks (a Tune trial passes TuneReportCallback).
     """
     root = Store.open(cfg.run.storage)
     cfg = cfg.replace(**{"run.storage": root.uri})   # absolute: workers run in other directories
@@ -126,7 +108,7 @@ def train(cfg: Config, *, fresh: bool = False, verbose: bool = False, progress: 
         return done.to_json()
     check_before_ray(cfg)
     run = functools.partial(_train_leased, cfg, root, exp_id, verbose=verbose, progress=progress,
-                            callbacks=callbacks, instruments=instruments, log=log)
+                            callbacks=callbacks, log=log)
     return _leased(cfg, root.sub(exp_id), exp_id, run, log)
 
 
@@ -139,16 +121,47 @@ def check_before_ray(cfg: Config) -> None:
     trackers.check(cfg.run.trackers, cfg.run.storage)   # a missing tracker package
 
 
+class FitStop:
+    """Stops the fit in progress once the lease is lost. Where fit() runs in the main thread, Ray's own Ctrl-C
+    handler aborts the run's controller and workers (SIGINT). Elsewhere (a Tune trial runs it in a thread,
+    where Ray installs no handler) the stop is recorded under the driver run's token, and rank 0, which polls
+    for it between steps (stops.StopPoll), ends the run as a worker that meets a lost lease does."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.token: str | None = None   # the driver run's, while fit() runs
+        self.in_main = False
+        self.reason: str | None = None
+
+    def start(self, token: str) -> None:
+        with self._lock:
+            self.token, self.in_main = token, threading.current_thread() is threading.main_thread()
+            lost = self.reason
+        if lost is not None:   # lost before fit() began: the workers stop at their first poll
+            stops.record(token, stops.LEASE, lost)
+
+    def end(self) -> None:
+        with self._lock:
+            self.token = None
+
+    def __call__(self, reason: str) -> None:
+        with self._lock:
+            self.reason = reason
+            token, in_main = self.token, self.in_main
+        if token is None:
+            return
+        if in_main:
+            os.kill(os.getpid(), signal.SIGINT)
+        else:
+            stops.record(token, stops.LEASE, reason)
+
+
 def _leased(cfg: Config, exp: Store, exp_id: str, run: Callable, log: Tell) -> dict[str, Any]:
     """run(held=, fitting=) under the experiment's lease; a storage that refuses writes stops it in one line."""
-    fitting = threading.Event()   # set while trainer.fit() runs in the main thread
-
-    def lost(reason: str) -> None:
-        if fitting.is_set():   # Ray's own SIGINT handler aborts the run's controller and workers
-            os.kill(os.getpid(), signal.SIGINT)
+    fitting = FitStop()
 
     try:
-        with lease.hold(exp, exp_id, log=log, on_lost=lost) as held:   # one driver per experiment
+        with lease.hold(exp, exp_id, log=log, on_lost=fitting) as held:   # one driver per experiment
             exp.sweep_temps()   # the lease holder is the only writer here: leftovers of killed writes go
             return run(held=held, fitting=fitting)
     except (LeaseLost, lease.LeaseHeld):
@@ -167,20 +180,29 @@ def _storage_stop(exp: Store, exp_id: str, cfg: Config, u: StorageUnwritable, lo
 
 
 def _train_leased(cfg: Config, root: Store, exp_id: str, *, verbose: bool, progress: bool, callbacks: list | None,
-                  instruments: Instruments | None, log: Tell, held: lease.Lease | None = None,
-                  fitting: threading.Event | None = None) -> dict[str, Any]:
+                  log: Tell, held: lease.Lease | None = None,
+                  fitting: FitStop | None = None) -> dict[str, Any]:
     ray_env.ensure_ray(cfg, verbose=verbose)
     import ray
 
     check_storage_reachable(root, ray.nodes())
-    spec = worker_spec(cfg, root, exp_id, verbose=verbose, progress=progress, instruments=instruments, log=log,
+    spec = worker_spec(cfg, root, exp_id, verbose=verbose, progress=progress, log=log,
                         holder=held.holder if held is not None else "")
     fit(_trainer(spec, root, callbacks), spec, root.sub(exp_id), held, fitting)
     return finalise(root, exp_id, log, held=held)
 
 
-def worker_spec(cfg: Config, root: Store, exp_id: str, *, verbose: bool, progress: bool, log: Tell, holder: str,
-                instruments: Instruments | None = None):
+def driver_streams(cfg: Config, exp: Store) -> bool:
+    """Whether the driver builds the streaming path's windows for the workers: train.data=stream, unless the
+    run took the resident path (a choice kept for the whole run, dataset.plan_data), whose windows would then
+    sit in the object store beside every worker's tensor, twice in host memory."""
+    if cfg.train.data != "stream":
+        return False
+    r = result.read(exp, log=lambda s: None)   # torn or missing: result.read_finished has said so
+    return r is None or r.data_path != "resident"
+
+
+def worker_spec(cfg: Config, root: Store, exp_id: str, *, verbose: bool, progress: bool, log: Tell, holder: str):
     """The corpus (built or reused), the epoch's steps and what every worker is handed."""
     from raywalk.service.dataset import window_dataset, windows_per_epoch
     from raywalk.service.worker import WorkerSpec
@@ -189,17 +211,15 @@ def worker_spec(cfg: Config, root: Store, exp_id: str, *, verbose: bool, progres
     log(f"corpus {'reused' if summary['reused'] else 'built'}: {corpus.uri}")
     n_windows = windows_per_epoch(corpus, cfg.w)
     steps = steps_per_epoch(cfg, n_windows)
-    if instruments is not None:
-        steps = instruments.steps(steps)
     exp = root.sub(exp_id)
+    check_same_corpus(exp, exp_id, corpus)
     log(f"experiment {exp_id}: {'resuming' if exp.exists(RUN_DIR) else 'starting'}; {steps} steps/epoch, "
         f"{cfg.run.workers} worker(s), results in {exp.uri}")
     return WorkerSpec(config=cfg, experiment_id=exp_id, corpus_uri=corpus.uri, corpus_manifest=corpus.manifest,
                       gate_starts=tuple(corpus.gate_starts(cfg.gate.sequences).tolist()), steps_per_epoch=steps,
                       driver_token=uuid.uuid4().hex, progress=progress, verbose=verbose,
-                      windows=window_dataset(corpus, cfg.w, materialize=True) if cfg.train.data == "stream" else None,
-                      n_windows=n_windows,
-                      instruments=instruments, lease_holder=holder)
+                      windows=window_dataset(corpus, cfg.w, materialize=True) if driver_streams(cfg, exp) else None,
+                      n_windows=n_windows, lease_holder=holder)
 
 
 def _trainer(spec, root: Store, callbacks: list | None):
@@ -230,20 +250,20 @@ def _trainer(spec, root: Store, callbacks: list | None):
     )
 
 
-def fit(trainer, spec, exp: Store, held: lease.Lease | None, fitting: threading.Event | None) -> None:
+def fit(trainer, spec, exp: Store, held: lease.Lease | None, fitting: FitStop | None) -> None:
     """trainer.fit(), then the stop it ended on, as the one error that says what happened."""
     in_main = threading.current_thread() is threading.main_thread()
     ctrl_c = signal.getsignal(signal.SIGINT) if in_main else None
     error: BaseException | None = None
     try:
-        if fitting is not None and in_main:
-            fitting.set()
+        if fitting is not None:
+            fitting.start(spec.driver_token)
         trainer.fit()
     except BaseException as e:   # SystemExit/KeyboardInterrupt too: Ray's SIGINT abort on a lost lease
         error = e
     finally:
         if fitting is not None:
-            fitting.clear()
+            fitting.end()
         if ctrl_c is not None:
             # fit() leaves its Ctrl-C handler in place, holding the run's controller: that actor (and its
             # dataset manager) would outlive the run, and a later Ctrl-C would abort a finished run, not

@@ -1,7 +1,7 @@
 """Every private Ray API raywalk uses, each behind one small function (checked against Ray 2.60).
 
 Nothing else in the package imports a private Ray module or names a private Ray logger
-(tests/test_layout.py checks); each function says why no public API serves. Ray is
+(tests/test_layering.py checks); each function says why no public API serves. Ray is
 imported inside the functions, so importing this module costs nothing.
 """
 from __future__ import annotations

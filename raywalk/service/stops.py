@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from typing import Any, Callable
 
 from raywalk.records.lease import LeaseLost
@@ -75,3 +76,22 @@ def guarded_loop(spec: Any, loop: Callable[[Any], None]) -> None:
     if ray.train.get_context().get_world_size() == 1:
         return   # alone: ending normally ends the run at once (no worker-group restart to sit through)
     raise stop from None   # other ranks wait in collectives: a raise makes Ray tear the group down
+
+
+class StopPoll:
+    """Rank 0's step callback: every EVERY_S, LeaseLost if its driver recorded a lost lease (driver.FitStop,
+    for a fit() that runs off the main thread, as in a Tune trial), which guarded_loop turns into the run's end."""
+    EVERY_S = 1.0   # one KV read a second: nothing next to a step's time, prompt next to an epoch's
+
+    def __init__(self, token: str):
+        self.token, self.next = token, time.monotonic() + self.EVERY_S
+
+    def __call__(self, state: Any) -> None:
+        now = time.monotonic()
+        if now < self.next:
+            return
+        self.next = now + self.EVERY_S
+        stop = recorded(self.token)
+        if stop is not None and stop["kind"] == LEASE:
+            raise LeaseLost(stop["line"])
+

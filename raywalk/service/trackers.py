@@ -2,10 +2,11 @@
 
 Exactly the three curves result.json holds, under the same names: `train_loss` at every
 optimizer step (step 1, 2, ...), `edge_compliance` and `rule_compliance` at every epoch
-(step = epoch, 1-based); the phase document rules out any other metric.
+(step = epoch, 1-based); no other metric, so a tracker shows what result.json holds.
 
 Rank 0 calls `open_trackers` after restoring its checkpoint, `Trackers.epoch_end(curves)`
-after each epoch's checkpoint and result.json, and `close()` at the end. `epoch_end` takes
+after each epoch's checkpoint and result.json, and `close()` at the end; the writes run on a
+background thread (Trackers), so the epoch does not wait for them. `epoch_end` takes
 the whole curves, not one epoch's: each tracker knows how far it has logged and writes only
 what lies beyond, so a resume or rerun continues where it stopped (nothing twice) and a
 kill between the checkpoint and the tracker write is made good at the next epoch.
@@ -26,8 +27,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import tempfile
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -69,18 +70,69 @@ def mlflow_uri(root: "Store") -> str:
 
 
 class Trackers:
+    """The sinks, written by one background thread so that rank 0's training never waits on them.
+
+    `epoch_end` hands over a copy of the curves and returns; the thread brings every sink up to the
+    newest copy (an older one still waiting is skipped: each sink logs all it lacks). One writer, in
+    order, and each sink's own record of how far it reaches, keep every point logged once; a kill with
+    a copy still waiting loses nothing the next start does not log. `close` waits for the writes. A
+    sink's error is raised on the training thread at the next `epoch_end` or `close`.
+    """
+
     def __init__(self, sinks: list):
         self.sinks = sinks
+        self._cv = threading.Condition()
+        self._pending: dict[str, list] | None = None
+        self._busy = self._closing = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._write, name="raywalk-trackers", daemon=True)
+        self._thread.start()
 
     def epoch_end(self, curves: Any) -> None:
-        """Log every point of curves (train_loss per step, compliance per epoch) not yet logged."""
+        """Queue every point of curves (train_loss per step, compliance per epoch) not yet logged."""
         c = {k: list(getattr(curves, k)) for k in CURVES}
-        for s in self.sinks:
-            s.update(c)
+        with self._cv:
+            self._raise()
+            self._pending = c
+            self._cv.notify_all()
+
+    def flush(self) -> None:
+        """Wait until every queued point is written."""
+        with self._cv:
+            self._cv.wait_for(lambda: (self._pending is None and not self._busy) or self._error is not None)
+            self._raise()
 
     def close(self) -> None:
+        self.flush()
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        self._thread.join()
         for s in self.sinks:
             s.close()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
+
+    def _write(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._pending is not None or self._closing)
+                if self._pending is None:
+                    return
+                c, self._pending, self._busy = self._pending, None, True
+            try:
+                for s in self.sinks:
+                    s.update(c)
+            except BaseException as e:   # told on the training thread (epoch_end, close)
+                with self._cv:
+                    self._error = e
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
 
 
 def open_trackers(cfg: Any, root: "Store", experiment_id: str, curves: Any) -> Trackers | None:

@@ -215,6 +215,7 @@ def _train_recorded(cfgs: list[Config], tid: str, sweep_store: Store,
     import ray
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from raywalk.records.lease import LeaseLost
     from raywalk.service import driver
     from raywalk.service.bucket_driver import train_bucket
 
@@ -232,6 +233,8 @@ def _train_recorded(cfgs: list[Config], tid: str, sweep_store: Store,
         else:
             results = train_bucket(cfgs, callbacks=[TuneReportCallback()], progress=False, verbose=verbose, log=log)
     except BaseException as e:
+        if isinstance(e, LeaseLost):   # the driver's one line, as `raywalk train` prints it
+            log(str(e))
         for eid in eids:
             sweep_store.write_json(layout.trial_record(eid), {**base, "experiment_id": eid, "finished_at": utc_iso(),
                                                              "wall_time_s": time.perf_counter() - t0,

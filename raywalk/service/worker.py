@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from raywalk.science.gate import Gate
-from raywalk.service import checkpointing, ray_private
+from raywalk.service import checkpointing, ray_private, stops
 from raywalk.config import Config
 from raywalk.records.corpus import Corpus
 from raywalk.records.result import ResultWriter
@@ -58,8 +58,6 @@ class WorkerSpec:
     """Draw rank 0's per-epoch progress bar."""
     verbose: bool = False
     """Keep Ray Train's own INFO logs."""
-    instruments: Any = None
-    """Tests' and benchmarks' driver.Instruments; None in real runs."""
     lease_holder: str = ""
     """The driver's lease id: workers write only while it holds a live lease (stops.py)."""
 
@@ -81,8 +79,7 @@ class NoticeWatch:
     A poll is a barrier, so every rank must poll at the same steps. The cadence is in seconds
     (run.preemption_check_seconds; Ray's watcher refreshes every 5 s, faster gains nothing),
     turned into steps once per epoch: after CALIBRATE steps the ranks agree, in one tiny
-    all-reduce, on the slowest rank's step time. run.preemption_check_steps > 0 fixes the
-    cadence in steps instead.
+    all-reduce, on the slowest rank's step time.
     """
     CALIBRATE = 16
 
@@ -93,15 +90,13 @@ class NoticeWatch:
         run = spec.config.run
         # no watcher, no notices (ensure_ray turns it off for a laptop's embedded Ray): no polls
         watching = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1") != "0"
-        self.fixed = run.preemption_check_steps
-        self.seconds = run.preemption_check_seconds if watching and not self.fixed else 0.0
-        self.active = watching and bool(self.fixed or self.seconds)
-        self.every, self.calibrate_at, self.t0 = self.fixed, None, 0.0
+        self.seconds = run.preemption_check_seconds if watching else 0.0
+        self.active = bool(self.seconds)
+        self.every, self.calibrate_at, self.t0 = 0, None, 0.0
         self.seen: set = set()
 
     def start_epoch(self, start: int) -> None:
-        if not self.fixed:
-            self.every, self.calibrate_at = 0, start + self.CALIBRATE
+        self.every, self.calibrate_at = 0, start + self.CALIBRATE
 
     def __call__(self, state: TrainingState) -> None:
         step = state.step
@@ -248,7 +243,7 @@ class _Worker:
     writer: ResultWriter | None      # rank 0 only
     tracking: Any                    # rank 0's trackers, or None
     watch: NoticeWatch
-    instrument: Any                  # a test's step callback, or None
+    stop_poll: stops.StopPoll        # a lost lease recorded by the driver (rank 0 polls)
     previous_end: float | None = None
 
 
@@ -270,14 +265,16 @@ def _start(spec: WorkerSpec) -> _Worker:
     tracking = open_trackers(cfg, root, spec.experiment_id, state.curves) if rank == 0 else None
     return _Worker(spec, rank, say, run, state, gate, batches, _net(state, cfg), writer,
                    tracking, NoticeWatch(spec, rank, spec.steps_per_epoch, run, writer, say),
-                   spec.instruments.step_callback(rank, run) if spec.instruments is not None else None)
+                   stops.StopPoll(spec.driver_token))
 
 
 def _callbacks(w: _Worker) -> tuple[list, Progress | None]:
-    """This epoch's step callbacks, in order: a test's instrument, the notice watch, rank 0's bar."""
+    """This epoch's step callbacks, in order: rank 0's stop poll, the notice watch, its bar."""
     from ray.experimental.tqdm_ray import tqdm
 
-    callbacks = [w.instrument] if w.instrument is not None else []
+    callbacks = []
+    if w.rank == 0:   # the others wait for it in the step's collectives
+        callbacks.append(w.stop_poll)
     if w.watch.active:
         w.watch.start_epoch(w.state.step)
         callbacks.append(w.watch)
@@ -320,8 +317,22 @@ def _epoch(w: _Worker) -> None:
     w.previous_end = run.ended
 
 
+def _record_done(w: _Worker) -> None:
+    """A run restored already done (its last record was lost: a failed write, a kill after the checkpoint):
+    gate the restored model again (greedy generation: the same counts) and rewrite result.json and the trackers
+    from it, as its last epoch did."""
+    counts = Gate.reduce(w.gate.evaluate(w.state.model), w.state.device)   # a collective: every rank takes part
+    if w.writer is not None:
+        w.writer.epoch_done(w.state.curves, counts.comp, w.state.gate_epoch, w.state.epoch, w.gate.n_distinct,
+                            w.spec.steps_per_epoch, by_r=counts.by_r, timing=w.state.timing, data=w.state.data_path)
+    if w.tracking is not None:
+        w.tracking.epoch_end(w.state.curves)
+
+
 def train_loop_per_worker(spec: WorkerSpec) -> None:
     w = _start(spec)
+    if w.state.done:
+        _record_done(w)
     while not w.state.done:
         _epoch(w)
     if w.tracking is not None:

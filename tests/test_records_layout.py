@@ -68,7 +68,7 @@ def _readme_paths() -> list[str]:
 
 def _as_drawn(path: str) -> str:
     """A name a layout rule made, in the README's notation: <stamp>, <hex>, NNNN for numbers."""
-    path = re.sub(r"\d{8}T\d{6}Z", "<stamp>", path)
+    path = re.sub(r"\d{8}T\d{6}(\.\d{3})?Z", "<stamp>", path)
     path = re.sub(r"(?<![0-9a-f])[0-9a-f]{8,}(?![0-9a-f])", "<hex>", path)
     return re.sub(r"\d{4,}", lambda m: "N" * len(m.group()), path)
 

@@ -1,0 +1,1 @@
+"""raywalk's tests: a package, so `tests.conftest` and `tests.helpers` are each imported once, by that name."""
