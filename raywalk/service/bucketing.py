@@ -9,10 +9,10 @@ K members each.
 The default K: on a GPU worker, the most members whose measured memory
 (`member_bytes`: weights, gradient, AdamW moments, saved activations, resident windows)
 fits MEMORY_SHARE of the worker's share of the GPU, at most GPU_MAX; on a CPU worker,
-CPU_DEFAULT: benchmarks/bucket.py shows a member-step cheaper than a solo step at every
-k it measures for models whose step is overhead more than arithmetic (at most CPU_BUCKET_FLOPS a
-member-step; the anchor's 23 GFLOP step is slower bucketed on a CPU: 1 there), and the gain
-flattens by 8 on two cores.
+CPU_DEFAULT where a member-step costs no more than a solo step (benchmarks/bucket.py: 2.1x at
+d_model 8, 1.0x at the quickstart model; the gain flattens by k = 8) and a bucket pays one Ray
+Train start for k points; 1 above CPU_BUCKET_FLOPS a member-step, where the step is arithmetic
+(the anchor's, batched on a CPU, runs at 0.5-0.9x).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from raywalk.service.bucket_driver import SHARED_RUN, bucket_id
 from raywalk.service.windows import windows_per_walk
 
 CPU_DEFAULT = 8
-CPU_BUCKET_FLOPS = 2e9   # per member-step: the quickstart model (0.7 GFLOP) gains, the anchor (23 GFLOP) loses
+CPU_BUCKET_FLOPS = 2e9   # per member-step: d_model 8 (0.01 GFLOP) 2.1x, the quickstart model (0.7) 1.0x, the anchor (23) <1
 GPU_MAX = 64
 MEMORY_SHARE = 0.8
 # GiB per GPU model (run.accelerator_type); one not listed is taken to be the smallest common one
