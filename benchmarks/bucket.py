@@ -129,8 +129,8 @@ def bench_sweep() -> None:
     for k in (8, 1):
         store = os.path.join(root, f"bucket{k}")
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "raywalk", "tune", path, "--storage", store, "--bucket", str(k),
-                        "--no-progress"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "raywalk", "tune", path, "--storage", store, "--bucket", str(k)],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         walls[k] = time.perf_counter() - t
     print(f"\n8-point same-shape sweep (d_model 8, one layer, 2 epochs): --bucket 8 {walls[8]:.0f}s, "
           f"--bucket 1 {walls[1]:.0f}s, ratio {walls[1] / walls[8]:.2f}x  (storage {root})")

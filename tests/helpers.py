@@ -1,11 +1,14 @@
 """Helpers several test modules (and benchmarks) share; fixtures and the tiny configs are in conftest.py."""
 from __future__ import annotations
 
+import inspect
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
+from torch.overrides import TorchFunctionMode
 
 from raywalk.science.batches import ResidentWindows, token_dtype
 from raywalk.service import trackers
@@ -113,3 +116,31 @@ def submit_cmd(address: str, storage: str, *train_args: str, no_wait: bool = Fal
     return ["ray", "job", "submit", "--address", address, "--working-dir", ".",
             "--runtime-env", "runtime_env.yaml", *(["--no-wait"] if no_wait else []),
             "--", "raywalk", "train", "configs/quickstart.yaml", "--storage", storage, *train_args]
+
+
+# ---- a CUDA worker's device trap, on a CPU ------------------------------------------------
+
+PKG = str(Path(__file__).resolve().parents[1] / "raywalk")
+FACTORIES = {torch.tensor, torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.rand,
+             torch.randn, torch.randint, torch.as_tensor, torch.zeros_like, torch.eye, torch.linspace}
+# *_like factories follow their input's device; as_tensor/tensor/zeros... need device= when called by raywalk
+NEEDS_DEVICE = FACTORIES - {torch.zeros_like}
+
+
+class RefuseHostDefaults(TorchFunctionMode):
+    """A CUDA worker's trap, on a CPU: raywalk code that makes a tensor without `device=` fails.
+
+    Only factory calls made from raywalk's own files are checked (torch's internals decide
+    their own devices, as AdamW does for its step counter).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in NEEDS_DEVICE and "device" not in kwargs:
+            caller = inspect.currentframe().f_back
+            while caller is not None and caller.f_code.co_filename.startswith(str(Path(torch.__file__).parent)):
+                caller = caller.f_back
+            if caller is not None and caller.f_code.co_filename.startswith(PKG):
+                raise AssertionError(f"{func.__name__} without device= at {caller.f_code.co_filename}:"
+                                     f"{caller.f_lineno}")
+        return func(*args, **kwargs)

@@ -6,6 +6,7 @@ from raywalk.config import Config, ConfigError
 from raywalk.science.batches import ResidentWindows
 from raywalk.science.bucket import (BucketState, BucketWindows, check_bucketable, clip_rows_, run_bucket_epoch)
 from raywalk.science.loop import TrainingState, optimizer_step
+from tests.helpers import RefuseHostDefaults
 
 STEPS = 6
 BASE = Config().replace(**{"w": 8, "graph.n": 32, "graph.K": 2, "model.d_model": 16, "model.n_layers": 2,
@@ -101,3 +102,18 @@ def test_members_that_cannot_share_a_step_are_refused_naming_the_fields():
     with pytest.raises(ConfigError, match="model.dropout"):
         check_bucketable([BASE.replace(**{"model.dropout": 0.1})] * 2)
     check_bucketable(members(1, 2))   # seeds (and graph, corpus) are each member's own
+
+
+def test_a_bucket_never_makes_a_tensor_without_saying_where():
+    """A GPU worker's trap, on a CPU: a tensor made on the default device would not be the bucket's."""
+    cfgs = members(1, 2)
+    want = BucketState(cfgs, STEPS)
+    run_bucket_epoch(want, BucketWindows(data(cfgs)).epoch(0))
+    b = BucketState(cfgs, STEPS)
+    with RefuseHostDefaults():
+        run_bucket_epoch(b, BucketWindows(data(cfgs)).epoch(0))
+        states = [b.member_state(i) for i in range(2)]
+        b.load_members(states)
+        b.model_of(1)
+        b.drop([0])
+    assert torch.equal(want.rows[1], b.rows[0])

@@ -8,16 +8,13 @@ and a restore onto another device than the checkpoint's.
 """
 from __future__ import annotations
 
-import inspect
 import io
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from torch.overrides import TorchFunctionMode
 
 from raywalk.science.compliance import Compliance, JumpLengthCounts
 from raywalk.config import ConfigError
@@ -27,33 +24,7 @@ from raywalk.science.model import GPT
 from raywalk.service.worker import torch_threads
 from raywalk.science.loop import (TrainingState, all_reduce_losses, check_precision, compiled, epoch_end,
                               gather_epoch_losses, rng_state, run_epoch, set_determinism)
-from tests.helpers import resident
-
-PKG = str(Path(__file__).resolve().parents[1] / "raywalk")
-FACTORIES = {torch.tensor, torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.rand,
-             torch.randn, torch.randint, torch.as_tensor, torch.zeros_like, torch.eye, torch.linspace}
-# *_like factories follow their input's device; as_tensor/tensor/zeros... need device= when called by raywalk
-NEEDS_DEVICE = FACTORIES - {torch.zeros_like}
-
-
-class RefuseHostDefaults(TorchFunctionMode):
-    """A CUDA worker's trap, on a CPU: raywalk code that makes a tensor without `device=` fails.
-
-    Only factory calls made from raywalk's own files are checked (torch's internals decide
-    their own devices, as AdamW does for its step counter).
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in NEEDS_DEVICE and "device" not in kwargs:
-            caller = inspect.currentframe().f_back
-            while caller is not None and caller.f_code.co_filename.startswith(str(Path(torch.__file__).parent)):
-                caller = caller.f_back
-            if caller is not None and caller.f_code.co_filename.startswith(PKG):
-                raise AssertionError(f"{func.__name__} without device= at {caller.f_code.co_filename}:"
-                                     f"{caller.f_lineno}")
-        return func(*args, **kwargs)
-
+from tests.helpers import PKG, RefuseHostDefaults, resident
 
 def random_model(seed=0, V=20, W=8):
     torch.manual_seed(seed)

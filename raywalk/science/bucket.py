@@ -193,7 +193,7 @@ class BucketState:
             layout = layout or RowLayout.of(m)
             rows.append(layout.row(m.parameters()))
         self.layout: RowLayout = layout
-        self.template = m   # a CPU GPT of the shape, for gating and checkpoints
+        self.template = m.to(device)   # a GPT of the shape on the bucket's device: each member's gate runs in it
         self.members = [Member(c, eid) for c, eid in zip(cfgs, experiment_ids or [""] * len(cfgs))]
         self._build(torch.stack(rows).to(device))
 
@@ -239,7 +239,7 @@ class BucketState:
         return losses.detach()
 
     def model_of(self, i: int, into: GPT | None = None) -> GPT:
-        """Member i's weights in a CPU GPT (the template unless `into`), for its gate."""
+        """Member i's weights in a GPT (the template, on the bucket's device, unless `into`), for its gate."""
         m = self.template if into is None else into
         with torch.no_grad():
             for p, v in zip(m.parameters(), self.layout.split(self.rows[i:i + 1].detach()).values()):
