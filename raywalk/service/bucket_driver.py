@@ -39,10 +39,10 @@ def check_members(cfgs: Sequence[Config]) -> None:
     check_bucketable(cfgs)
     from raywalk.science.bucket import key_value
 
-    many = [c.experiment_id() for c in cfgs if c.run.workers != 1]
+    many = [c for c in cfgs if c.run.workers != 1]
     if many:
-        raise ConfigError(f"run.workers: a bucket trains on one worker; {many[0]} asks for "
-                          f"{cfgs[0].run.workers if cfgs[0].run.workers != 1 else 'more'}: train it alone (--bucket 1)")
+        raise ConfigError(f"run.workers: {many[0].run.workers} is invalid in a bucket ({many[0].experiment_id()}): "
+                          f"a bucket trains on one worker; train it alone (--bucket 1)")
     diff = [k for k in SHARED_RUN if len({key_value(c, k) for c in cfgs}) > 1]
     if diff:
         shown = "; ".join(f"{k}: {sorted({key_value(c, k) for c in cfgs}, key=str)}" for k in diff)
@@ -70,7 +70,7 @@ def train_bucket(cfgs: Sequence[Config], *, verbose: bool = False, progress: boo
             log(f"experiment {eid} already finished ({r['status']}); not training again")
     pending = [c for c, eid in zip(cfgs, ids) if results[eid] is None]
     if len(pending) == 1:   # a bucket of one is a solo run, on today's path
-        results[ids[ids.index(pending[0].experiment_id())]] = driver.train(
+        results[pending[0].experiment_id()] = driver.train(
             pending[0], verbose=verbose, progress=progress, callbacks=callbacks, log=log)
     elif pending:
         results.update(_train_leased(pending, root, verbose=verbose, progress=progress, callbacks=callbacks, log=log))
