@@ -6,6 +6,7 @@ import pytest
 from raywalk.config import Config, ConfigError
 from raywalk.science.bucket import member_bytes
 from raywalk.service import bucketing
+from raywalk.service.windows import planned_windows
 from raywalk.service.bucket_driver import check_members
 from raywalk.service.sweep import parse_sweep
 
@@ -43,13 +44,13 @@ def test_the_default_k_is_what_fits_the_gpu_and_cpu_default_on_a_cpu():
     assert bucketing.default_k(h200, 0) == bucketing.GPU_MAX
     big = ANCHOR.replace(**{"run.gpus_per_worker": 0.25, "run.accelerator_type": "T4", "model.d_model": 512,
                             "model.n_layers": 6})
-    each = member_bytes(big, bucketing.n_windows(big))
+    each = member_bytes(big, planned_windows(big))
     assert bucketing.default_k(big, 0) == int(0.8 * 0.25 * 16 * 2**30 // each) < bucketing.GPU_MAX
 
 
 def test_a_bucket_that_cannot_fit_is_refused_with_the_estimate_and_the_budget():
     cfgs = [ANCHOR.replace(seed=s) for s in range(4)]
-    each = member_bytes(ANCHOR, bucketing.n_windows(ANCHOR))
+    each = member_bytes(ANCHOR, planned_windows(ANCHOR))
     bucketing.check_fits(cfgs, host_available=int(8 * each / ANCHOR.train.data_budget))
     with pytest.raises(ConfigError, match=r"4 members need about .* GiB .* more than the .* GiB budget "
                                           r"\(train.data_budget 0.5 of the host's free memory\)"):

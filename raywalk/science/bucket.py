@@ -53,6 +53,12 @@ def bucket_key(cfg: Config) -> tuple:
     return tuple(key_value(cfg, k) for k in BUCKET_KEY)
 
 
+def differing(cfgs: Sequence[Config], keys: Sequence[str]) -> str | None:
+    """The fields among `keys` on which cfgs disagree, each with its values ("k: [a, b]; ..."), or None."""
+    diff = [k for k in keys if len({key_value(c, k) for c in cfgs}) > 1]
+    return "; ".join(f"{k}: {sorted({key_value(c, k) for c in cfgs}, key=str)}" for k in diff) or None
+
+
 def check_bucketable(cfgs: Sequence[Config]) -> None:
     """Refuse members that cannot share one batched step, naming the fields that differ and their values."""
     if not cfgs:
@@ -61,9 +67,8 @@ def check_bucketable(cfgs: Sequence[Config]) -> None:
         # one dropout mask stream for k members would not be any member's own: such points train solo
         raise ConfigError(f"model.dropout: {cfgs[0].model.dropout} is invalid in a bucket: bucketed members "
                           f"train with dropout 0.0; use --bucket 1")
-    diff = [k for k in BUCKET_KEY if len({key_value(c, k) for c in cfgs}) > 1]
-    if diff:
-        shown = "; ".join(f"{k}: {sorted({key_value(c, k) for c in cfgs}, key=str)}" for k in diff)
+    shown = differing(cfgs, BUCKET_KEY)
+    if shown:
         raise ConfigError(f"bucket: members differ in bucket-key field(s) {shown}: a bucket's members must "
                           f"share {', '.join(BUCKET_KEY)}")
 
@@ -361,6 +366,8 @@ def run_bucket_epoch(state: BucketState, batches: Iterable[torch.Tensor], step0:
     losses = torch.zeros(steps, state.k, dtype=torch.float64, device=state.device)
     if step0:
         losses[:step0] = torch.stack([m.epoch_losses[:step0] for m in state.members], dim=1)
+    for i, m in enumerate(state.members):   # views, filled in place: a just-in-time checkpoint reads them as they stand
+        m.epoch_losses = losses[:, i]
     callbacks = tuple(callbacks)
     t0 = time.perf_counter()
     it = iter(batches)
@@ -372,8 +379,6 @@ def run_bucket_epoch(state: BucketState, batches: Iterable[torch.Tensor], step0:
             cb(state, step)
         losses[step] = state.step(tok)
         step += 1
-        for i, m in enumerate(state.members):   # views: a just-in-time checkpoint reads them as they stand
-            m.epoch_losses = losses[:, i]
         tok = next(it, None) if step < steps else None
     sync(state.device)
     ended = time.perf_counter()

@@ -22,7 +22,7 @@ from raywalk.records.checkpoints import RUN_DIR
 from raywalk.records.layout import BUCKETS
 from raywalk.records.lease import LeaseLost
 from raywalk.records.storage import Store
-from raywalk.science.bucket import check_bucketable
+from raywalk.science.bucket import check_bucketable, differing
 from raywalk.service import driver, ray_env, ray_private, stops
 
 # a bucket is one trainer: what its worker asks of the cluster must be one thing
@@ -37,15 +37,12 @@ def bucket_id(experiment_ids: Sequence[str]) -> str:
 def check_members(cfgs: Sequence[Config]) -> None:
     """Refuse, before any cluster resource is taken, members that cannot train as one bucket."""
     check_bucketable(cfgs)
-    from raywalk.science.bucket import key_value
-
     many = [c for c in cfgs if c.run.workers != 1]
     if many:
         raise ConfigError(f"run.workers: {many[0].run.workers} is invalid in a bucket ({many[0].experiment_id()}): "
                           f"a bucket trains on one worker; train it alone (--bucket 1)")
-    diff = [k for k in SHARED_RUN if len({key_value(c, k) for c in cfgs}) > 1]
-    if diff:
-        shown = "; ".join(f"{k}: {sorted({key_value(c, k) for c in cfgs}, key=str)}" for k in diff)
+    shown = differing(cfgs, SHARED_RUN)
+    if shown:
         raise ConfigError(f"bucket: members differ in {shown}: one trainer runs them all")
     ids = [c.experiment_id() for c in cfgs]
     if len(set(ids)) != len(ids):

@@ -22,17 +22,17 @@ from raywalk.records import checkpoints as ckpt
 from raywalk.records.layout import BUCKETS
 from raywalk.records.result import ResultWriter
 from raywalk.records.corpus import Corpus
-from raywalk.records.lease import check_holder
+from raywalk.records.errors import byte_size
 from raywalk.records.storage import Store
 from raywalk.science.batches import ResidentWindows, token_dtype
 from raywalk.science.bucket import BucketState, BucketWindows, Member, run_bucket_epoch
 from raywalk.science.compliance import Compliance
 from raywalk.science.gate import Gate
 from raywalk.science.loop import record_epoch
-from raywalk.service import stops
+from raywalk.service import checkpointing, stops
 from raywalk.service.dataset import free_memory, load_resident
 from raywalk.service.trackers import open_trackers
-from raywalk.service.worker import Progress, WorkerSpec, _setup
+from raywalk.service.worker import Progress, WorkerSpec, _setup, notice_record
 
 
 @dataclass(frozen=True)
@@ -58,15 +58,16 @@ class BucketSpec:
         return {"id": self.bucket_id, "members": [m.experiment_id for m in self.members]}
 
 
-def _load(runs: list[Store], point: tuple[int, int], say) -> list[dict[str, Any]]:
+def _load(ios: list["_MemberIO"], point: tuple[int, int], say) -> list[dict[str, Any]]:
+    """Every member's state at `point` (its newest, already read, where that is the point)."""
     name = ckpt.dir_name(*point)
     states = []
-    for r in runs:
+    for io in ios:
         try:
-            states.append(ckpt.read(r.sub(name)))
+            states.append(io.newest[0] if io.newest[1] == name else ckpt.read(io.run.sub(name)))
         except ckpt.CheckpointError as e:
-            raise ckpt.CheckpointError(f"checkpoint {r.child_uri(name)} is unusable: {e}") from None
-    stream = [r.child_uri(name) for r, s in zip(runs, states) if s.get("data_path") == "stream"]
+            raise ckpt.CheckpointError(f"checkpoint {io.run.child_uri(name)} is unusable: {e}") from None
+    stream = [io.run.child_uri(name) for io, s in zip(ios, states) if s.get("data_path") == "stream"]
     if stream:
         raise ConfigError(f"bucket: {stream[0]} streamed its data (train.data): a bucket trains on the resident "
                           f"path and a run never switches; train it alone (--bucket 1)")
@@ -74,10 +75,9 @@ def _load(runs: list[Store], point: tuple[int, int], say) -> list[dict[str, Any]
     return states
 
 
-def finished(root: Store, member: WorkerSpec, say) -> bool:
+def finished(state: dict[str, Any] | None, member: WorkerSpec) -> bool:
     """A member whose newest checkpoint is its last (gate passed, or max_epochs): it left the bucket before a
     restart, and stays out of it."""
-    state, _ = ckpt.newest(root.sub(member.experiment_id, ckpt.RUN_DIR), say)
     return state is not None and (state["gate_epoch"] is not None
                                   or int(state["epoch"]) >= member.config.train.max_epochs)
 
@@ -85,10 +85,10 @@ def finished(root: Store, member: WorkerSpec, say) -> bool:
 class _MemberIO:
     """One member's records: where its checkpoints go, its result.json writer, its trackers and its gate."""
 
-    def __init__(self, spec: WorkerSpec, bucket: BucketSpec, root: Store, device: torch.device):
+    def __init__(self, spec: WorkerSpec, bucket: BucketSpec, root: Store, device: torch.device, newest):
         self.spec, self.eid = spec, spec.experiment_id
-        self.exp = root.sub(spec.experiment_id)
-        self.run = self.exp.sub(ckpt.RUN_DIR)
+        self.run = root.sub(spec.experiment_id, ckpt.RUN_DIR)
+        self.newest = newest   # (state, name) of its newest intact checkpoint, (None, None) if none
         self.corpus = Corpus(Store.open(spec.corpus_uri), spec.corpus_manifest)
         self.gate = Gate(spec.gate_starts, self.corpus.rule_table(), spec.config)
         self.writer = ResultWriter(root, spec.experiment_id, spec.config, 1, device.type, bucket.driver_token,
@@ -98,8 +98,7 @@ class _MemberIO:
     def checkpoint(self, state: BucketState, i: int, step: int = 0) -> str:
         m = state.members[i]
         name = ckpt.dir_name(m.epoch, step)
-        if self.spec.lease_holder:   # never write into a run that another driver has taken over
-            check_holder(self.exp, self.eid, self.spec.lease_holder)
+        checkpointing.check_lease(self.spec)   # never write into a run that another driver has taken over
         ckpt.write(self.run, name, state.member_state(i, step), ckpt.dir_name(m.gate_epoch) if m.gate_epoch else None,
                    corpus=self.corpus.identity)
         return name
@@ -110,12 +109,12 @@ def _windows(ios: list[_MemberIO], cfg, device: torch.device, say) -> BucketWind
     need = sum(io.spec.n_windows for io in ios) * (cfg.w + 1) * (torch.iinfo(dtype).bits // 8)
     free = free_memory(device)
     if need > free:
-        raise ConfigError(f"bucket: the members' windows take {need / 2**20:.1f} MB, more than the "
-                          f"{free / 2**20:.1f} MB free on {device}; use a smaller --bucket")
+        raise ConfigError(f"bucket: the members' windows take {byte_size(need)}, more than the "
+                          f"{byte_size(free)} free on {device}; use a smaller --bucket")
     t = time.perf_counter()
     data = BucketWindows([ResidentWindows(load_resident(io.corpus, cfg.w, io.spec.n_windows, dtype, device),
                                           io.spec.config.seed, cfg.train.batch_size) for io in ios])
-    say(f"data: resident on {device}, {need / 2**20:.1f} MB {str(dtype).removeprefix('torch.')} for "
+    say(f"data: resident on {device}, {byte_size(need)} {str(dtype).removeprefix('torch.')} for "
         f"{len(ios)} members, loaded in {time.perf_counter() - t:.1f}s")
     return data
 
@@ -163,9 +162,7 @@ class _Notices:
         self.seen.add(key)
         names = [io.checkpoint(state, i, step) for i, io in enumerate(self.members())]
         for io, name in zip(self.members(), names):
-            io.writer.notice({"at_step": step, "epoch": state.members[0].epoch + 1, "checkpoint": name,
-                              "nodes": info.preempted_node_ids, "ranks": info.preempted_ranks,
-                              "deadline_ms": info.deadline_ms})
+            io.writer.notice(notice_record(info, state.members[0].epoch + 1, step, name))
         self.say(f"preemption notice: node(s) {', '.join(n[:8] for n in info.preempted_node_ids)} reclaimed; "
                  f"just-in-time checkpoint {names[0]} of every member at epoch {state.members[0].epoch + 1} "
                  f"step {step}; training on until the node goes")
@@ -178,14 +175,18 @@ def train_bucket_loop(spec: BucketSpec) -> None:
     cfg = spec.config
     _, _, device, say = _setup(spec)
     root = Store.open(cfg.run.storage)
-    ios = [_MemberIO(m, spec, root, device) for m in spec.members if not finished(root, m, say)]
+    newest = {m.experiment_id: ckpt.newest(root.sub(m.experiment_id, ckpt.RUN_DIR), say) for m in spec.members}
+    ios = [_MemberIO(m, spec, root, device, newest[m.experiment_id]) for m in spec.members
+           if not finished(newest[m.experiment_id][0], m)]
     if not ios:
         return
     steps = spec.members[0].steps_per_epoch
     state = BucketState([io.spec.config for io in ios], steps, device, [io.eid for io in ios])
     point = ckpt.common_point([io.run for io in ios])
     if point is not None:
-        state.load_members(_load([io.run for io in ios], point, say))
+        state.load_members(_load(ios, point, say))
+    for io in ios:
+        io.newest = None   # loaded into the rows: not kept beside them
     for io, m in zip(ios, state.members):
         if point is not None:
             io.writer.resumed(ckpt.dir_name(*point), m.epoch + 1, point[1])

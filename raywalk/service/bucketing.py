@@ -22,7 +22,7 @@ from raywalk.config import Config, ConfigError
 from raywalk.science.bucket import bucket_key, member_bytes
 from raywalk.science.bucket import key_value
 from raywalk.service.bucket_driver import SHARED_RUN, bucket_id
-from raywalk.service.windows import windows_per_walk
+from raywalk.service.windows import planned_windows
 
 CPU_DEFAULT = 8
 CPU_BUCKET_FLOPS = 2e9   # per member-step: d_model 8 (0.01 GFLOP) 2.1x, the quickstart model (0.7) 1.0x, the anchor (23) <1
@@ -39,10 +39,6 @@ def bucketable(cfg: Config) -> bool:
 
 def group_key(cfg: Config) -> tuple:
     return (bucket_key(cfg), tuple(key_value(cfg, k) for k in SHARED_RUN))
-
-
-def n_windows(cfg: Config) -> int:
-    return cfg.corpus.corpus_size * windows_per_walk(cfg.corpus.walk_length, cfg.w)
 
 
 def budget(cfg: Config, host_available: int) -> tuple[int, str]:
@@ -72,12 +68,12 @@ def default_k(cfg: Config, host_available: int) -> int:
     if cfg.run.gpus_per_worker == 0:   # a CPU gains only where the step is overhead, not arithmetic
         return CPU_DEFAULT if step_flops(cfg) <= CPU_BUCKET_FLOPS else 1
     room, _ = budget(cfg, host_available)
-    return max(1, min(GPU_MAX, room // member_bytes(cfg, n_windows(cfg))))
+    return max(1, min(GPU_MAX, room // member_bytes(cfg, planned_windows(cfg))))
 
 
 def check_fits(members: Sequence[Config], host_available: int) -> None:
     """Refuse a bucket whose estimated memory exceeds its worker's budget (the estimate and the budget)."""
-    need = sum(member_bytes(c, n_windows(c)) for c in members)
+    need = sum(member_bytes(c, planned_windows(c)) for c in members)
     room, what = budget(members[0], host_available)
     if need > room:
         raise ConfigError(f"bucket: {len(members)} members need about {need / 2**30:.2f} GiB (weights, optimizer, "

@@ -49,7 +49,7 @@ def report(state: TrainingState, spec: Any, rank: int, metrics: dict[str, Any], 
     checkpoint = None
     try:
         if rank == 0:
-            _check_lease(spec)   # never write into a run that another driver has taken over
+            check_lease(spec)   # never write into a run that another driver has taken over
             ckpt.save(tmp, state.state_dict(rng, spec.experiment_id, losses), corpus=identity(spec.corpus_manifest))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         with _removed_if_upload_fails(spec, name, uploading=rank == 0):   # a full disk: one clear stop
@@ -61,7 +61,7 @@ def report(state: TrainingState, spec: Any, rank: int, metrics: dict[str, Any], 
     return name
 
 
-def _check_lease(spec: Any) -> None:
+def check_lease(spec: Any) -> None:
     """LeaseLost unless this worker's driver still holds the experiment's lease (before a durable write)."""
     holder = getattr(spec, "lease_holder", "")
     if holder:

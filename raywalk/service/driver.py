@@ -21,7 +21,7 @@ from raywalk.service import stops
 from raywalk.service import trackers
 from raywalk.records.checkpoints import KEEP, corpora, info as checkpoint_info, resume_hint
 from raywalk.config import Config, ConfigError
-from raywalk.service.windows import windows_per_walk
+from raywalk.service.windows import planned_windows
 from raywalk.service.corpus import build_corpus, ray_mapper
 from raywalk.records.lease import LeaseLost
 from raywalk.records.result import count_restarts
@@ -114,7 +114,7 @@ def train(cfg: Config, *, fresh: bool = False, verbose: bool = False, progress: 
 
 def check_before_ray(cfg: Config) -> None:
     """Refuse what cannot train before any cluster resources are taken."""
-    planned = cfg.corpus.corpus_size * windows_per_walk(cfg.corpus.walk_length, cfg.w)
+    planned = planned_windows(cfg)
     if steps_per_epoch(cfg, planned) < 1:
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is invalid: the corpus gives only {planned} "
                           f"windows of w+1 tokens, fewer than one batch per worker")

@@ -14,6 +14,11 @@ def windows_per_walk(walk_length: int, w: int) -> int:
     return walk_length // (w + 1)
 
 
+def planned_windows(cfg) -> int:
+    """The train windows a config's corpus will give (before it is built: its planned walks)."""
+    return cfg.corpus.corpus_size * windows_per_walk(cfg.corpus.walk_length, cfg.w)
+
+
 def walks_to_windows(walks: np.ndarray, w: int) -> np.ndarray:
     """(N, L) walks -> (N * floor(L/(w+1)), w+1) non-overlapping windows, walk-major."""
     n, L = walks.shape

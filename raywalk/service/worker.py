@@ -130,14 +130,18 @@ class NoticeWatch:
         name = checkpointing.report(state, self.spec, self.rank,
                                     {"epoch": state.epoch, "step": state.step, "preemption": True})
         if self.writer is not None:
-            self.writer.notice({"at_step": state.step, "epoch": state.epoch + 1, "checkpoint": name,
-                                "nodes": info.preempted_node_ids, "ranks": info.preempted_ranks,
-                                "deadline_ms": info.deadline_ms})
+            self.writer.notice(notice_record(info, state.epoch + 1, state.step, name))
         self.say(f"preemption notice: node(s) {', '.join(n[:8] for n in info.preempted_node_ids)} "
                  f"(ranks {info.preempted_ranks}) reclaimed"
                  + (f" in {left:.0f}s" if left is not None else "")
                  + f"; just-in-time checkpoint {self.checkpoints.child_uri(name)} at epoch {state.epoch + 1} "
                    f"step {state.step}; training on until the node goes")
+
+
+def notice_record(info: Any, epoch: int, step: int, checkpoint: str) -> dict[str, Any]:
+    """What a reclaim notice leaves in the run's records (ResultWriter.notice): where it came and what it saved."""
+    return {"at_step": step, "epoch": epoch, "checkpoint": checkpoint, "nodes": info.preempted_node_ids,
+            "ranks": info.preempted_ranks, "deadline_ms": info.deadline_ms}
 
 
 class Progress:
