@@ -44,7 +44,7 @@ def test_each_members_losses_follow_its_solo_run():
     solos = [TrainingState.create(c, STEPS) for c in cfgs]
     solo_batches = [d.epoch(0) for d in data(cfgs)]
     for tok in BucketWindows(data(cfgs)).epoch(0):
-        got = b.step(tok)
+        got = b.train_step(tok)
         for i, s in enumerate(solos):
             t = next(solo_batches[i])
             assert torch.equal(t, tok[i])   # its own windows, in its own (seed, epoch) order
@@ -66,7 +66,7 @@ def test_a_member_checkpoint_is_a_solo_checkpoint_and_comes_back_exactly():
     for k in ("exp_avg", "exp_avg_sq"):
         assert torch.equal(again.optimizer.state[again.rows][k], b.optimizer.state[b.rows][k])
     tok = next(BucketWindows(data(cfgs)).epoch(1))
-    assert torch.equal(again.step(tok), b.step(tok))
+    assert torch.equal(again.train_step(tok), b.train_step(tok))
 
 
 def test_a_member_leaving_does_not_change_the_others():
@@ -74,13 +74,13 @@ def test_a_member_leaving_does_not_change_the_others():
     b3, b2 = BucketState(three, STEPS), BucketState(two, STEPS)
     d3, d2 = BucketWindows(data(three)), BucketWindows(data([three[0], three[2]]))
     it3, it2 = d3.epoch(0), d2.epoch(0)
-    b3.step(next(it3)), b2.step(next(it2))
+    b3.train_step(next(it3)), b2.train_step(next(it2))
     left = b3.drop([1])
     d3.keep([0, 2])
     assert [m.cfg.seed for m in left] == [2] and [m.cfg.seed for m in b3.members] == [1, 3]
     for tok3, tok2 in zip(d3.epoch(1), d2.epoch(1)):
         assert torch.equal(tok3, tok2)
-        assert torch.equal(b3.step(tok3), b2.step(tok2))
+        assert torch.equal(b3.train_step(tok3), b2.train_step(tok2))
     assert torch.equal(b3.rows, b2.rows)
 
 
@@ -117,3 +117,60 @@ def test_a_bucket_never_makes_a_tensor_without_saying_where():
         b.model_of(1)
         b.drop([0])
     assert torch.equal(want.rows[1], b.rows[0])
+
+
+def test_members_record_their_seams_and_a_resumed_epoch_counts_only_its_steps():
+    cfgs = members(1, 2)
+    b = BucketState(cfgs, STEPS)
+    feed = BucketWindows(data(cfgs))
+    first = run_bucket_epoch(b, feed.epoch(0))
+    assert first.steps == STEPS and all(m.timing.seam_seconds == [] for m in b.members)
+    for m in b.members:
+        m.epoch += 1
+    b.step_count = 0
+    second = run_bucket_epoch(b, feed.epoch(1), previous_end=first.ended)
+    assert all(len(m.timing.seam_seconds) == 1 and 0 <= m.timing.seam_seconds[0] < 60 for m in b.members)
+    c = BucketState(cfgs, STEPS)
+    for m in c.members:
+        m.epoch_losses = torch.zeros(4, dtype=torch.float64)
+    third = run_bucket_epoch(c, feed.epoch(1, 4), 4)   # the rest of an epoch: its steps
+    assert (second.steps, third.steps) == (STEPS, STEPS - 4)
+
+
+def test_a_compiled_bucket_resumes_exactly():
+    """train.compile in a bucket: the batched step compiled; a bucket stopped mid-epoch and restored from its
+    members' checkpoints repeats an uninterrupted compiled bucket bit for bit."""
+    from raywalk.science.loop import set_determinism
+
+    cfgs = [c.replace(**{"train.compile": True}) for c in members(1, 2)]
+    feed = BucketWindows(data(cfgs))
+    threads = torch.get_num_threads()
+    set_determinism(True)   # as a worker runs it (see test_loop's compiled test)
+    torch.set_num_threads(1)
+    try:
+        ref = BucketState(cfgs, STEPS)
+        assert ref._forward is not ref._losses   # compiled
+        eager = BucketState(members(1, 2), STEPS)
+        want = run_bucket_epoch(ref, feed.epoch(0)).losses
+        torch.testing.assert_close(want, run_bucket_epoch(eager, feed.epoch(0)).losses, rtol=1e-4, atol=1e-5)
+
+        a = BucketState(cfgs, STEPS)
+
+        class Stop(Exception):
+            pass
+
+        def stop(state):
+            if state.step == 3:
+                raise Stop
+
+        with pytest.raises(Stop):
+            run_bucket_epoch(a, feed.epoch(0), callbacks=[stop])
+        saved = [a.member_state(i, 3) for i in range(2)]
+        b = BucketState(cfgs, STEPS)
+        b.load_members(saved)
+        got = run_bucket_epoch(b, feed.epoch(0, 3), 3).losses
+        assert torch.equal(got, want)
+        assert torch.equal(b.rows, ref.rows)
+    finally:
+        set_determinism(False)
+        torch.set_num_threads(threads)

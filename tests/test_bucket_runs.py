@@ -142,3 +142,57 @@ def test_a_bucket_killed_mid_epoch_resumes_every_member_exactly(swept, tmp_path)
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
         assert all(torch.equal(x, y) for s, u in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values())
                    for x, y in zip(s.values(), u.values()))
+
+
+def test_members_whose_final_records_were_lost_are_rebuilt_by_a_rerun_of_the_bucket(swept, tmp_path):
+    import shutil
+
+    from tests.helpers import comparable
+
+    sweep, _, ref_root, path = swept
+    copy = tmp_path / "results"
+    shutil.copytree(path, copy, ignore=shutil.ignore_patterns("mlruns", "sweeps", "buckets"))
+    for p in sweep.points:   # every final write lost: each record as it stood an epoch before, still running
+        f = copy / p.experiment_id / "result.json"
+        r = json.loads(f.read_text())
+        steps = r["steps_per_epoch"]
+        r.update(status="running", epochs_trained=r["epochs_trained"] - 1)
+        r["curves"] = {k: v[:-steps] if k == "train_loss" else v[:-1] for k, v in r["curves"].items()}
+        f.write_text(json.dumps(r))
+    cfgs = [p.cfg.replace(**{"run.storage": str(copy), "run.trackers": []}) for p in sweep.points]
+    got = train_bucket(cfgs, progress=False, log=lambda s: None)   # all four restart together, none trains
+    for p, r in zip(sweep.points, got):
+        want = ref_root.read_json(f"{p.experiment_id}/result.json")
+        assert comparable(r) == comparable(want)
+        assert comparable(json.loads((copy / p.experiment_id / "result.json").read_text())) == comparable(want)
+        assert sorted(os.listdir(copy / p.experiment_id / "checkpoints")) == \
+            sorted(os.listdir(path / p.experiment_id / "checkpoints"))   # nothing trained, nothing written
+
+
+def test_a_member_continued_alone_finishes_with_its_checkpoints_kept_as_a_solo_runs(tmp_path):
+    from raywalk.service.driver import train
+
+    spec = sweep_spec(tmp_path)
+    spec["base"]["train"]["max_epochs"] = 5
+    spec["base"]["run"]["max_failures"] = 0   # the kill ends the bucket: stopped mid-way
+    cfgs = [p.cfg for p in parse_sweep({**spec, "grid": {"gate.rule": [1.0], "seed": [3, 4]}}).points]
+    runs = [tmp_path / c.experiment_id() / "checkpoints" for c in cfgs]
+    killed: list[int] = []
+    stop = threading.Event()
+    t = threading.Thread(target=_kill_mid_epoch, args=(runs, killed, stop), daemon=True)
+    t.start()
+    try:
+        with pytest.raises(Exception):
+            train_bucket(cfgs, progress=False, log=lambda s: None)
+    finally:
+        stop.set()
+        t.join()
+    assert killed and all(sorted(os.listdir(r))[-1] == ckpt.dir_name(1) for r in runs)
+    lines: list[str] = []
+    r = train(cfgs[0], progress=False, log=lines.append)   # its config alone: `raywalk train` on it
+    assert r["status"] == "failed" and r["epochs_trained"] == 5
+    assert r["bucket"]["continued_solo_from_epoch"] == 2
+    assert len(r["curves"]["train_loss"]) == 5 * r["steps_per_epoch"]
+    kept = sorted(n for n in os.listdir(runs[0]) if n.startswith("epoch_"))
+    assert kept == [ckpt.dir_name(e) for e in (3, 4, 5)]   # the bucket's epoch 1 pruned as Ray prunes its own
+    assert [n.rsplit("/", 1)[-1] for n in r["checkpoints"]["kept"]] == kept

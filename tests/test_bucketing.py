@@ -34,6 +34,21 @@ def test_same_shape_points_share_buckets_of_at_most_k_in_point_order():
             bucketing.group(ps, bad)
 
 
+def test_a_point_whose_settings_a_bucket_cannot_honour_trains_alone_and_says_why():
+    stream = ANCHOR.replace(**{"train.data": "stream", "seed": 9})
+    same = [ANCHOR.replace(seed=s) for s in range(3)]
+    got = bucketing.group(points(same[0], stream, *same[1:]), 8, host_available=2**40)
+    assert [[p.index for p in b] for _, b in got] == [[0, 2, 3], [1]]
+    assert "train.data stream" in bucketing.alone_reason(stream, 2**40)
+    need = planned_windows(ANCHOR) * (ANCHOR.w + 1) * 2   # int16 windows at n = 500
+    assert bucketing.alone_reason(ANCHOR, host_available=4 * need) is None   # within 0.5 of the host
+    why = bucketing.alone_reason(ANCHOR, host_available=need)
+    assert why.startswith("train.data_budget 0.5: its windows (78.0 MB) exceed the budget (39.0 MB)")
+    assert [len(b) for _, b in bucketing.group(points(*same), 8, host_available=need)] == [1, 1, 1]
+    resident = ANCHOR.replace(**{"train.data": "resident"})   # asked for resident: the budget does not apply
+    assert bucketing.alone_reason(resident, host_available=need) is None
+
+
 def test_the_default_k_is_what_fits_the_gpu_and_cpu_default_on_a_cpu():
     small = ANCHOR.replace(**{"w": 16, "graph.n": 64, "model.d_model": 64, "model.n_layers": 2,
                               "corpus.walk_length": 64, "corpus.corpus_size": 6400})   # the quickstart model

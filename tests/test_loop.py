@@ -177,7 +177,9 @@ def test_mid_epoch_resume_is_exact(corpus, stop_at):
     torch.manual_seed(1234)                              # whatever ran before the resume
     b = TrainingState.create(cfg, steps)
     b.load_state_dict(saved)
-    epoch_end(b, run_epoch(b, batches(1, b.step), steps), gate)   # reads nothing it skips
+    rest = run_epoch(b, batches(1, b.step), steps)
+    assert rest.steps == steps - stop_at   # what tokens/s counts: the steps this process ran
+    epoch_end(b, rest, gate)   # reads nothing it skips
     assert b.curves == ref.curves and (b.epoch, b.step) == (ref.epoch, ref.step) == (2, 0)
     for k, v in ref.model.state_dict().items():
         assert torch.equal(v, b.model.state_dict()[k]), k

@@ -210,3 +210,21 @@ def test_cli_dry_run_lists_points(tmp_path, capsys):
     assert main(["tune", str(ROOT / "configs" / "sweep_tiny.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "2 valid points" in out and "graph.n=32" in out
+
+
+def test_cli_dry_run_says_which_points_train_alone_and_why(tmp_path, capsys):
+    from raywalk.cli import main
+
+    d = sweep_dict(grid={"seed": [1, 2, 3]})
+    d["base"]["run"]["storage"] = str(tmp_path / "store")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(d))
+    assert main(["tune", str(tmp_path / "s.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "3 valid points in 1 trial(s)" in out and "3 same-shape points in one worker" in out and "alone" not in out
+    d["base"]["train"]["data"] = "stream"   # a setting a bucket cannot honour: each point trains alone
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(d))
+    assert main(["tune", str(tmp_path / "s.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "3 valid points in 3 trial(s)" in out
+    assert out.count("alone: train.data stream: a bucket holds its members' windows resident") == 3
+    assert not (tmp_path / "store").exists()

@@ -40,9 +40,17 @@ def run(args: argparse.Namespace) -> int:
     buckets = plan_buckets(list(sweep.points), args.bucket, sweep.bucket)   # refuses what cannot fit, before Ray
     if args.dry_run:
         print(f"sweep {sweep.sweep_id}: {len(sweep.points)} valid points in {len(buckets)} trial(s)")
+        import torch
+
+        from raywalk.service.bucketing import alone_reason
+        from raywalk.service.dataset import free_memory
+
+        host = free_memory(torch.device("cpu"))
         for tid, members in buckets:
             if len(members) > 1:
                 print(f"  {tid}: {len(members)} same-shape points in one worker")
+            elif args.bucket != 1 and alone_reason(members[0].cfg, host):
+                print(f"  alone: {alone_reason(members[0].cfg, host)}")
             for p in members:
                 g = ", ".join(f"{k}={v}" for k, v in p.grid.items())
                 print(f"  {'  ' if len(members) > 1 else ''}{p.index:3d}  {g}  corpus_size={p.cfg.corpus.corpus_size}"

@@ -140,8 +140,15 @@ def write(run: Store, name: str, state: dict[str, Any], gate: str | None = None,
     d = run.sub(name)
     d.write_bytes(STATE, files[STATE])
     d.write_bytes(MANIFEST, files[MANIFEST])
+    prune(run, gate)
+
+
+def prune(run: Store, gate: str | None, before_epoch: int | None = None) -> None:
+    """As Ray's num_to_keep does for the checkpoints it registers: only the newest KEEP complete ones stay, and
+    the gate's. `before_epoch`: only those older than that epoch go (a bucket member going on alone: the
+    bucket wrote those, Ray manages the rest)."""
     for old in names(run, complete=True)[:-KEEP]:
-        if old != gate:
+        if old != gate and (before_epoch is None or position(old)[0] < before_epoch):
             run.delete_dir(old)
 
 

@@ -30,8 +30,9 @@ import torch.nn.functional as F
 
 from raywalk.config import Config, ConfigError
 from raywalk.science.batches import ResidentWindows, epoch_permutation
-from raywalk.science.loop import (Curves, EpochRun, Timing, epoch_seed, make_optimizer, rng_state, seed_all,
-                                  set_rng_state, sync)
+from raywalk.science.gate import Gate, GateCounts
+from raywalk.science.loop import (Curves, EpochEnd, EpochRun, Timing, compiled, epoch_seed, make_optimizer,
+                                  rng_state, seed_all, set_rng_state, settle_epoch, sync)
 from raywalk.science.model import GPT
 from raywalk.science.schedule import make_scheduler
 
@@ -198,8 +199,11 @@ class BucketState:
             layout = layout or RowLayout.of(m)
             rows.append(layout.row(m.parameters()))
         self.layout: RowLayout = layout
+        self.step_count = 0   # steps of the members' current epoch done (a just-in-time checkpoint's point)
         self.template = m.to(device)   # a GPT of the shape on the bucket's device: each member's gate runs in it
         self.members = [Member(c, eid) for c, eid in zip(cfgs, experiment_ids or [""] * len(cfgs))]
+        # train.compile: the batched forward (and, through AOTAutograd, its backward) compiled; k changes recompile
+        self._forward = compiled(self._losses, torch.device(device)) if cfgs[0].train.compile else self._losses
         self._build(torch.stack(rows).to(device))
 
     def _build(self, rows: torch.Tensor, opt_state: dict | None = None, group: dict | None = None,
@@ -222,6 +226,15 @@ class BucketState:
         return len(self.members)
 
     @property
+    def step(self) -> int:   # what step callbacks read, as of a TrainingState
+        return self.step_count
+
+    @property
+    def epoch(self) -> int:
+        """Epochs every active member has finished (members step in lockstep)."""
+        return self.members[0].epoch
+
+    @property
     def device(self) -> torch.device:
         return self.rows.device
 
@@ -231,11 +244,15 @@ class BucketState:
 
     # ---- training ----
 
-    def step(self, tok: torch.Tensor) -> torch.Tensor:
+    def _losses(self, rows: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        return bucket_losses(self.layout.split_fused(rows), tok, cfg.model.n_layers, cfg.model.n_heads)
+
+    def train_step(self, tok: torch.Tensor) -> torch.Tensor:
         """One optimizer step for every member on its batch tok[i]; the (k,) losses, detached, on the device."""
         cfg = self.cfg
         with torch.autocast(tok.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
-            losses = bucket_losses(self.layout.split_fused(self.rows), tok, cfg.model.n_layers, cfg.model.n_heads)
+            losses = self._forward(self.rows, tok)
         self.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()   # member i's loss depends on row i alone: its gradient is its own
         clip_rows_(self.rows.grad, cfg.train.grad_clip)
@@ -356,11 +373,12 @@ class BucketWindows:
 # ---- one epoch ----------------------------------------------------------------------------
 
 def run_bucket_epoch(state: BucketState, batches: Iterable[torch.Tensor], step0: int = 0,
-                     callbacks: Iterable = ()) -> EpochRun:
+                     callbacks: Iterable = (), previous_end: float | None = None) -> EpochRun:
     """Train every active member through its next epoch from step `step0`; losses (steps, k) on the device.
 
     Mid-epoch (step0 > 0) each member's `epoch_losses` holds the steps already done. Callbacks get
-    the state and the steps done, before every step.
+    the state (state.step: steps done) before every step, as run_epoch's do. `previous_end`: when the
+    last epoch's last step ended in this process (each member's seam).
     """
     steps = state.steps_per_epoch
     losses = torch.zeros(steps, state.k, dtype=torch.float64, device=state.device)
@@ -373,19 +391,34 @@ def run_bucket_epoch(state: BucketState, batches: Iterable[torch.Tensor], step0:
     it = iter(batches)
     tok = next(it, None)
     started = time.perf_counter()
-    step = step0
-    while tok is not None and step < steps:
+    if step0 == 0:
+        for m in state.members:
+            m.timing.seam(m.epoch, started, previous_end)
+    state.step_count = step0
+    while tok is not None and state.step_count < steps:
         for cb in callbacks:
-            cb(state, step)
-        losses[step] = state.step(tok)
-        step += 1
-        tok = next(it, None) if step < steps else None
+            cb(state)
+        losses[state.step_count] = state.train_step(tok)
+        state.step_count += 1
+        tok = next(it, None) if state.step_count < steps else None
     sync(state.device)
     ended = time.perf_counter()
-    if step != steps:
-        raise RuntimeError(f"the bucket saw {step} batches in its epoch, expected {steps}")
-    return EpochRun(losses, ended - started, started - t0, started, ended)
+    if state.step_count != steps:
+        raise RuntimeError(f"the bucket saw {state.step_count} batches in its epoch, expected {steps}")
+    return EpochRun(losses, ended - started, started - t0, started, ended, steps - step0)
 
+
+def settle_members(state: BucketState, run: EpochRun, gates: Sequence[Gate], counts: Sequence[GateCounts],
+                   gate_seconds: float) -> list[EpochEnd]:
+    """Every member's epoch into its own record, as loop.epoch_end does a solo run's (the bucket's shared
+    train and gate walls in each member's timing); one EpochEnd per member, in row order."""
+    ends = []
+    for i, (m, g, c) in enumerate(zip(state.members, gates, counts)):
+        losses = run.losses[:, i].tolist()
+        passed = settle_epoch(m, losses, c.comp, g, run.train_seconds, gate_seconds)
+        ends.append(EpochEnd(float(np.mean(losses)), c.comp, c.by_r, passed))
+    state.step_count = 0
+    return ends
 
 
 # ---- memory ---------------------------------------------------------------------------------

@@ -242,6 +242,7 @@ class EpochRun:
     first_batch_seconds: float  # from the call until the first batch was in hand
     started: float              # perf_counter() when the first step began
     ended: float                # perf_counter() when the last step's work was done
+    steps: int                  # steps run by this call (fewer than the epoch's after a mid-epoch resume)
 
 
 def run_epoch(state: TrainingState, batches: Iterable[torch.Tensor], steps: int, rank: int = 0,
@@ -287,7 +288,7 @@ def run_epoch(state: TrainingState, batches: Iterable[torch.Tensor], steps: int,
     ended = time.perf_counter()
     if state.step != steps:
         raise RuntimeError(f"rank {rank} saw {state.step} batches in epoch {state.epoch + 1}, expected {steps}")
-    return EpochRun(losses, ended - started, started - t0, started, ended)
+    return EpochRun(losses, ended - started, started - t0, started, ended, steps - start)
 
 
 def gather_epoch_losses(state: TrainingState) -> list[torch.Tensor]:
@@ -338,24 +339,26 @@ def epoch_end(state: TrainingState, run: EpochRun, gate: Gate) -> EpochEnd:
     t = time.perf_counter()
     counts = Gate.reduce(gate.evaluate(state.model), run.losses.device)
     losses = all_reduce_losses(run.losses).tolist()
-    comp = counts.comp
-    record_epoch(state.curves, state.timing, losses, comp, gate.n_distinct, run.train_seconds,
-                 time.perf_counter() - t)
-    passed = gate.passes(comp)
-    state.epoch += 1
-    state.step, state.epoch_losses = 0, None
-    if passed:
-        state.gate_epoch = state.epoch
-    return EpochEnd(float(np.mean(losses)), comp, counts.by_r, passed)
+    state.step = 0
+    passed = settle_epoch(state, losses, counts.comp, gate, run.train_seconds, time.perf_counter() - t)
+    return EpochEnd(float(np.mean(losses)), counts.comp, counts.by_r, passed)
 
 
-def record_epoch(c: Curves, timing: Timing, losses: list[float], comp: Compliance, n_distinct: int,
-                 train_seconds: float, gate_seconds: float) -> None:
-    """An epoch's figures appended to a run's curves and timing (a solo run's or a bucket member's)."""
+def settle_epoch(rec: Any, losses: list[float], comp: Compliance, gate: Gate, train_seconds: float,
+                 gate_seconds: float) -> bool:
+    """An epoch's figures into one experiment's record (a TrainingState or a bucket Member: curves, timing,
+    epoch, gate_epoch, epoch_losses), the epoch counted done; whether its gate passed."""
+    c, timing = rec.curves, rec.timing
     timing.train_seconds.append(train_seconds)
     timing.gate_seconds.append(gate_seconds)
     c.train_loss += losses
     c.edge_compliance.append(comp.edge)
     c.rule_compliance.append(comp.rule)
     c.n_rule_checks.append(comp.rule_total)
-    c.n_distinct_sequences.append(n_distinct)
+    c.n_distinct_sequences.append(gate.n_distinct)
+    passed = gate.passes(comp)
+    rec.epoch += 1
+    rec.epoch_losses = None
+    if passed:
+        rec.gate_epoch = rec.epoch
+    return passed

@@ -25,9 +25,11 @@ from raywalk.records.storage import Store
 from raywalk.science.bucket import check_bucketable, differing
 from raywalk.service import driver, ray_env, ray_private, stops
 
-# a bucket is one trainer: what its worker asks of the cluster must be one thing
+# a bucket is one trainer: what its worker asks of the cluster, and how often Ray Train restarts it (its one
+# FailureConfig), must be one thing
 SHARED_RUN = ("run.storage", "run.cpus_per_worker", "run.gpus_per_worker", "run.accelerator_type",
-              "run.deterministic", "corpus.walk_length", "corpus.corpus_size")
+              "run.deterministic", "run.max_failures", "run.max_preemptions", "corpus.walk_length",
+              "corpus.corpus_size")
 
 
 def bucket_id(experiment_ids: Sequence[str]) -> str:
@@ -87,7 +89,8 @@ def _train_leased(cfgs: list[Config], root: Store, *, verbose: bool, progress: b
         import ray
 
         driver.check_storage_reachable(root, ray.nodes())
-        specs = [driver.worker_spec(c, root, eid, verbose=verbose, progress=False, log=log, holder=h.holder)
+        each = log if verbose else _quiet   # per-member lines (corpus, start, outcome): a bucket of 64 says 64 less
+        specs = [driver.worker_spec(c, root, eid, verbose=verbose, progress=False, log=each, holder=h.holder)
                  for c, eid, h in zip(cfgs, ids, held)]
         steps = {s.experiment_id: s.steps_per_epoch for s in specs}
         if len(set(steps.values())) > 1:
@@ -107,7 +110,21 @@ def _train_leased(cfgs: list[Config], root: Store, *, verbose: bool, progress: b
         gone = [h for h in held if h.lost]
         if gone:
             raise LeaseLost(gone[0].lost)
-        return {eid: driver.finalise(root, eid, log, held=h) for eid, h in zip(ids, held)}
+        results = {eid: driver.finalise(root, eid, each, held=h) for eid, h in zip(ids, held)}
+        log(f"bucket {bid}: " + outcome_counts(results.values()) + f"; results under {root.uri}")
+        return results
+
+
+def _quiet(line: str) -> None:
+    pass
+
+
+def outcome_counts(results) -> str:
+    """"2 passed, 1 failed, 1 interrupted": a bucket's members by status, in one phrase."""
+    n: dict[str, int] = {}
+    for r in results:
+        n[str(r.get("status"))] = n.get(str(r.get("status")), 0) + 1
+    return ", ".join(f"{v} {k}" for k, v in sorted(n.items()))
 
 
 def _trainer(spec, root: Store, callbacks: list | None):
@@ -124,7 +141,7 @@ def _trainer(spec, root: Store, callbacks: list | None):
                                                accelerator_type=cfg.run.accelerator_type or None),
         run_config=ray.train.RunConfig(
             name="train", storage_path=root.sub(BUCKETS, spec.bucket_id).path(), storage_filesystem=root.fs,
-            failure_config=ray.train.FailureConfig(max_failures=max(m.config.run.max_failures for m in spec.members),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures,   # shared (SHARED_RUN)
                                                    max_preemption_failures=cfg.run.max_preemptions),
             callbacks=callbacks,
             worker_runtime_env={"env_vars": driver.worker_env(cfg, spec.verbose)},

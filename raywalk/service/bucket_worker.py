@@ -7,10 +7,11 @@ records, its trackers. The bucket's own Ray run holds no checkpoint: where it go
 from is read off the members' directories, the newest point (epoch, step) at which
 every active member has an intact checkpoint. Members step in lockstep, so after a
 kill that is the last epoch (or just-in-time) checkpoint they all finished writing.
+Every member is gated in one batched pass (science/bucket_gate.py); the rest of an
+epoch's end, and the reclaim-notice watcher, are the solo run's (service/epoch_end.py).
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -25,14 +26,15 @@ from raywalk.records.corpus import Corpus
 from raywalk.records.errors import byte_size
 from raywalk.records.storage import Store
 from raywalk.science.batches import ResidentWindows, token_dtype
-from raywalk.science.bucket import BucketState, BucketWindows, Member, run_bucket_epoch
-from raywalk.science.compliance import Compliance
+from raywalk.records import result
+from raywalk.science.bucket import BucketState, BucketWindows, run_bucket_epoch, settle_members
 from raywalk.science.gate import Gate
-from raywalk.science.loop import record_epoch
+from raywalk.science.loop import TrainingState
 from raywalk.service import checkpointing, stops
 from raywalk.service.dataset import free_memory, load_resident
+from raywalk.service.epoch_end import Console, Experiment, NoticeWatch, Progress, finish_epoch
 from raywalk.service.trackers import open_trackers
-from raywalk.service.worker import Progress, WorkerSpec, _setup, notice_record
+from raywalk.service.worker import WorkerSpec, _setup
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ def finished(state: dict[str, Any] | None, member: WorkerSpec) -> bool:
 
 
 class _MemberIO:
-    """One member's records: where its checkpoints go, its result.json writer, its trackers and its gate."""
+    """One member's records: where its checkpoints go, its result.json writer and its gate."""
 
     def __init__(self, spec: WorkerSpec, bucket: BucketSpec, root: Store, device: torch.device, newest):
         self.spec, self.eid = spec, spec.experiment_id
@@ -93,7 +95,6 @@ class _MemberIO:
         self.gate = Gate(spec.gate_starts, self.corpus.rule_table(), spec.config)
         self.writer = ResultWriter(root, spec.experiment_id, spec.config, 1, device.type, bucket.driver_token,
                                    spec.corpus_uri, lease_holder=spec.lease_holder, bucket=bucket.block).start()
-        self.tracking = None
 
     def checkpoint(self, state: BucketState, i: int, step: int = 0) -> str:
         m = state.members[i]
@@ -119,53 +120,22 @@ def _windows(ios: list[_MemberIO], cfg, device: torch.device, say) -> BucketWind
     return data
 
 
-def _gate_member(state: BucketState, i: int, io: _MemberIO, losses: torch.Tensor, train_seconds: float):
-    """Member i's gate and its epoch in its own curves (as loop.epoch_end does for a solo run)."""
-    m: Member = state.members[i]
-    t = time.perf_counter()
-    counts = io.gate.evaluate(state.model_of(i))
-    passed = io.gate.passes(counts.comp)
-    m.epoch += 1
-    m.epoch_losses = None
-    if passed:
-        m.gate_epoch = m.epoch
-    record_epoch(m.curves, m.timing, losses.tolist(), counts.comp, io.gate.n_distinct, train_seconds,
-                 time.perf_counter() - t)
-    return counts, passed
+def _gate(state: BucketState, gates: list[Gate]) -> list:
+    from raywalk.science.bucket_gate import gate_members
+
+    return gate_members(state, gates)
 
 
-def _say_epoch(say, io: _MemberIO, m: Member, loss: float, comp: Compliance, passed: bool, seconds: float) -> None:
-    say(f"[{io.eid}] epoch {m.epoch}/{m.cfg.train.max_epochs}  loss {loss:.3f}  edge {comp.edge:.3f}  "
-        f"rule {comp.rule:.3f}  gate {'PASS' if passed else 'no'}  {seconds:.0f}s")
-
-
-class _Notices:
-    """Polls for a spot reclaim notice every run.preemption_check_seconds (one worker: no barrier to agree on)
-    and, once per notice, writes every member's just-in-time checkpoint at the step it stands at."""
-
-    def __init__(self, seconds: float, members, say):
-        watching = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1") != "0"
-        self.seconds = seconds if watching else 0.0
-        self.members, self.say, self.next, self.seen = members, say, 0.0, set()
-
-    def __call__(self, state: BucketState, step: int) -> None:
-        now = time.monotonic()
-        if not self.seconds or step == 0 or now < self.next:
-            return   # step 0: the epoch checkpoint just written is this point
-        self.next = now + self.seconds
-        import ray.train
-
-        info = ray.train.get_preemption_info()
-        key = None if info is None else (tuple(info.preempted_node_ids), info.deadline_ms)
-        if key is None or key in self.seen:
-            return
-        self.seen.add(key)
-        names = [io.checkpoint(state, i, step) for i, io in enumerate(self.members())]
-        for io, name in zip(self.members(), names):
-            io.writer.notice(notice_record(info, state.members[0].epoch + 1, step, name))
-        self.say(f"preemption notice: node(s) {', '.join(n[:8] for n in info.preempted_node_ids)} reclaimed; "
-                 f"just-in-time checkpoint {names[0]} of every member at epoch {state.members[0].epoch + 1} "
-                 f"step {step}; training on until the node goes")
+def _record_done(io: _MemberIO, root: Store, device: torch.device) -> None:
+    """A member whose newest checkpoint is its last but whose result.json is not (its last write was lost):
+    gate the checkpoint's model again (greedy: the same counts) and rewrite its record, as a solo run does."""
+    cfg = io.spec.config
+    state = TrainingState.create(cfg, io.spec.steps_per_epoch, device)
+    state.load_state_dict(io.newest[0])
+    exp = Experiment(io.eid, state, io.gate, io.spec.steps_per_epoch, io.writer,
+                     open_trackers(cfg, root, io.eid, state.curves))
+    exp.write(Gate.reduce(io.gate.evaluate(state.model), device))
+    exp.close()
 
 
 def train_bucket_loop(spec: BucketSpec) -> None:
@@ -175,9 +145,13 @@ def train_bucket_loop(spec: BucketSpec) -> None:
     cfg = spec.config
     _, _, device, say = _setup(spec)
     root = Store.open(cfg.run.storage)
-    newest = {m.experiment_id: ckpt.newest(root.sub(m.experiment_id, ckpt.RUN_DIR), say) for m in spec.members}
-    ios = [_MemberIO(m, spec, root, device, newest[m.experiment_id]) for m in spec.members
-           if not finished(newest[m.experiment_id][0], m)]
+    ios = []
+    for m in spec.members:
+        newest = ckpt.newest(root.sub(m.experiment_id, ckpt.RUN_DIR), say)
+        if not finished(newest[0], m):
+            ios.append(_MemberIO(m, spec, root, device, newest))
+        elif result.read_finished(root.sub(m.experiment_id), log=lambda s: None) is None:
+            _record_done(_MemberIO(m, spec, root, device, newest), root, device)   # before the bucket seeds its rows
     if not ios:
         return
     steps = spec.members[0].steps_per_epoch
@@ -185,51 +159,52 @@ def train_bucket_loop(spec: BucketSpec) -> None:
     point = ckpt.common_point([io.run for io in ios])
     if point is not None:
         state.load_members(_load(ios, point, say))
-    for io in ios:
-        io.newest = None   # loaded into the rows: not kept beside them
+    exps = []
     for io, m in zip(ios, state.members):
+        io.newest = None   # loaded into the rows: not kept beside them
         if point is not None:
             io.writer.resumed(ckpt.dir_name(*point), m.epoch + 1, point[1])
-        io.tracking = open_trackers(m.cfg, root, io.eid, m.curves)
+        exps.append(Experiment(io.eid, m, io.gate, steps, io.writer, open_trackers(m.cfg, root, io.eid, m.curves)))
     data = _windows(ios, cfg, device, say)
     step0 = point[1] if point else 0
-    notices = _Notices(cfg.run.preemption_check_seconds, lambda: ios, say)
-    stop_poll = stops.StopPoll(spec.driver_token)   # a lost lease the driver recorded (a Tune trial's)
-    while state.k:
-        t0, epoch = time.perf_counter(), state.members[0].epoch
-        progress = Progress(tqdm(total=steps, desc=f"bucket {spec.bucket_id} epoch {epoch + 1}", unit="step"),
-                            step0) if spec.progress else None
-        callbacks = [lambda st, s: stop_poll(st), notices] + ([lambda st, s: progress(_Steps(s))] if progress else [])
-        run = run_bucket_epoch(state, data.epoch(epoch, step0, steps), step0, callbacks)
-        if progress is not None:
-            progress.close(_Steps(steps))
-        step0, leaving, metrics = 0, [], {"epoch": epoch + 1, "members": state.k, "passed": 0}
+
+    def save_now(st: BucketState):   # a reclaim notice: every member's just-in-time checkpoint
+        return [(io.writer, name, io.run.child_uri(name))
+                for io, name in zip(ios, [io.checkpoint(st, i, st.step) for i, io in enumerate(ios)])]
+
+    def save(metrics: dict) -> None:   # the epoch's checkpoints, each in its member's run; then one report
         for i, io in enumerate(ios):
-            m = state.members[i]
-            counts, passed = _gate_member(state, i, io, run.losses[:, i], run.train_seconds)
-            t = time.perf_counter()
             io.checkpoint(state, i)
-            m.timing.checkpoint_seconds.append(time.perf_counter() - t)
-            io.writer.epoch_done(m.curves, counts.comp, m.gate_epoch, m.epoch, io.gate.n_distinct, steps,
-                                 by_r=counts.by_r, timing=m.timing, data=m.data_path)
-            if io.tracking is not None:
-                io.tracking.epoch_end(m.curves)
-            _say_epoch(say, io, m, float(run.losses[:, i].mean()), counts.comp, passed, time.perf_counter() - t0)
-            metrics["passed"] += int(passed)
-            if m.done:
-                leaving.append(i)
         ray.train.report(metrics)
+
+    console = Console(say, spec.bucket_id, spec.verbose)
+    watch = NoticeWatch(cfg.run.preemption_check_seconds, steps, save_now, say)
+    stop_poll = stops.StopPoll(spec.driver_token)   # a lost lease the driver recorded (a Tune trial's)
+    previous_end = None
+    while state.k:
+        t0 = time.perf_counter()
+        callbacks: list = [stop_poll]
+        if watch.active:
+            watch.start_epoch(step0)
+            callbacks.append(watch)
+        progress = Progress(tqdm(total=steps, desc=f"bucket {spec.bucket_id} epoch {state.epoch + 1}", unit="step"),
+                            step0) if spec.progress else None
+        if progress is not None:
+            callbacks.append(progress)
+        run = run_bucket_epoch(state, data.epoch(state.epoch, step0, steps), step0, callbacks, previous_end)
+        if progress is not None:
+            progress.close(state)
+        gates = [x.gate for x in exps]
+        t = time.perf_counter()
+        counts = _gate(state, gates)   # every member's greedy walks in one batched pass
+        ends = settle_members(state, run, gates, counts, time.perf_counter() - t)
+        finish_epoch(exps, run, ends, save, console, t0)
+        leaving = [i for i, m in enumerate(state.members) if m.done]
         for i in leaving:
-            if ios[i].tracking is not None:
-                ios[i].tracking.close()
-            say(f"[{ios[i].eid}] leaves the bucket: gate {'passed' if state.members[i].gate_epoch else 'not passed'} "
-                f"after {state.members[i].epoch} epoch(s)")
+            exps[i].close()
+            console.left(exps[i])
         state.drop(leaving)
         data.keep([i for i in range(len(ios)) if i not in leaving])
         ios = [io for i, io in enumerate(ios) if i not in leaving]
-
-
-@dataclass
-class _Steps:
-    """What Progress reads of a state: the steps done."""
-    step: int
+        exps = [x for i, x in enumerate(exps) if i not in leaving]
+        step0, previous_end = 0, run.ended

@@ -2,8 +2,8 @@
 
 Points share a bucket when they share the model shape and schedule (science/bucket.py
 BUCKET_KEY) and what their one trainer asks of the cluster (bucket_driver.SHARED_RUN,
-which fixes the steps per epoch too); points that cannot share a step (several workers,
-dropout) are buckets of one and train as today. Buckets are cut in point order, at most
+which fixes the steps per epoch too); points a bucket cannot honour (several workers, dropout,
+streamed data: `alone_reason`) are buckets of one and train as today. Buckets are cut in point order, at most
 K members each.
 
 The default K: on a GPU worker, the most members whose measured memory
@@ -18,9 +18,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
+
 from raywalk.config import Config, ConfigError
-from raywalk.science.bucket import bucket_key, member_bytes
-from raywalk.science.bucket import key_value
+from raywalk.records.errors import byte_size
+from raywalk.science.batches import token_dtype
+from raywalk.science.bucket import bucket_key, key_value, member_bytes
 from raywalk.service.bucket_driver import SHARED_RUN, bucket_id
 from raywalk.service.windows import planned_windows
 
@@ -33,8 +36,24 @@ GPU_GIB = {"T4": 16, "V100": 16, "A10G": 24, "L4": 24, "A100": 40, "A100-80G": 8
 UNKNOWN_GPU_GIB = 16
 
 
-def bucketable(cfg: Config) -> bool:
-    return cfg.run.workers == 1 and cfg.model.dropout == 0.0
+def alone_reason(cfg: Config, host_available: int | None = None) -> str | None:
+    """Why this point cannot be a bucket member and trains alone (today's solo path), or None.
+
+    A bucket trains its members on one worker, on resident windows, with one dropout-free batched
+    step: a point asking otherwise would have its setting silently ignored in a bucket."""
+    if cfg.run.workers != 1:
+        return f"run.workers {cfg.run.workers}: a bucket trains on one worker"
+    if cfg.model.dropout != 0.0:
+        return f"model.dropout {cfg.model.dropout:g}: bucketed members train with dropout 0"
+    if cfg.train.data == "stream":
+        return "train.data stream: a bucket holds its members' windows resident"
+    if host_available is not None and cfg.run.gpus_per_worker == 0:
+        need = planned_windows(cfg) * (cfg.w + 1) * (torch.iinfo(token_dtype(cfg.graph.n)).bits // 8)
+        room = cfg.train.data_budget * host_available
+        if cfg.train.data == "auto" and need > room:
+            return (f"train.data_budget {cfg.train.data_budget:g}: its windows ({byte_size(need)}) exceed the budget "
+                    f"({byte_size(room)}), so it streams; a bucket holds its members' windows resident")
+    return None
 
 
 def group_key(cfg: Config) -> tuple:
@@ -81,14 +100,15 @@ def check_fits(members: Sequence[Config], host_available: int) -> None:
                           f"use a smaller --bucket")
 
 
-def group(points: Sequence, k: int) -> list[tuple[str, list]]:
-    """(bucket id, its points) in point order: same-key points, at most k to a bucket."""
+def group(points: Sequence, k: int, host_available: int | None = None) -> list[tuple[str, list]]:
+    """(bucket id, its points) in point order: same-key points, at most k to a bucket; a point with an
+    `alone_reason` is a bucket of one."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"--bucket: {k!r} is invalid: must be a whole number >= 1 (1: one experiment per trial)")
     open_: dict[tuple, list] = {}
     out: list[list] = []
     for p in points:
-        if k == 1 or not bucketable(p.cfg):
+        if k == 1 or alone_reason(p.cfg, host_available) is not None:
             out.append([p])
             continue
         key = group_key(p.cfg)

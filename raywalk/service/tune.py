@@ -270,7 +270,7 @@ def plan_buckets(points: list[Point], bucket: int | None, sweep_bucket: int | No
 
     host = free_memory(torch.device("cpu"))
     k = bucket or sweep_bucket or (bucketing.default_k(points[0].cfg, host) if points else 1)
-    buckets = bucketing.group(points, k)
+    buckets = bucketing.group(points, k, host)
     for _, members in buckets:
         if len(members) > 1:
             bucketing.check_fits([p.cfg for p in members], host)

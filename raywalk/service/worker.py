@@ -2,15 +2,15 @@
 
 It sets the worker up (threads, device, determinism), restores the resume
 point (Ray's latest registered checkpoint, service/checkpointing.py), then per
-epoch: feed this worker's Ray Data shard to `run_epoch`, gate with `epoch_end`,
-report metrics + checkpoint, rewrite result.json (rank 0), print one line. It
+epoch: feed this worker's batches to `run_epoch`, gate with `epoch_end`, and
+hand the rest (report + checkpoint, result.json, trackers, the console line) to
+service/epoch_end.py, which a bucket's worker (service/bucket_worker.py) shares. It
 stops once the gate passes or the epochs run out. The science lives in science/loop.py and never sees Ray.
 """
 from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +20,7 @@ import torch
 from raywalk.science.gate import Gate
 from raywalk.service import checkpointing, ray_private, stops
 from raywalk.config import Config
+from raywalk.records import checkpoints as ckpt
 from raywalk.records.corpus import Corpus
 from raywalk.records.result import ResultWriter
 from raywalk.messages import quiet, tell
@@ -27,8 +28,8 @@ from raywalk.records.layout import RUN_DIR
 from raywalk.records.storage import Store
 from raywalk.science.batches import ResidentWindows
 from raywalk.service.dataset import DataPlan, epoch_stream, load_resident, plan_data, window_dataset
-from raywalk.science.loop import (EpochEnd, EpochRun, TrainingState, check_precision, compiled, epoch_end,
-                                  run_epoch, set_determinism)
+from raywalk.science.loop import TrainingState, check_precision, compiled, epoch_end, run_epoch, set_determinism
+from raywalk.service.epoch_end import Console, Experiment, NoticeWatch, Progress, Saved, finish_epoch
 from raywalk.service.trackers import open_trackers
 
 
@@ -70,98 +71,6 @@ def torch_threads(cpus_per_worker: float) -> int:
 def _quiet_logs() -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)   # per-report INFO lines
     ray_private.quiet_train_reports()   # "Reporting training result N: ..."
-
-
-class NoticeWatch:
-    """Polls for a spot reclaim notice and, once per notice, saves and reports a just-in-time
-    checkpoint at that step.
-
-    A poll is a barrier, so every rank must poll at the same steps. The cadence is in seconds
-    (run.preemption_check_seconds; Ray's watcher refreshes every 5 s, faster gains nothing),
-    turned into steps once per epoch: after CALIBRATE steps the ranks agree, in one tiny
-    all-reduce, on the slowest rank's step time.
-    """
-    CALIBRATE = 16
-
-    def __init__(self, spec: WorkerSpec, rank: int, steps: int, checkpoints: Store, writer: ResultWriter | None,
-                 say):
-        self.spec, self.rank, self.steps, self.checkpoints, self.writer, self.say = \
-            spec, rank, steps, checkpoints, writer, say
-        run = spec.config.run
-        # no watcher, no notices (ensure_ray turns it off for a laptop's embedded Ray): no polls
-        watching = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1") != "0"
-        self.seconds = run.preemption_check_seconds if watching else 0.0
-        self.active = bool(self.seconds)
-        self.every, self.calibrate_at, self.t0 = 0, None, 0.0
-        self.seen: set = set()
-
-    def start_epoch(self, start: int) -> None:
-        self.every, self.calibrate_at = 0, start + self.CALIBRATE
-
-    def __call__(self, state: TrainingState) -> None:
-        step = state.step
-        if self.calibrate_at is not None:
-            if step == self.calibrate_at - self.CALIBRATE:
-                self.t0 = time.perf_counter()
-            elif step == self.calibrate_at:
-                self.every = self._agree(state, (time.perf_counter() - self.t0) / self.CALIBRATE)
-                self.calibrate_at = None
-        if not self.every or step % self.every or step == self.steps:
-            return   # at the epoch's end the regular checkpoint follows at once
-        self.poll(state)
-
-    def _agree(self, state: TrainingState, per_step: float) -> int:
-        t = torch.tensor([per_step], dtype=torch.float64, device=state.device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return max(1, round(self.seconds / max(float(t.item()), 1e-9)))
-
-    def poll(self, state: TrainingState) -> None:
-        import ray.train
-
-        info = ray.train.get_preemption_info()
-        if info is None:
-            return
-        key = (tuple(info.preempted_node_ids), info.deadline_ms)
-        if key in self.seen:
-            return
-        self.seen.add(key)
-        left = (info.deadline_ms / 1000 - time.time()) if info.deadline_ms else None
-        name = checkpointing.report(state, self.spec, self.rank,
-                                    {"epoch": state.epoch, "step": state.step, "preemption": True})
-        if self.writer is not None:
-            self.writer.notice(notice_record(info, state.epoch + 1, state.step, name))
-        self.say(f"preemption notice: node(s) {', '.join(n[:8] for n in info.preempted_node_ids)} "
-                 f"(ranks {info.preempted_ranks}) reclaimed"
-                 + (f" in {left:.0f}s" if left is not None else "")
-                 + f"; just-in-time checkpoint {self.checkpoints.child_uri(name)} at epoch {state.epoch + 1} "
-                   f"step {state.step}; training on until the node goes")
-
-
-def notice_record(info: Any, epoch: int, step: int, checkpoint: str) -> dict[str, Any]:
-    """What a reclaim notice leaves in the run's records (ResultWriter.notice): where it came and what it saved."""
-    return {"at_step": step, "epoch": epoch, "checkpoint": checkpoint, "nodes": info.preempted_node_ids,
-            "ranks": info.preempted_ranks, "deadline_ms": info.deadline_ms}
-
-
-class Progress:
-    """rank 0's tqdm bar, redrawn a few times a second at most (never per step)."""
-    EVERY_S = 0.25
-
-    def __init__(self, bar, start: int):
-        self.bar, self.shown, self.next = bar, start, time.perf_counter() + self.EVERY_S
-        if start:
-            bar.update(start)
-
-    def __call__(self, state: TrainingState) -> None:
-        now = time.perf_counter()
-        if now >= self.next:
-            self.bar.update(state.step - self.shown)
-            self.shown, self.next = state.step, now + self.EVERY_S
-
-    def close(self, state: TrainingState) -> None:
-        self.bar.update(state.step - self.shown)
-        self.bar.close()
 
 
 def _setup(spec: WorkerSpec):
@@ -244,11 +153,30 @@ class _Worker:
     gate: Gate                       # this rank's share of the gate
     batches: Any                     # (epoch, start step) -> this rank's batches
     net: torch.nn.Module
-    writer: ResultWriter | None      # rank 0 only
-    tracking: Any                    # rank 0's trackers, or None
+    exp: Experiment                  # the run's records (rank 0 writes them)
     watch: NoticeWatch
     stop_poll: stops.StopPoll        # a lost lease recorded by the driver (rank 0 polls)
+    console: Console
     previous_end: float | None = None
+
+    def save(self, metrics: dict[str, Any], upload_async: bool = False) -> str:
+        """Checkpoint the state where it stands and report it to Ray Train with `metrics`; its name."""
+        return checkpointing.report(self.state, self.spec, self.rank, metrics, upload_async=upload_async)
+
+    def save_epoch(self, metrics: dict[str, Any]) -> None:
+        """The epoch's checkpoint (uploaded in the background to remote storage). A bucket member going on
+        alone: the bucket's checkpoints, which Ray never registered, are kept as Ray keeps its own."""
+        self.save(metrics, upload_async=not self.run.local)
+        solo_from = ((self.exp.writer.bucket or {}).get("continued_solo_from_epoch")
+                     if self.exp.writer is not None else None)
+        if solo_from:
+            gate = self.state.gate_epoch
+            ckpt.prune(self.run, ckpt.dir_name(gate) if gate else None, before_epoch=solo_from)
+
+    def save_now(self, state: TrainingState) -> Saved:
+        """A just-in-time checkpoint (a reclaim notice), synchronous: it must be stored before the node goes."""
+        name = self.save({"epoch": state.epoch, "step": state.step, "preemption": True})
+        return [(self.exp.writer, name, self.run.child_uri(name))]
 
 
 def _start(spec: WorkerSpec) -> _Worker:
@@ -267,9 +195,11 @@ def _start(spec: WorkerSpec) -> _Worker:
     batches = _data(spec, corpus, state, rank, world, say)
     # rank 0 streams result.json's curves to run.trackers
     tracking = open_trackers(cfg, root, spec.experiment_id, state.curves) if rank == 0 else None
-    return _Worker(spec, rank, say, run, state, gate, batches, _net(state, cfg), writer,
-                   tracking, NoticeWatch(spec, rank, spec.steps_per_epoch, run, writer, say),
-                   stops.StopPoll(spec.driver_token))
+    exp = Experiment(spec.experiment_id, state, gate, spec.steps_per_epoch, writer, tracking)
+    w = _Worker(spec, rank, say, run, state, gate, batches, _net(state, cfg), exp, None,
+                stops.StopPoll(spec.driver_token), Console(say))
+    w.watch = NoticeWatch(cfg.run.preemption_check_seconds, spec.steps_per_epoch, w.save_now, say)
+    return w
 
 
 def _callbacks(w: _Worker) -> tuple[list, Progress | None]:
@@ -291,14 +221,6 @@ def _callbacks(w: _Worker) -> tuple[list, Progress | None]:
     return callbacks, progress
 
 
-def _metrics(spec: WorkerSpec, end: EpochEnd, run: EpochRun, epoch: int) -> dict[str, Any]:
-    """What each epoch's checkpoint is reported to Ray with."""
-    tokens = spec.steps_per_epoch * spec.config.train.batch_size * spec.config.w
-    return {"epoch": epoch, "loss": end.loss, "edge": end.comp.edge, "rule": end.comp.rule,
-            "rule_checks": end.comp.rule_total, "gate_passed": end.passed, "train_seconds": run.train_seconds,
-            "first_batch_seconds": run.first_batch_seconds, "tokens_per_second": tokens / run.train_seconds}
-
-
 def _epoch(w: _Worker) -> None:
     """Train, gate, checkpoint and record one epoch (or the rest of one, after a just-in-time checkpoint)."""
     state, spec, t0 = w.state, w.spec, time.perf_counter()
@@ -308,16 +230,7 @@ def _epoch(w: _Worker) -> None:
     if progress is not None:
         progress.close(state)
     end = epoch_end(state, run, w.gate)
-    t = time.perf_counter()
-    checkpointing.report(state, spec, w.rank, _metrics(spec, end, run, state.epoch), upload_async=not w.run.local)
-    state.timing.checkpoint_seconds.append(time.perf_counter() - t)
-    if w.writer is not None:
-        w.writer.epoch_done(state.curves, end.comp, state.gate_epoch, state.epoch, w.gate.n_distinct,
-                            spec.steps_per_epoch, by_r=end.by_r, timing=state.timing, data=state.data_path)
-    if w.tracking is not None:   # after the checkpoint and result.json; logs what is new
-        w.tracking.epoch_end(state.curves)
-    w.say(f"epoch {state.epoch}/{spec.config.train.max_epochs}  loss {end.loss:.3f}  edge {end.comp.edge:.3f}  "
-          f"rule {end.comp.rule:.3f}  gate {'PASS' if end.passed else 'no'}  {time.perf_counter() - t0:.0f}s")
+    finish_epoch([w.exp], run, [end], w.save_epoch, w.console, t0)
     w.previous_end = run.ended
 
 
@@ -325,12 +238,7 @@ def _record_done(w: _Worker) -> None:
     """A run restored already done (its last record was lost: a failed write, a kill after the checkpoint):
     gate the restored model again (greedy generation: the same counts) and rewrite result.json and the trackers
     from it, as its last epoch did."""
-    counts = Gate.reduce(w.gate.evaluate(w.state.model), w.state.device)   # a collective: every rank takes part
-    if w.writer is not None:
-        w.writer.epoch_done(w.state.curves, counts.comp, w.state.gate_epoch, w.state.epoch, w.gate.n_distinct,
-                            w.spec.steps_per_epoch, by_r=counts.by_r, timing=w.state.timing, data=w.state.data_path)
-    if w.tracking is not None:
-        w.tracking.epoch_end(w.state.curves)
+    w.exp.write(Gate.reduce(w.gate.evaluate(w.state.model), w.state.device))   # a collective: every rank takes part
 
 
 def train_loop_per_worker(spec: WorkerSpec) -> None:
@@ -339,5 +247,4 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
         _record_done(w)
     while not w.state.done:
         _epoch(w)
-    if w.tracking is not None:
-        w.tracking.close()
+    w.exp.close()
