@@ -37,14 +37,29 @@ def worker_env(verbose: bool) -> dict[str, str]:
             "RAY_DATA_LOG_LEVEL": "ERROR"}   # else it warns that its (disabled) bars are disabled
 
 
-# Error-level lines Ray prints that say nothing a user can act on. Ray Train's PreemptionCallback
-# creates its PreemptionWatcher actor with max_restarts=-1 and the worker actors' handles as
-# constructor arguments; an actor handle carries an ObjectRef (distributed ref counting), so
-# those arguments go by reference through the object store, and the core worker logs that
-# once per worker group (ray-project/ray#53727). Measured here: an actor made with
-# max_restarts=-1 logs it for a handle in its arguments and not for a small plain dict.
-_NOISE = re.compile(r"Actor with class name: 'PreemptionWatcher' and ID: '\w+' has constructor arguments in the "
-                    r"object store and max_restarts > 0")
+# Lines Ray prints that say nothing a user can act on, each matched on its own (a line, or one message Ray
+# pushes to the driver, however many lines it spans). Ray Train's PreemptionCallback creates its
+# PreemptionWatcher actor with max_restarts=-1 and the worker actors' handles as constructor arguments; an
+# actor handle carries an ObjectRef (distributed ref counting), so those arguments go by reference through the
+# object store, and the core worker logs that once per worker group (ray-project/ray#53727; measured here: an
+# actor made with max_restarts=-1 logs it for a handle in its arguments and not for a small plain dict).
+# The others come with a node or worker lost to a preemption or a crash, which raywalk's own lines report
+# (the notice, "preemption (restart N)" or "failure (restart N)", where the run goes on); Ray keeps them in its
+# log files, and --verbose prints them:
+_NOISE = re.compile("|".join((
+    r"Actor with class name: 'PreemptionWatcher' and ID: '\w+' has constructor arguments in the object store "
+    r"and max_restarts > 0",
+    # the watcher's WARNING on a drain (raywalk's "preemption notice: ..." says it)
+    r"PreemptionWatcher: preemption detected",
+    # pushed by the lost node's agents: the raylet is gone, with the last 20 lines of its log (state dumps)
+    r"^Raylet is terminated\.",
+    # pushed by the GCS once the lost node misses its health checks
+    r"has been marked dead because the detector has missed too many heartbeats",
+    # pushed by a raylet for each worker process that died with its node, or was killed
+    r"^A worker died or was killed while executing a task by an unexpected system error",
+    # the GCS's error log: it cannot release the lost node's placement-group bundles
+    r"gcs_placement_group_scheduler\.cc:\d+: Failed to remove \d+ bundle\(s\) for placement group",
+)))
 
 
 def pin_ray_address() -> None:
@@ -70,9 +85,15 @@ def job_runtime_env(env: dict[str, str]) -> dict:
 
 
 def quiet_train_logging():
+    """Ray Train's console lines off: its controller's and workers' `ray.train` logs stay in the run's
+    logs/train files. Nothing it logs there below CRITICAL is for a raywalk user: an error that ends the run
+    comes back to the driver from fit() (and raywalk reports it); those it logs on the way are the tracebacks of
+    a worker group lost to a preemption or a crash that the run survives ("Graceful shutdown of backend
+    failed ... ActorDiedError" from the controller, "Error in training function" from the ranks whose peer
+    died)."""
     import ray.train
 
-    return ray.train.LoggingConfig(log_level="WARNING")
+    return ray.train.LoggingConfig(log_level="CRITICAL")
 
 
 def run_cpus(workers: int, cpus_per_worker: float) -> float:
@@ -119,4 +140,4 @@ def _quiet_console() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray").setLevel(logging.WARNING)
     ray_private.plain_worker_bars()   # one bar to tell apart: no "(pid=...)" prefix
-    ray_private.filter_forwarded_lines(lambda ln: not _NOISE.search(ln))
+    ray_private.filter_console_lines(lambda ln: not _NOISE.search(ln))

@@ -51,29 +51,31 @@ def autoscaler_max_resources() -> dict[str, float] | None:
 
 # ---- console: forwarded worker lines, progress bars, log noise ----------------------------
 
-def filter_forwarded_lines(keep: Callable[[str], bool], name: str = "raywalk_quiet") -> None:
-    """Drop the worker log lines forwarded to this driver's console for which keep(line) is false.
+def filter_console_lines(keep: Callable[[str], bool]) -> None:
+    """Drop, from what Ray prints on this driver's console for other processes, every line for which keep(line)
+    is false; a later call replaces the filter (it lasts for the process, across ray.shutdown and ray.init).
 
-    Idempotent: `name` marks the dispatcher once filtered.
+    Two streams reach the console, and both print through `ray._private.worker.print_worker_logs`, looked up
+    at each call: the log monitor's (the workers' and actors' stdout/stderr, raylet*.err, gcs_server*.err;
+    handed to the "ray_print_logs" handler of the driver's stdstream dispatcher) and the errors Ray pushes to
+    every driver (listen_error_messages: "(raylet) Raylet is terminated ...", "(raylet) The node ... has been
+    marked dead ..."), printed straight to stdout.
     """
-    # No public hook filters forwarded worker lines (ray.init's log_to_driver is all or nothing),
-    # and the lines come from other processes: only the driver's dispatcher sees them.
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    # No public hook does this: log_to_driver=False drops raywalk's own lines, which rank 0 prints and the log
+    # monitor forwards, and leaves the pushed errors on (no option turns listen_error_messages off);
+    # RAY_DEDUP_LOGS_SKIP_REGEX is read only with deduplication on, which folds raywalk's alike lines from
+    # different worker processes (an epoch line just after a restart) into "[repeated Nx across cluster]".
+    import ray._private.worker as ray_worker
 
-    with dispatcher._lock:
-        handlers = dispatcher.handlers
-        if any(n == name for n, _ in handlers):
-            return
+    print_logs = getattr(ray_worker.print_worker_logs, "raywalk_unfiltered", ray_worker.print_worker_logs)
 
-        def wrap(handle):
-            def quiet(data):
-                lines = [ln for ln in data.get("lines", []) if keep(ln)]
-                if lines:
-                    handle({**data, "lines": lines})
-            return quiet
+    def print_kept(data, print_file, ignore_prefix: bool = False):
+        lines = [ln for ln in data.get("lines", []) if keep(ln)]
+        if lines:
+            print_logs({**data, "lines": lines}, print_file, ignore_prefix)
 
-        dispatcher.handlers = [(n, wrap(h)) if n == "ray_print_logs" else (n, h) for n, h in handlers]
-        dispatcher.handlers.append((name, lambda data: None))
+    print_kept.raywalk_unfiltered = print_logs
+    ray_worker.print_worker_logs = print_kept
 
 
 def plain_worker_bars() -> None:
