@@ -79,3 +79,7 @@ def test_members_that_one_trainer_cannot_run_are_refused_naming_the_field():
         check_members([ANCHOR.replace(**{"run.workers": 2}), ANCHOR.replace(seed=1, **{"run.workers": 2})])
     with pytest.raises(ConfigError, match="listed twice"):
         check_members([ANCHOR, ANCHOR])
+    with pytest.raises(ConfigError, match=r"run.max_failures: \[1, 3\]"):   # one FailureConfig for the bucket
+        check_members([ANCHOR, ANCHOR.replace(seed=1, **{"run.max_failures": 1})])
+    with pytest.raises(ConfigError, match="train.data: 'stream' is invalid in a bucket"):
+        check_members([ANCHOR, ANCHOR.replace(seed=1, **{"train.data": "stream"})])

@@ -43,6 +43,10 @@ def check_members(cfgs: Sequence[Config]) -> None:
     if many:
         raise ConfigError(f"run.workers: {many[0].run.workers} is invalid in a bucket ({many[0].experiment_id()}): "
                           f"a bucket trains on one worker; train it alone (--bucket 1)")
+    streams = [c for c in cfgs if c.train.data == "stream"]
+    if streams:
+        raise ConfigError(f"train.data: 'stream' is invalid in a bucket ({streams[0].experiment_id()}): a bucket holds "
+                          f"its members' windows resident; train it alone (--bucket 1)")
     shown = differing(cfgs, SHARED_RUN)
     if shown:
         raise ConfigError(f"bucket: members differ in {shown}: one trainer runs them all")

@@ -28,6 +28,7 @@ from raywalk.records.storage import Store
 from raywalk.science.batches import ResidentWindows, token_dtype
 from raywalk.records import result
 from raywalk.science.bucket import BucketState, BucketWindows, run_bucket_epoch, settle_members
+from raywalk.science.bucket_gate import gate_members
 from raywalk.science.gate import Gate
 from raywalk.science.loop import TrainingState
 from raywalk.service import checkpointing, stops
@@ -120,12 +121,6 @@ def _windows(ios: list[_MemberIO], cfg, device: torch.device, say) -> BucketWind
     return data
 
 
-def _gate(state: BucketState, gates: list[Gate]) -> list:
-    from raywalk.science.bucket_gate import gate_members
-
-    return gate_members(state, gates)
-
-
 def _record_done(io: _MemberIO, root: Store, device: torch.device) -> None:
     """A member whose newest checkpoint is its last but whose result.json is not (its last write was lost):
     gate the checkpoint's model again (greedy: the same counts) and rewrite its record, as a solo run does."""
@@ -196,7 +191,7 @@ def train_bucket_loop(spec: BucketSpec) -> None:
             progress.close(state)
         gates = [x.gate for x in exps]
         t = time.perf_counter()
-        counts = _gate(state, gates)   # every member's greedy walks in one batched pass
+        counts = gate_members(state, gates)   # every member's greedy walks in one batched pass
         ends = settle_members(state, run, gates, counts, time.perf_counter() - t)
         finish_epoch(exps, run, ends, save, console, t0)
         leaving = [i for i, m in enumerate(state.members) if m.done]
