@@ -2,14 +2,18 @@
 members as complete experiments on disk, and a bucket whose worker is SIGKILLed mid-epoch resuming exactly."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import raywalk
 from raywalk.config import Config
@@ -55,7 +59,7 @@ def test_a_bucketed_sweep_trains_its_points_in_one_trial_then_a_rerun_trains_not
     results = {p.experiment_id: root.read_json(f"{p.experiment_id}/result.json") for p in sweep.points}
     bucket = {r["bucket"]["id"] for r in results.values()}
     assert len(bucket) == 1 and all(sorted(r["bucket"]["members"]) == sorted(results) for r in results.values())
-    assert summary["trials_run"] == 4 and root.listdir("buckets") == list(bucket)
+    assert (summary["trials_run"], summary["points_run"]) == (1, 4) and root.listdir("buckets") == list(bucket)
     disk = sd.read_json("summary.json")
     assert disk == json.loads(json.dumps(summary))
     for row in disk["rows"]:
@@ -81,7 +85,7 @@ def test_a_bucketed_sweep_trains_its_points_in_one_trial_then_a_rerun_trains_not
 
     mtimes = {e: root.fs.get_file_info(root.path(f"{e}/result.json")).mtime for e in results}
     again = run_sweep(sweep, max_concurrent=2, log=lambda s: None)
-    assert again["trials_run"] == 0 and not any(r["trained_now"] for r in again["rows"])
+    assert (again["trials_run"], again["points_run"]) == (0, 0) and not any(r["trained_now"] for r in again["rows"])
     assert {e: root.fs.get_file_info(root.path(f"{e}/result.json")).mtime for e in results} == mtimes
 
     from raywalk.plot import plot_sweep
@@ -196,3 +200,107 @@ def test_a_member_continued_alone_finishes_with_its_checkpoints_kept_as_a_solo_r
     kept = sorted(n for n in os.listdir(runs[0]) if n.startswith("epoch_"))
     assert kept == [ckpt.dir_name(e) for e in (3, 4, 5)]   # the bucket's epoch 1 pruned as Ray prunes its own
     assert [n.rsplit("/", 1)[-1] for n in r["checkpoints"]["kept"]] == kept
+
+
+def _epoch_1_recorded(results: list[Path]) -> bool:
+    try:
+        return all(json.loads(f.read_text())["epochs_trained"] >= 1 for f in results)
+    except (OSError, ValueError, KeyError):   # not there yet
+        return False
+
+
+def _fill_once(fs: Path, results: list[Path], stop: threading.Event, leave: int = 65536) -> None:
+    """Once every result.json in `results` records epoch 1, fill the filesystem at fs up to `leave` bytes free
+    (a shared disk filling up under the sweep): room to mark a run interrupted (result.json after one epoch:
+    about 21 KB), not for an epoch's checkpoint (86 KB)."""
+    while not stop.is_set():
+        if _epoch_1_recorded(results):
+            st = os.statvfs(fs)
+            size = max(0, st.f_bavail * st.f_frsize - leave)
+            with contextlib.suppress(OSError), open(fs / "filler", "wb") as f:
+                while size > 0:
+                    f.write(b"\0" * min(size, 1 << 20))
+                    size -= min(size, 1 << 20)
+            return
+        time.sleep(0.02)
+
+
+def _tune_cli(spec: dict, where: Path, capfd, *extra: str) -> tuple[int, str]:
+    """`raywalk tune` on the sweep `spec`, as a user runs it (this process joins the session's Ray)."""
+    from raywalk.cli import main
+
+    (where / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    rc = main(["tune", str(where / "sweep.yaml"), "--max-concurrent", "2", *extra])
+    out, err = capfd.readouterr()
+    return rc, out + err
+
+
+def _filled_sweep(spec: dict, fs: Path, watch: list[Path], capfd, *extra: str) -> tuple[int, str]:
+    stop = threading.Event()
+    t = threading.Thread(target=_fill_once, args=(fs, watch, stop), daemon=True)
+    t.start()
+    try:
+        return _tune_cli(spec, fs.parent, capfd, *extra)
+    finally:
+        stop.set()
+        t.join()
+
+
+def test_a_full_disk_under_a_sweep_stops_it_in_one_line_and_the_rerun_finishes_as_a_clean_sweep(swept, tmp_path,
+                                                                                              capfd):
+    """The disk fills in epoch 2 under a bucketed sweep (4 points in one trial, two still training), then under
+    a sweep's solo trial (--bucket 1): each time one line, exit 4, no traceback, no Tune retry into the full
+    disk, every unfinished point `interrupted` with its resume hint. The bucketed sweep, rerun with room,
+    finishes with the curves of the clean one (the module's `swept`). (A solo trial's rerun is `raywalk
+    train`'s, test_storage_faults.)"""
+    from raywalk.records.result import RESULT
+    from tests.conftest import mounted_tmpfs
+    from tests.helpers import comparable
+
+    sweep, _, ref_root, _ = swept
+    clean = {p.experiment_id: ref_root.read_json(f"{p.experiment_id}/{RESULT}") for p in sweep.points}
+    solo = {**sweep_spec("unset"), "grid": {"gate.rule": [1.0], "seed": [3]}}   # one point: a solo trial
+    for i, (spec, extra) in enumerate([(sweep_spec("unset"), ()), (solo, ("--bucket", "1"))]):
+        fs = tmp_path / f"sweep{i}" / "small"
+        fs.mkdir(parents=True)
+        with mounted_tmpfs(fs, "16m"):
+            root = fs / "root"
+            spec["base"]["run"]["storage"] = str(root)
+            uri = Store.open(str(root)).uri
+            this = parse_sweep(spec)
+            points = this.points
+            rc, text = _filled_sweep(spec, fs, [root / p.experiment_id / RESULT for p in points], capfd, *extra)
+            assert (fs / "filler").exists() and rc == 4, text[-3000:]
+            told = [l for l in text.splitlines() if "storage unwritable" in l]
+            assert len(told) == 1 and told[0].startswith("raywalk tune: storage unwritable (no space left): could "
+                                                         f"not write {uri}/"), text[-3000:]
+            assert told[0].endswith("rerun the same command to resume them once there is room"), told
+            # no traceback: not the trial's, not Tune's retry of it, not Tune's own state sync failing
+            assert "Traceback" not in text and "Trial task failed" not in text, text[-3000:]
+            assert "ERROR" not in text and "experiment state" not in text, text[-3000:]
+            for p in points:
+                r = json.loads((root / p.experiment_id / RESULT).read_text())
+                if p.cfg.gate.rule == 0.0:   # passed at epoch 1 and left the bucket before the disk filled
+                    assert (r["status"], r["epochs_trained"]) == ("passed", 1)
+                    continue
+                assert (r["status"], r["epochs_trained"]) == ("interrupted", 1), p.experiment_id
+                reason = r["interrupted"]["reason"]
+                assert reason.startswith("storage unwritable (no space left): could not write ")
+                newest = Store.open(uri).sub(p.experiment_id, ckpt.RUN_DIR).child_uri(ckpt.dir_name(1))
+                assert reason.endswith(f"; newest intact checkpoint {newest} (epoch 1); rerun the same command to "
+                                       f"resume from it once there is room"), reason
+            with capfd.disabled():
+                print(f"\nfull disk under a sweep {' '.join(extra)}: the user saw:\n{told[0]}")
+            if extra:
+                continue
+
+            subprocess.run(["mount", "-o", "remount,size=64m", str(fs)], check=True)   # room again
+            rc, text = _tune_cli(spec, fs.parent, capfd, *extra)
+            assert rc == 0 and "Traceback" not in text, text[-3000:]
+            for p in points:
+                assert comparable(json.loads((root / p.experiment_id / RESULT).read_text())) == \
+                    comparable(clean[p.experiment_id]), p.experiment_id
+            summary = json.loads((root / "sweeps" / this.sweep_id / "summary.json").read_text())
+            assert (summary["trials_run"], summary["points_run"]) == (1, 2)   # the two left, in one bucket
+            assert f"summary: {uri}/sweeps/{this.sweep_id}/summary.json (and summary.csv); 2 point(s) run in 1 " \
+                   f"Tune trial(s) in " in text

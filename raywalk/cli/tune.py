@@ -3,12 +3,14 @@
 Every point of the sweep is validated before anything runs; finished points are
 skipped, interrupted ones resume from their checkpoints. Writes
 ROOT/sweeps/{sweep_id}/summary.json and summary.csv and prints a table.
+Exit codes as `raywalk train`: storage that refuses a write stops the sweep in one
+line (4), every unfinished point interrupted; a lease lost to another driver: 5.
 """
 from __future__ import annotations
 
 import argparse
 
-from raywalk.cli import EXIT_DONE, EXIT_NOT_FINISHED
+from raywalk.cli import EXIT_DONE, EXIT_LEASE_LOST, EXIT_NOT_FINISHED
 
 
 def add_parser(sub) -> None:
@@ -67,4 +69,7 @@ def run(args: argparse.Namespace) -> int:
     print_summary(summary, Store.open(args.storage or sweep.base.run.storage).uri)
     from raywalk.records.result import is_finished
 
+    # a storage stop raised (one line, exit 4); a lease lost to another driver is said by its trial, in one line
+    if any(s["kind"] == "lease" for s in summary.get("stops", ())):
+        return EXIT_LEASE_LOST
     return EXIT_DONE if all(is_finished(r["status"]) for r in summary["rows"]) else EXIT_NOT_FINISHED

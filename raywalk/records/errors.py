@@ -7,6 +7,10 @@
 - transient: an object-store read error worth retrying although the SDK gave up.
 
 Messages quote an error by its first line (`first_line`).
+
+Every raywalk error crosses Ray's process boundaries (a worker's error handed to its driver, a Tune trial's
+to the sweep) by pickle: one whose __init__ takes other arguments than its message pickles with
+`keeps_fields` (tests/test_error_pickling.py checks every one).
 """
 from __future__ import annotations
 
@@ -14,6 +18,21 @@ import errno
 import os
 import re
 import shutil
+
+
+def rebuilt(cls: type, args: tuple, fields: dict) -> BaseException:
+    """An error as it was pickled: its message (args) and fields as they were, its __init__ not run again
+    (which would take other arguments, or recompute a message from a clock)."""
+    e = cls.__new__(cls, *args)
+    e.args = args
+    e.__dict__.update(fields)
+    return e
+
+
+def keeps_fields(e: BaseException) -> tuple:
+    """__reduce__ for an error whose __init__ takes other arguments than its message: pickle replays
+    cls(*args) (here, the message alone) and would fail, e.g. in Ray's unpickling of a task's error."""
+    return rebuilt, (type(e), e.args, dict(e.__dict__))
 
 
 class StorageError(ValueError):
@@ -114,6 +133,8 @@ class StorageUnwritable(RuntimeError):
 
     def to_dict(self) -> dict:
         return {"what": self.what, "why": self.why, "free": self.free}
+
+    __reduce__ = keeps_fields
 
 
 def unwritable(e: BaseException, where: str) -> StorageUnwritable | None:

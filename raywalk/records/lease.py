@@ -40,7 +40,7 @@ from urllib.parse import parse_qs
 
 from raywalk.records.layout import LEASE, LEASE_LOCK, utc_iso
 from raywalk.messages import Tell, tell
-from raywalk.records.errors import first_line, unwritable
+from raywalk.records.errors import first_line, keeps_fields, unwritable
 from raywalk.records.storage import S3_ATTEMPTS, Store, rename_into, write_temp
 from raywalk.records.uris import split_query
 
@@ -128,6 +128,8 @@ class LeaseHeld(RuntimeError):
         super().__init__(f"experiment {experiment_id} is already being run by another driver ({info.describe()}); "
                          f"not starting. Its lease ({uri}) is taken over only if its heartbeat stops for "
                          f"{info.stale_after_s:.0f}s (another {left:.0f}s at least)")
+
+    __reduce__ = keeps_fields   # the message as it was said (its ages are the holder's then, not now)
 
 
 class LeaseLost(RuntimeError):

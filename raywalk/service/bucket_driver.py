@@ -19,6 +19,7 @@ from raywalk.config import Config, ConfigError
 from raywalk.messages import Tell, tell
 from raywalk.records import lease, result
 from raywalk.records.checkpoints import RUN_DIR
+from raywalk.records.errors import StorageUnwritable, unwritable
 from raywalk.records.layout import BUCKETS
 from raywalk.records.lease import LeaseLost
 from raywalk.records.storage import Store
@@ -76,8 +77,26 @@ def train_bucket(cfgs: Sequence[Config], *, verbose: bool = False, progress: boo
         results[pending[0].experiment_id()] = driver.train(
             pending[0], verbose=verbose, progress=progress, callbacks=callbacks, log=log)
     elif pending:
-        results.update(_train_leased(pending, root, verbose=verbose, progress=progress, callbacks=callbacks, log=log))
+        try:
+            results.update(_train_leased(pending, root, verbose=verbose, progress=progress, callbacks=callbacks,
+                                         log=log))
+        except (LeaseLost, lease.LeaseHeld):
+            raise
+        except Exception as e:   # full disk, quota, read-only, denied: every member stops as a solo run does
+            u = unwritable(e, root.uri)
+            if u is None:
+                raise
+            raise storage_stop(root, pending, u, log) from None
     return [results[eid] for eid in ids]
+
+
+def storage_stop(root: Store, cfgs: Sequence[Config], u: StorageUnwritable, log: Tell) -> StorageUnwritable:
+    """Each member `interrupted` with its own resume hint, as driver._leased leaves a solo run; one stop for all."""
+    for c in cfgs:
+        driver._storage_stop(root.sub(c.experiment_id()), c.experiment_id(), c, u, log)
+    return StorageUnwritable(u.what, u.why, u.free, "the bucket's unfinished members interrupted, each at its newest "
+                                                    "intact checkpoint; rerun the same command to resume them once "
+                                                    "there is room")
 
 
 def _train_leased(cfgs: list[Config], root: Store, *, verbose: bool, progress: bool, callbacks: list | None,

@@ -50,7 +50,11 @@ def summary_row(point: Point, result: Mapping[str, Any] | None, record: Mapping[
 
 
 def build_summary(sweep: Sweep, rows: list[dict[str, Any]], *, storage: str, wall_time_s: float | None,
-                  max_concurrent: int | None, trials_run: int) -> dict[str, Any]:
+                  max_concurrent: int | None, trials_run: int, points_run: int | None = None,
+                  stops: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """summary.json. trials_run: the Tune trials this run started (a bucket of k points is one);
+    points_run: the points they trained (default: one per trial); stops: what ended trials early
+    ({"kind": "storage" | "lease", "line"}), empty when nothing did."""
     excluded = [{"point": r["point"], "experiment_id": r["experiment_id"], "grid": r["grid"], "status": r["status"],
                  "reason": r["failure_reason"]} for r in rows if not r["svd_eligible"]]
     counts: dict[str, int] = {}
@@ -68,6 +72,8 @@ def build_summary(sweep: Sweep, rows: list[dict[str, Any]], *, storage: str, wal
         "thresholds": {"edge": sweep.base.gate.edge, "rule": sweep.base.gate.rule},
         "counts": counts,
         "trials_run": trials_run,
+        "points_run": trials_run if points_run is None else points_run,
+        "stops": list(stops or []),
         "max_concurrent": max_concurrent,
         "wall_time_s": wall_time_s,
         "rows": rows,

@@ -40,25 +40,42 @@ Resources (why trials never deadlock on 2 CPUs and still fill a cluster):
   max_failures = the largest run.max_failures, at least 1); the retry's
   `train()` resumes the experiment from its checkpoints.
 
+Stops that a retry cannot fix are not raised to Tune (which would retry them): a
+storage that refuses writes (full disk, quota, read-only, denied) and a lease lost
+to another driver. The trial's experiments are marked `interrupted` as `raywalk
+train` marks one (each with its resume hint), the stop is recorded in Ray's KV
+store under the sweep's token, and the trial ends normally. A trial that starts
+after a storage stop trains nothing (it would meet the same full disk). After the
+Tuner, `run_sweep` raises the storage stop (CLI: one line, exit 4) or, for a lost
+lease, returns the summary with it in `stops` (CLI: the table, then exit 5).
+Tune's own experiment-state sync failing on that storage is not printed (raywalk's
+line says it).
+
 Reruns: finished points (result.json passed/failed) are skipped before the
 Tuner is built (no trial at all); interrupted points get a trial whose
 `train()` resumes from the experiment's checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from raywalk.config import Config
 from raywalk.records import layout, result
+from raywalk.records.errors import StorageUnwritable, will_recur
 from raywalk.records.layout import utc_iso
+from raywalk.records.lease import LeaseLost
 from raywalk.records.storage import Store
 from raywalk.records.uris import join_uri
 from raywalk.messages import Tell, tell
+from raywalk.service import stops
 from raywalk.service.sweep import Point, Sweep
 from raywalk.service.sweep_summary import build_summary, format_table, summary_row, to_csv
 
@@ -186,7 +203,8 @@ def ensure_sweep_ray(sweep: Sweep, max_concurrent: int | None, verbose: bool) ->
 
 
 def _trial(config: dict[str, Any], *, buckets: dict[str, list[str]], points: dict[str, dict[str, Any]],
-           sweep_store: str, verbose: bool, sweep_id: str = "", grids: dict[str, dict[str, Any]] | None = None) -> None:
+           sweep_store: str, verbose: bool, sweep_id: str = "", grids: dict[str, dict[str, Any]] | None = None,
+           stop_token: str = "") -> None:
     """One Tune trial = one bucket of experiments (a bucket of one: `train()`, today's solo path)."""
     from ray import tune
 
@@ -196,16 +214,35 @@ def _trial(config: dict[str, Any], *, buckets: dict[str, list[str]], points: dic
     os.environ.setdefault(ENV_WAIT, str(2 * timings()[0]))
     tid = config["trial"]
     eids = buckets[tid]
+    if stop_token and stops.recorded(stop_token) is not None:   # the sweep's storage has refused a write
+        tune.report({"status": "not_run", "members": len(eids), "stopped": stops.STORAGE, "done": True})
+        return
     cfgs = [Config.from_dict(points[eid]) for eid in eids]
-    for eid, cfg in zip(eids, cfgs):
-        if "mlflow" in cfg.run.trackers and grids:   # the MLflow run tags its sweep and grid point (trackers.py)
-            from raywalk.records.layout import SWEEP_FILE
-            Store.open(cfg.run.storage).sub(eid).write_json(SWEEP_FILE, {"sweep_id": sweep_id, "grid": grids[eid]})
-    results, wall = _train_recorded(cfgs, tid, Store.open(sweep_store), verbose)
+    try:
+        for eid, cfg in zip(eids, cfgs):
+            if "mlflow" in cfg.run.trackers and grids:   # the MLflow run tags its sweep and grid point (trackers.py)
+                from raywalk.records.layout import SWEEP_FILE
+                Store.open(cfg.run.storage).sub(eid).write_json(SWEEP_FILE, {"sweep_id": sweep_id, "grid": grids[eid]})
+        results, wall = _train_recorded(cfgs, tid, Store.open(sweep_store), verbose)
+    except (StorageUnwritable, LeaseLost) as e:
+        # Not raised: Tune would retry the trial into the same full disk, or into another driver's experiment.
+        # A storage stop has marked its experiments interrupted (driver._leased, bucket_driver.storage_stop),
+        # a lost lease has been said in the driver's one line; run_sweep tells the sweep's outcome.
+        kind = stops.STORAGE if isinstance(e, StorageUnwritable) else stops.LEASE
+        if stop_token:
+            stops.record(_stop_key(stop_token, kind), kind, str(e),
+                         e.to_dict() if isinstance(e, StorageUnwritable) else None)
+        tune.report({"status": "interrupted", "members": len(eids), "stopped": kind, "done": True})
+        return
     g = [r["gate"] for r in results]
     tune.report({"status": ",".join(r["status"] for r in results), "members": len(results),
                  "epochs_trained": max(r["epochs_trained"] for r in results),
                  "gate_passed": sum(bool(x["passed"]) for x in g), "wall_time_s": wall, "done": True})
+
+
+def _stop_key(token: str, kind: str) -> str:
+    """Where a sweep's trials record a stop of this kind (the first one recorded is the one told)."""
+    return token if kind == stops.STORAGE else f"{token}-{kind}"
 
 
 def _train_recorded(cfgs: list[Config], tid: str, sweep_store: Store,
@@ -215,7 +252,6 @@ def _train_recorded(cfgs: list[Config], tid: str, sweep_store: Store,
     import ray
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raywalk.records.lease import LeaseLost
     from raywalk.service import driver
     from raywalk.service.bucket_driver import train_bucket
 
@@ -235,10 +271,14 @@ def _train_recorded(cfgs: list[Config], tid: str, sweep_store: Store,
     except BaseException as e:
         if isinstance(e, LeaseLost):   # the driver's one line, as `raywalk train` prints it
             log(str(e))
-        for eid in eids:
-            sweep_store.write_json(layout.trial_record(eid), {**base, "experiment_id": eid, "finished_at": utc_iso(),
-                                                             "wall_time_s": time.perf_counter() - t0,
-                                                             "error": f"{type(e).__name__}: {e}"})
+        # the records, if the storage still takes them (a full disk may be why the trial ended: this error
+        # is the one to tell, not that one)
+        with contextlib.suppress(StorageUnwritable):
+            for eid in eids:
+                sweep_store.write_json(layout.trial_record(eid), {**base, "experiment_id": eid,
+                                                                 "finished_at": utc_iso(),
+                                                                 "wall_time_s": time.perf_counter() - t0,
+                                                                 "error": f"{type(e).__name__}: {e}"})
         raise
     wall = time.perf_counter() - t0
     for eid in eids:
@@ -279,7 +319,10 @@ def plan_buckets(points: list[Point], bucket: int | None, sweep_bucket: int | No
 
 def run_sweep(sweep: Sweep, *, storage: str | None = None, max_concurrent: int | None = None,
               verbose: bool = False, log: Tell = tell, bucket: int | None = None) -> dict[str, Any]:
-    """Run the sweep's unfinished points as Tune trials, same-shape points bucketed; write and return the summary."""
+    """Run the sweep's unfinished points as Tune trials, same-shape points bucketed; write and return the summary.
+
+    StorageUnwritable when a trial's storage refused a write (its points are `interrupted`, resumable);
+    a lease lost to another driver is in the summary's `stops`."""
     root = Store.open(storage or sweep.base.run.storage)
     sweep = sweep.with_storage(root.uri)      # absolute: trials run in other directories
     sd = sweep_dir(root, sweep.sweep_id)
@@ -289,25 +332,69 @@ def run_sweep(sweep: Sweep, *, storage: str | None = None, max_concurrent: int |
     log(f"sweep {sweep.sweep_id}: {len(sweep.points)} points, {len(sweep.points) - len(pending)} already "
         f"finished, {len(pending)} to run in {len(buckets)} trial(s) (at most "
         f"{max((len(b) for _, b in buckets), default=0)} experiments each); results under {root.uri}")
-    k_used = _run_trials(sweep, buckets, root, sd, max_concurrent, verbose, log) if pending else None
+    k_used, stopped = _run_trials(sweep, buckets, root, sd, max_concurrent, verbose, log) if pending else (None, {})
     wall = time.perf_counter() - t0
     rows = _summary_rows(sweep, root, sd, {p.experiment_id for p in pending})
-    summary = build_summary(sweep, rows, storage=root.uri, wall_time_s=wall,
-                            max_concurrent=k_used, trials_run=len(pending))
-    sd.write_json(layout.SUMMARY, summary)
-    sd.write_bytes(layout.SUMMARY_CSV, to_csv(summary).encode())
+    summary = build_summary(sweep, rows, storage=root.uri, wall_time_s=wall, max_concurrent=k_used,
+                            trials_run=len(buckets), points_run=len(pending),
+                            stops=[{"kind": k, "line": v["line"]} for k, v in stopped.items()])
+    full = stopped.get(stops.STORAGE)
+    try:
+        sd.write_json(layout.SUMMARY, summary)
+        sd.write_bytes(layout.SUMMARY_CSV, to_csv(summary).encode())
+    except StorageUnwritable:
+        if full is None:
+            raise
+    if full is not None:
+        raise sweep_storage_stop(full, rows)
     return summary
 
 
+def sweep_storage_stop(stop: dict[str, Any], rows: list[dict[str, Any]]) -> StorageUnwritable:
+    """A trial's storage stop, told for the sweep: what could not be written, and how the sweep goes on."""
+    left = sum(not result.is_finished(r["status"]) for r in rows)
+    return StorageUnwritable(stop.get("what") or "the sweep's storage", stop.get("why") or "unwritable",
+                             stop.get("free"),
+                             f"{left} of {len(rows)} point(s) not finished (each one's result.json names its "
+                             f"newest intact checkpoint); rerun the same command to resume them once there is room")
+
+
+class _StorageSyncNoise(logging.Filter):
+    """Drops what Ray logs while handling a write error that will recur (full disk, quota, read-only): Tune's
+    experiment-state sync failing on the sweep's storage, each time with a traceback. The sweep's own line
+    says it, once. (Ray logs these inside the `except` that caught the error.)"""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        e = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return e is None or will_recur(e) is None
+
+
+@contextlib.contextmanager
+def _quiet_storage_errors(verbose: bool):
+    """_StorageSyncNoise on the handlers of Ray's logger (every Ray logger's records reach them) while the
+    Tuner runs; --verbose shows them."""
+    handlers = [] if verbose else list(logging.getLogger("ray").handlers)
+    quiet = _StorageSyncNoise()
+    for h in handlers:
+        h.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(quiet)
+
+
 def _run_trials(sweep: Sweep, buckets: list[tuple[str, list[Point]]], root: Store, sd: Store,
-                max_concurrent: int | None, verbose: bool, log: Tell) -> int:
-    """The buckets as one Tuner's trials, on the joined or a local Ray; returns the concurrency used."""
+                max_concurrent: int | None, verbose: bool, log: Tell) -> tuple[int, dict[str, dict[str, Any]]]:
+    """The buckets as one Tuner's trials, on the joined or a local Ray; returns the concurrency used and the
+    stops the trials recorded ({kind: {"line", ...}}: storage, lease)."""
     pending = [p for _, b in buckets for p in b]
     if not verbose:
         # Tune's newer console output prints its experiment box and paths even at verbose=0;
         # the classic reporter at verbose=0 prints nothing. --verbose keeps Tune's status tables.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     started = ensure_sweep_ray(sweep, max_concurrent, verbose)
+    token = uuid.uuid4().hex
     try:
         k_used, on_head = _plan_concurrency([b[0] for _, b in buckets], max_concurrent, log)
         _prebuild_corpora(pending, root, log)
@@ -315,13 +402,19 @@ def _run_trials(sweep: Sweep, buckets: list[tuple[str, list[Point]]], root: Stor
             if sd.is_file(layout.trial_record(p.experiment_id)):
                 sd.write_json(layout.trial_record(p.experiment_id),
                               {"experiment_id": p.experiment_id, "wall_time_s": None, "error": None})
-        _tuner(sweep, buckets, root, sd, k_used, on_head, verbose).fit()
+        try:
+            with _quiet_storage_errors(verbose):
+                _tuner(sweep, buckets, root, sd, k_used, on_head, verbose, token).fit()
+        finally:
+            stopped = {k: v for k in (stops.STORAGE, stops.LEASE) if (v := stops.recorded(_stop_key(token, k)))}
+            for k in (stops.STORAGE, stops.LEASE):
+                stops.clear(_stop_key(token, k))
     finally:
         if started:
             import ray
 
             ray.shutdown()
-    return k_used
+    return k_used, stopped
 
 
 def _plan_concurrency(pending: list[Point], max_concurrent: int | None, log: Tell) -> tuple[int, bool]:
@@ -342,7 +435,7 @@ def _plan_concurrency(pending: list[Point], max_concurrent: int | None, log: Tel
 
 
 def _tuner(sweep: Sweep, buckets: list[tuple[str, list[Point]]], root: Store, sd: Store, k_used: int, on_head: bool,
-           verbose: bool):
+           verbose: bool, stop_token: str = ""):
     from ray import tune
 
     pending = [p for _, b in buckets for p in b]
@@ -350,7 +443,7 @@ def _tuner(sweep: Sweep, buckets: list[tuple[str, list[Point]]], root: Store, sd
         tune.with_parameters(_trial, buckets={tid: [p.experiment_id for p in b] for tid, b in buckets},
                              points={p.experiment_id: p.cfg.to_dict() for p in pending},
                              sweep_store=sd.uri, verbose=verbose, sweep_id=sweep.sweep_id,
-                             grids={p.experiment_id: p.grid for p in pending}),
+                             grids={p.experiment_id: p.grid for p in pending}, stop_token=stop_token),
         trial_resources(on_head))
     return tune.Tuner(
         trainable,
@@ -360,7 +453,8 @@ def _tuner(sweep: Sweep, buckets: list[tuple[str, list[Point]]], root: Store, sd
         run_config=tune.RunConfig(
             name=layout.TUNE_DIR, storage_path=sd.path(), storage_filesystem=root.fs,   # as the driver does
             verbose=None if verbose else 0,
-            # Train restarts lost workers itself; Tune restarts a lost driver, whose train() resumes.
+            # Train restarts lost workers itself; Tune restarts a lost driver, whose train() resumes (a trial
+            # never raises a stop a retry cannot fix: _trial).
             failure_config=tune.FailureConfig(max_failures=max(1, *(p.cfg.run.max_failures for p in pending))),
         ),
     )
@@ -385,5 +479,10 @@ def print_summary(summary: dict[str, Any], root_uri: str, out=None) -> None:
     out = out or sys.stdout
     print(format_table(summary), file=out)
     where = join_uri(root_uri, layout.SWEEPS, summary["sweep_id"], layout.SUMMARY)
-    print(f"summary: {where} (and {layout.SUMMARY_CSV}); "
-          f"{summary['trials_run']} trial(s) run in {summary['wall_time_s']:.0f}s", file=out)
+    print(f"summary: {where} (and {layout.SUMMARY_CSV}); {ran(summary)} in {summary['wall_time_s']:.0f}s", file=out)
+
+
+def ran(summary: dict[str, Any]) -> str:
+    """"8 points run in 1 Tune trial": points and trials counted apart (a bucket is one trial of many points)."""
+    points, trials = summary.get("points_run", summary["trials_run"]), summary["trials_run"]
+    return f"{points} point(s) run in {trials} Tune trial(s)"
