@@ -85,7 +85,8 @@ def test_a_bucket_below_one_or_one_that_cannot_fit_is_refused_before_anything(tm
     seeds = tmp_path / "seeds.yaml"   # same-shape points: one bucket, which a tiny host cannot hold
     seeds.write_text(f"base: {ROOT / 'configs' / 'quickstart.yaml'}\ngrid: {{seed: [1, 2, 3]}}\n")
     from raywalk.service import dataset
-    monkeypatch.setattr(dataset, "free_memory", lambda device: 2**20)
+    # each member's windows (0.6 MiB) fit half of it, so none trains alone; three members' steps do not
+    monkeypatch.setattr(dataset, "free_memory", lambda device: 2 * 2**20)
     one_line_error(capsys, ["tune", str(seeds), "--storage", str(tmp_path / "r")],
                    "bucket: 3 members need about", "GiB budget (train.data_budget 0.5 of the host's free memory)")
     assert tree(tmp_path) == ["seeds.yaml"]
