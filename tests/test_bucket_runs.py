@@ -73,6 +73,13 @@ def test_a_bucketed_sweep_trains_its_points_in_one_trial_then_a_rerun_trains_not
         assert row["svd_eligible"] == r["svd_eligible"] == passing
         kept = [n.rsplit("/", 1)[-1] for n in r["checkpoints"]["kept"]]
         assert kept == ([ckpt.dir_name(1)] if passing else [ckpt.dir_name(e) for e in range(1, MAX_EPOCHS + 1)])
+    # Ray's own record of the trial (Tune's result.json) holds every member's curve, epoch by epoch
+    reported = [json.loads(line) for f in (Path(sd.path()) / "tune").glob("*/result.json")
+                for line in f.read_text().splitlines()]
+    per_epoch = [r["experiments"] for r in reported if "experiments" in r]
+    for eid, r in results.items():
+        assert [e[eid]["rule"] for e in per_epoch if eid in e] == r["curves"]["rule_compliance"]
+        assert [e[eid]["edge"] for e in per_epoch if eid in e] == r["curves"]["edge_compliance"]
     rows = read_csv(sd.read_bytes("summary.csv").decode())
     assert [c["bucket"] for c in rows] == [r["bucket"] for r in disk["rows"]]
 
