@@ -13,9 +13,15 @@ side by side in one run:
   * determinism: two runs of 200 steps from one state give identical losses with
     run.deterministic on; greedy tokens equal reference_generate's on a sample;
   * buckets (k = 1, 4, 16, 64 anchor-shape members in one batched step): member-steps/s
-    against the solo runner's steps/s, peak GPU memory against science/bucket.member_bytes.
+    against the solo runner's steps/s, peak GPU memory against science/bucket.member_bytes;
+  * bucket gates (k = 1, 8, 24, 64 anchor-shape members, trained together briefly): the
+    members gated in one pass (science/bucket_gate.gate_members) against k solo gates one
+    after another, and the solo gate's generation kept on the host or on the device.
 With --ray (and Ray installed): the same epoch under TorchTrainer, resident and streaming.
---quick cuts every epoch to 1,000 steps (and scales the epoch time up).
+--quick cuts every epoch to 1,000 steps (and scales the epoch time up). A CPU dry run of the
+bucket-gate rows alone (seconds, not minutes):
+    python benchmarks/gpu.py --device cpu --walks 50000 --only bucket-gate --gate-sequences 40 \
+        --bucket-gate-ks 1,2 --steps 20
 """
 from __future__ import annotations
 
@@ -39,6 +45,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="timed steps per epoch (overrides --quick)")
     ap.add_argument("--ray", action="store_true", help="also the TorchTrainer rows (needs Ray)")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script's logic on a CPU")
+    ap.add_argument("--only", choices=("all", "bucket-gate"), default="all", help="bucket-gate: those rows alone")
+    ap.add_argument("--gate-sequences", type=int, help="the gate's sequences (default the anchor's 1000)")
+    ap.add_argument("--bucket-gate-ks", default="1,8,24,64", help="bucket sizes of the bucket-gate rows")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("benchmarks/gpu.py: no CUDA GPU on this machine; nothing measured")
@@ -57,6 +66,8 @@ def main() -> None:
     tmp = args.storage or tempfile.mkdtemp(prefix="raywalk-bench-gpu-")
     cfg = Config.load(ROOT / "configs" / "anchor.yaml", [f"run.storage={tmp}", f"corpus.corpus_size={args.walks}",
                                                          "gate.rule=1.0"])
+    if args.gate_sequences:
+        cfg = cfg.replace(**{"gate.sequences": args.gate_sequences})
     dev = torch.device(args.device, 0) if args.device == "cuda" else torch.device(args.device)
     if dev.type == "cuda":
         name, cap = torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0)
@@ -72,6 +83,10 @@ def main() -> None:
     full = feed.steps()
     steps = min(full, args.steps or (1000 if args.quick else full))
     gate = Gate(corpus.gate_starts(cfg.gate.sequences), corpus.rule_table(), cfg)
+    gate_ks = tuple(int(k) for k in args.bucket_gate_ks.split(","))
+    if args.only == "bucket-gate":
+        bucket_gates(cfg, host, gate, dev, min(steps, 200), gate_ks)
+        return
 
     sync(dev)
     t = time.perf_counter()
@@ -118,6 +133,7 @@ def main() -> None:
           f"on {len(starts)} starts: {same}")
 
     buckets(cfg, host, dev, min(steps, 200), solo=steps / r.train_seconds)
+    bucket_gates(cfg, host, gate, dev, min(steps, 200), gate_ks)
 
     if args.ray:
         under_ray(cfg, tmp, steps)
@@ -153,6 +169,79 @@ def buckets(cfg, host: torch.Tensor, dev: torch.device, steps: int, solo: float,
         rate = k * steps / r.train_seconds
         print(f"{k:4d} {rate:15,.0f} {rate / solo:7.2f} {peak:9.2f} {est:13.2f}")
         del b, data
+
+
+def bucket_gates(cfg, host: torch.Tensor, gate, dev: torch.device, steps: int, ks=(1, 8, 24, 64),
+                 solo_cap: int = 4) -> None:
+    """Anchor-shape members (max(ks), trained `steps` steps together so their walks are a trained model's,
+    not random ones) gated in one pass, k at a time, against k solo gates one after another: Gate.evaluate
+    (state.model_of(i)), today's path, timed on min(k, solo_cap) members and scaled to k. Ray-free."""
+    import numpy as np
+
+    from raywalk.science.batches import ResidentWindows
+    from raywalk.science.bucket import BucketState, BucketWindows, run_bucket_epoch
+    from raywalk.science.bucket_gate import gate_members
+    from raywalk.science.compliance import check_sequences, rule_counts_by_jump_length
+    from raywalk.science.generate import greedy_generate
+    from raywalk.science.loop import set_determinism, sync
+
+    set_determinism(True)
+    cfgs = [cfg.replace(seed=cfg.seed + i) for i in range(max(ks))]
+    win = host[: steps * cfg.train.batch_size].to(dev)   # a step's worth of windows each: enough for `steps`
+    data = BucketWindows([ResidentWindows(win, c.seed, c.train.batch_size) for c in cfgs])
+    trained = BucketState(cfgs, data.steps(), dev)
+    t = time.perf_counter()
+    run_bucket_epoch(trained, data.epoch(0))
+    rows = trained.rows.detach()
+    del trained, data
+    print(f"\nbucket gates at the anchor shape ({cfg.gate.sequences} sequences of {cfg.corpus.walk_length}, "
+          f"{len(gate.starts)} distinct starts; {max(ks)} members trained {steps} steps together in "
+          f"{time.perf_counter() - t:.1f}s)")
+
+    def bucket_of(k):
+        b = BucketState(cfgs[:k], 1, dev)
+        with torch.no_grad():
+            b.rows.copy_(rows[:k])
+        return b
+
+    def timed(f):
+        sync(dev)
+        t0 = time.perf_counter()
+        out = f()
+        sync(dev)
+        return time.perf_counter() - t0, out
+
+    same = lambda a, b: a.comp == b.comp and a.by_r.as_dict() == b.by_r.as_dict()   # noqa: E731
+    one = bucket_of(1)
+    gate_members(one, [gate])   # warm-up: kernels, allocator
+    t_host, want = timed(lambda: gate.evaluate(one.model_of(0)))
+
+    def on_device():
+        seqs = greedy_generate(one.model_of(0), torch.as_tensor(gate.starts, device="cpu"), cfg.corpus.walk_length,
+                               cfg.w, on_device=True)
+        w = np.repeat(seqs.numpy(), gate.counts, axis=0)
+        return check_sequences(w, gate.table), rule_counts_by_jump_length(w, gate.table)
+
+    t_dev, (comp, _) = timed(on_device)
+    print(f"  one solo gate (member 0): {t_host:.2f}s with the host memo (today), {t_dev:.2f}s on the device "
+          f"(greedy_generate on_device=True); counts equal: {comp == want.comp}")
+    print(f"{'k':>4s} {'k solo gates s':>15s} {'gate_members s':>15s} {'no memo s':>10s} {'x faster':>9s} "
+          f"{'/ one solo':>11s} {'counts equal':>13s}")
+    for k in ks:
+        b = bucket_of(k)
+        n = min(k, solo_cap)
+        t_solo, solo = timed(lambda: [gate.evaluate(b.model_of(i)) for i in range(n)])
+        t_solo *= k / n
+        try:
+            t_b, got = timed(lambda: gate_members(b, [gate] * k))
+        except torch.OutOfMemoryError:
+            print(f"{k:4d}  out of memory")
+            break
+        t_nm = timed(lambda: gate_members(b, [gate] * k, memo=False))[0] if k <= 8 else float("nan")
+        eq = all(same(got[i], solo[i]) for i in range(n))
+        print(f"{k:4d} {t_solo:15.2f} {t_b:15.2f} {t_nm:10.2f} {t_solo / t_b:9.2f} {t_b / t_host:11.2f} "
+              f"{('yes' if eq else 'NO') + f' ({n} solo)':>13s}")
+        del b
 
 
 def under_ray(cfg, tmp: str, steps: int) -> None:
