@@ -170,3 +170,15 @@ def test_by_jump_length_on_a_real_graph():
     assert got.as_dict() == naive_by_r(seqs, tab)
     tot = check_sequences(seqs, tab)
     assert (int(got.checks.sum()), int(got.ok.sum())) == (tot.rule_total, tot.rule_ok)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.integers(-1, N), min_size=7, max_size=7), st.integers(0, 5)),
+                min_size=1, max_size=10))
+def test_weighted_counts_equal_the_rows_repeated(rows):
+    """The gate counts each distinct sequence once, weighted by how many gate sequences it stands for."""
+    seqs, w = np.array([r for r, _ in rows]), np.array([k for _, k in rows])
+    repeated = np.repeat(seqs, w, axis=0)
+    assert check_sequences(seqs, T, w) == check_sequences(repeated, T)
+    a, b = rule_counts_by_jump_length(seqs, T, w), rule_counts_by_jump_length(repeated, T)
+    assert np.array_equal(a.checks, b.checks) and np.array_equal(a.ok, b.ok)

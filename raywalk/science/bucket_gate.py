@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from raywalk.science.bucket import BucketState, RowLayout
-from raywalk.science.compliance import check_sequences, rule_counts_by_jump_length
 from raywalk.science.gate import Gate, GateCounts
 from raywalk.science.generate import WindowMemo, decode, in_passes, pass_tokens
 
@@ -162,8 +161,4 @@ def gate_members(state: BucketState, gates: Sequence[Gate], memo: bool = True) -
     if any(g.cfg.w != state.cfg.w for g in gates):
         raise ValueError(f"gate_members: every gate must use the bucket's window w={state.cfg.w}")
     seqs = member_sequences(state, [g.starts for g in gates], [g.cfg.corpus.walk_length for g in gates], memo)
-    out = []
-    for g, s in zip(gates, seqs):   # as Gate.evaluate: each sequence repeated by its start's multiplicity
-        weighted = np.repeat(s, g.counts, axis=0)
-        out.append(GateCounts(check_sequences(weighted, g.table), rule_counts_by_jump_length(weighted, g.table)))
-    return out
+    return [g.count(s) for g, s in zip(gates, seqs)]   # as Gate.evaluate counts a solo run's

@@ -127,14 +127,20 @@ def _rule_counts(s: np.ndarray, bad: np.ndarray | None, table: RuleTable) -> tup
     return np.bincount(rows, minlength=N), np.bincount(rows[~hit], minlength=N)
 
 
-def check_sequences(seqs: np.ndarray, table: RuleTable) -> Compliance:
+def check_sequences(seqs: np.ndarray, table: RuleTable, weights: np.ndarray | None = None) -> Compliance:
+    """Edge and rule counts over the sequences; `weights`: how many sequences each row stands for (the
+    counts of the rows repeated that often, without repeating them)."""
     s, bad = _as_2d(seqs, table.n)
     if s.shape[0] == 0 or s.shape[1] == 0:
         return Compliance(0, 0, 0, 0)
     e = _edge_ok(s, bad, table)
     checked, violated = _rule_counts(s, bad, table)
-    tot = int(checked.sum())
-    return Compliance(int(e.sum()), int(e.size), tot - int(violated.sum()), tot)
+    if weights is None:
+        tot = int(checked.sum())
+        return Compliance(int(e.sum()), int(e.size), tot - int(violated.sum()), tot)
+    w = np.asarray(weights, dtype=np.int64)
+    tot = int(checked @ w)
+    return Compliance(int(e.sum(axis=1) @ w), int(e.shape[1] * w.sum()), tot - int(violated @ w), tot)
 
 
 def per_sequence_rule_violations(seqs: np.ndarray, table: RuleTable) -> np.ndarray:
@@ -166,14 +172,17 @@ class JumpLengthCounts:
         return JumpLengthCounts(self.r, self.checks + other.checks, self.ok + other.ok)
 
 
-def rule_counts_by_jump_length(seqs: np.ndarray, table: RuleTable) -> JumpLengthCounts:
-    """check_sequences' rule counts split by the visited jumper's r; the sums equal its rule totals."""
+def rule_counts_by_jump_length(seqs: np.ndarray, table: RuleTable, weights: np.ndarray | None = None
+                               ) -> JumpLengthCounts:
+    """check_sequences' rule counts split by the visited jumper's r; the sums equal its rule totals
+    (`weights` as there)."""
     rs = table.jump_lengths
     s, bad = _as_2d(seqs, table.n)
     if s.shape[0] == 0 or s.shape[1] == 0 or rs.size == 0:
         z = np.zeros(rs.size, dtype=np.int64)
         return JumpLengthCounts(rs, z, z.copy())
-    _, r, hit = _rule_visits(s, bad, table)
+    rows, r, hit = _rule_visits(s, bad, table)
     k = np.searchsorted(rs, r)
-    return JumpLengthCounts(rs, np.bincount(k, minlength=rs.size).astype(np.int64),
-                            np.bincount(k[hit], minlength=rs.size).astype(np.int64))
+    w = None if weights is None else np.asarray(weights, dtype=np.int64)[rows]
+    return JumpLengthCounts(rs, np.bincount(k, w, minlength=rs.size).astype(np.int64),
+                            np.bincount(k[hit], None if w is None else w[hit], minlength=rs.size).astype(np.int64))

@@ -53,8 +53,13 @@ class Gate:
         starts = torch.as_tensor(self.starts, dtype=torch.long, device="cpu")   # generation moves what it needs
         seqs = greedy_generate(model, starts, length, window) if len(self.starts) else \
             torch.empty(0, length, dtype=torch.long, device="cpu")
-        weighted = np.repeat(seqs.numpy(), self.counts, axis=0)
-        return GateCounts(check_sequences(weighted, self.table), rule_counts_by_jump_length(weighted, self.table))
+        return self.count(seqs.numpy())
+
+    def count(self, seqs: np.ndarray) -> GateCounts:
+        """The counts of this share's sequences (one per distinct start, in order), each weighted by its start's
+        multiplicity: those of the gate's sequences, without repeating them."""
+        return GateCounts(check_sequences(seqs, self.table, self.counts),
+                          rule_counts_by_jump_length(seqs, self.table, self.counts))
 
     @staticmethod
     def all_reduce(mine: GateCounts, device: torch.device) -> torch.Tensor:
