@@ -127,7 +127,7 @@ def test_members_record_their_seams_and_a_resumed_epoch_counts_only_its_steps():
     assert first.steps == STEPS and all(m.timing.seam_seconds == [] for m in b.members)
     for m in b.members:
         m.epoch += 1
-    b.step_count = 0
+    b.step = 0
     second = run_bucket_epoch(b, feed.epoch(1), previous_end=first.ended)
     assert all(len(m.timing.seam_seconds) == 1 and 0 <= m.timing.seam_seconds[0] < 60 for m in b.members)
     c = BucketState(cfgs, STEPS)

@@ -199,7 +199,7 @@ class BucketState:
             layout = layout or RowLayout.of(m)
             rows.append(layout.row(m.parameters()))
         self.layout: RowLayout = layout
-        self.step_count = 0   # steps of the members' current epoch done (a just-in-time checkpoint's point)
+        self.step = 0   # steps of the members' current epoch done, as TrainingState.step (what step callbacks read)
         self.template = m.to(device)   # a GPT of the shape on the bucket's device: each member's gate runs in it
         self.members = [Member(c, eid) for c, eid in zip(cfgs, experiment_ids or [""] * len(cfgs))]
         # train.compile: the batched forward (and, through AOTAutograd, its backward) compiled; k changes recompile
@@ -224,10 +224,6 @@ class BucketState:
     @property
     def k(self) -> int:
         return len(self.members)
-
-    @property
-    def step(self) -> int:   # what step callbacks read, as of a TrainingState
-        return self.step_count
 
     @property
     def epoch(self) -> int:
@@ -394,17 +390,17 @@ def run_bucket_epoch(state: BucketState, batches: Iterable[torch.Tensor], step0:
     if step0 == 0:
         for m in state.members:
             m.timing.seam(m.epoch, started, previous_end)
-    state.step_count = step0
-    while tok is not None and state.step_count < steps:
+    state.step = step0
+    while tok is not None and state.step < steps:
         for cb in callbacks:
             cb(state)
-        losses[state.step_count] = state.train_step(tok)
-        state.step_count += 1
-        tok = next(it, None) if state.step_count < steps else None
+        losses[state.step] = state.train_step(tok)
+        state.step += 1
+        tok = next(it, None) if state.step < steps else None
     sync(state.device)
     ended = time.perf_counter()
-    if state.step_count != steps:
-        raise RuntimeError(f"the bucket saw {state.step_count} batches in its epoch, expected {steps}")
+    if state.step != steps:
+        raise RuntimeError(f"the bucket saw {state.step} batches in its epoch, expected {steps}")
     return EpochRun(losses, ended - started, started - t0, started, ended, steps - step0)
 
 
@@ -417,7 +413,7 @@ def settle_members(state: BucketState, run: EpochRun, gates: Sequence[Gate], cou
         losses = run.losses[:, i].tolist()
         passed = settle_epoch(m, losses, c.comp, g, run.train_seconds, gate_seconds)
         ends.append(EpochEnd(float(np.mean(losses)), c.comp, c.by_r, passed))
-    state.step_count = 0
+    state.step = 0
     return ends
 
 
