@@ -51,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
         for tid, members in buckets:
             if len(members) > 1:
                 print(f"  {tid}: {len(members)} same-shape points in one worker")
-            elif args.bucket != 1 and alone_reason(members[0].cfg, host):
-                print(f"  alone: {alone_reason(members[0].cfg, host)}")
+            elif args.bucket != 1 and (why := alone_reason(members[0].cfg, host)):
+                print(f"  alone: {why}")
             for p in members:
                 g = ", ".join(f"{k}={v}" for k, v in p.grid.items())
                 print(f"  {'  ' if len(members) > 1 else ''}{p.index:3d}  {g}  corpus_size={p.cfg.corpus.corpus_size}"

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections import Counter
 import hashlib
 import uuid
 from typing import Any, Sequence
 
 from raywalk.config import Config, ConfigError
-from raywalk.messages import Tell, tell
+from raywalk.messages import Tell, quiet, tell
 from raywalk.records import lease, result
 from raywalk.records.checkpoints import RUN_DIR
-from raywalk.records.errors import StorageUnwritable, unwritable
+from raywalk.records.errors import StorageUnwritable
 from raywalk.records.layout import BUCKETS
 from raywalk.records.lease import LeaseLost
 from raywalk.records.storage import Store
@@ -80,10 +81,8 @@ def train_bucket(cfgs: Sequence[Config], *, verbose: bool = False, progress: boo
         try:
             results.update(_train_leased(pending, root, verbose=verbose, progress=progress, callbacks=callbacks,
                                          log=log))
-        except (LeaseLost, lease.LeaseHeld):
-            raise
         except Exception as e:   # full disk, quota, read-only, denied: every member stops as a solo run does
-            u = unwritable(e, root.uri)
+            u = driver.storage_cause(e, root.uri)
             if u is None:
                 raise
             raise storage_stop(root, pending, u, log) from None
@@ -93,7 +92,7 @@ def train_bucket(cfgs: Sequence[Config], *, verbose: bool = False, progress: boo
 def storage_stop(root: Store, cfgs: Sequence[Config], u: StorageUnwritable, log: Tell) -> StorageUnwritable:
     """Each member `interrupted` with its own resume hint, as driver._leased leaves a solo run; one stop for all."""
     for c in cfgs:
-        driver._storage_stop(root.sub(c.experiment_id()), c.experiment_id(), c, u, log)
+        driver.storage_stop(root.sub(c.experiment_id()), c.experiment_id(), c, u, log)
     return StorageUnwritable(u.what, u.why, u.free, "the bucket's unfinished members interrupted, each at its newest "
                                                     "intact checkpoint; rerun the same command to resume them once "
                                                     "there is room")
@@ -112,7 +111,7 @@ def _train_leased(cfgs: list[Config], root: Store, *, verbose: bool, progress: b
         import ray
 
         driver.check_storage_reachable(root, ray.nodes())
-        each = log if verbose else _quiet   # per-member lines (corpus, start, outcome): a bucket of 64 says 64 less
+        each = log if verbose else quiet   # per-member lines (corpus, start, outcome): a bucket of 64 says 64 less
         specs = [driver.worker_spec(c, root, eid, verbose=verbose, progress=False, log=each, holder=h.holder)
                  for c, eid, h in zip(cfgs, ids, held)]
         steps = {s.experiment_id: s.steps_per_epoch for s in specs}
@@ -138,15 +137,9 @@ def _train_leased(cfgs: list[Config], root: Store, *, verbose: bool, progress: b
         return results
 
 
-def _quiet(line: str) -> None:
-    pass
-
-
 def outcome_counts(results) -> str:
     """"2 passed, 1 failed, 1 interrupted": a bucket's members by status, in one phrase."""
-    n: dict[str, int] = {}
-    for r in results:
-        n[str(r.get("status"))] = n.get(str(r.get("status")), 0) + 1
+    n = Counter(str(r.get("status")) for r in results)
     return ", ".join(f"{v} {k}" for k, v in sorted(n.items()))
 
 

@@ -129,7 +129,7 @@ def _record_done(io: _MemberIO, root: Store, device: torch.device) -> None:
     state.load_state_dict(io.newest[0])
     exp = Experiment(io.eid, state, io.gate, io.spec.steps_per_epoch, io.writer,
                      open_trackers(cfg, root, io.eid, state.curves))
-    exp.write(Gate.reduce(io.gate.evaluate(state.model), device))
+    exp.rewrite(state.model, device)
     exp.close()
 
 

@@ -22,9 +22,9 @@ import torch
 
 from raywalk.config import Config, ConfigError
 from raywalk.records.errors import byte_size
-from raywalk.science.batches import token_dtype
 from raywalk.science.bucket import bucket_key, key_value, member_bytes
 from raywalk.service.bucket_driver import SHARED_RUN, bucket_id
+from raywalk.service.dataset import plan_data
 from raywalk.service.windows import planned_windows
 
 CPU_DEFAULT = 8
@@ -47,12 +47,14 @@ def alone_reason(cfg: Config, host_available: int | None = None) -> str | None:
         return f"model.dropout {cfg.model.dropout:g}: bucketed members train with dropout 0"
     if cfg.train.data == "stream":
         return "train.data stream: a bucket holds its members' windows resident"
-    if host_available is not None and cfg.run.gpus_per_worker == 0:
-        need = planned_windows(cfg) * (cfg.w + 1) * (torch.iinfo(token_dtype(cfg.graph.n)).bits // 8)
-        room = cfg.train.data_budget * host_available
-        if cfg.train.data == "auto" and need > room:
-            return (f"train.data_budget {cfg.train.data_budget:g}: its windows ({byte_size(need)}) exceed the budget "
-                    f"({byte_size(room)}), so it streams; a bucket holds its members' windows resident")
+    if host_available is not None and cfg.run.gpus_per_worker == 0 and cfg.train.data == "auto":
+        # the solo run's own choice (dataset.plan_data): a point that would stream there streams alone
+        plan = plan_data(cfg.train, planned_windows(cfg), cfg.w + 1, cfg.graph.n, torch.device("cpu"),
+                         free=host_available)
+        if plan.path == "stream":
+            return (f"train.data_budget {cfg.train.data_budget:g}: its windows ({byte_size(plan.nbytes)}) exceed the "
+                    f"budget ({byte_size(cfg.train.data_budget * host_available)}), so it streams; a bucket holds "
+                    f"its members' windows resident")
     return None
 
 

@@ -164,16 +164,21 @@ def _leased(cfg: Config, exp: Store, exp_id: str, run: Callable, log: Tell) -> d
         with lease.hold(exp, exp_id, log=log, on_lost=fitting) as held:   # one driver per experiment
             exp.sweep_temps()   # the lease holder is the only writer here: leftovers of killed writes go
             return run(held=held, fitting=fitting)
-    except (LeaseLost, lease.LeaseHeld):
-        raise
     except Exception as e:   # full disk, quota, read-only, denied: stop at once, say how to go on
-        u = unwritable(e, exp.uri)
+        u = storage_cause(e, exp.uri)
         if u is None:
             raise
-        raise _storage_stop(exp, exp_id, cfg, u, log) from None
+        raise storage_stop(exp, exp_id, cfg, u, log) from None
 
 
-def _storage_stop(exp: Store, exp_id: str, cfg: Config, u: StorageUnwritable, log: Tell) -> StorageUnwritable:
+def storage_cause(e: BaseException, where: str) -> StorageUnwritable | None:
+    """The storage fault that stopped a run (full disk, quota, read-only, denied), None for anything else
+    (a lease lost or held is its own stop)."""
+    return None if isinstance(e, (LeaseLost, lease.LeaseHeld)) else unwritable(e, where)
+
+
+def storage_stop(exp: Store, exp_id: str, cfg: Config, u: StorageUnwritable, log: Tell) -> StorageUnwritable:
+    """The run marked `interrupted` (if the storage still takes that) and the one-line stop, with its resume hint."""
     stop = StorageUnwritable(u.what, u.why, u.free, resume_hint(exp))
     mark_interrupted(exp, exp_id, cfg, stop.line(), log)
     return stop

@@ -238,7 +238,7 @@ def _record_done(w: _Worker) -> None:
     """A run restored already done (its last record was lost: a failed write, a kill after the checkpoint):
     gate the restored model again (greedy generation: the same counts) and rewrite result.json and the trackers
     from it, as its last epoch did."""
-    w.exp.write(Gate.reduce(w.gate.evaluate(w.state.model), w.state.device))   # a collective: every rank takes part
+    w.exp.rewrite(w.state.model, w.state.device)
 
 
 def train_loop_per_worker(spec: WorkerSpec) -> None:
