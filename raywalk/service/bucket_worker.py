@@ -33,7 +33,7 @@ from raywalk.science.gate import Gate
 from raywalk.science.loop import TrainingState
 from raywalk.service import checkpointing, stops
 from raywalk.service.dataset import free_memory, load_resident
-from raywalk.service.epoch_end import Console, Experiment, NoticeWatch, Progress, finish_epoch
+from raywalk.service.epoch_end import Console, Experiment, NoticeWatch, finish_epoch, step_callbacks
 from raywalk.service.trackers import open_trackers
 from raywalk.service.worker import WorkerSpec, _setup
 
@@ -178,14 +178,9 @@ def train_bucket_loop(spec: BucketSpec) -> None:
     previous_end = None
     while state.k:
         t0 = time.perf_counter()
-        callbacks: list = [stop_poll]
-        if watch.active:
-            watch.start_epoch(step0)
-            callbacks.append(watch)
-        progress = Progress(tqdm(total=steps, desc=f"bucket {spec.bucket_id} epoch {state.epoch + 1}", unit="step"),
-                            step0) if spec.progress else None
-        if progress is not None:
-            callbacks.append(progress)
+        bar = tqdm(total=steps, desc=f"bucket {spec.bucket_id} epoch {state.epoch + 1}", unit="step") \
+            if spec.progress else None
+        callbacks, progress = step_callbacks(stop_poll, watch, step0, bar)
         run = run_bucket_epoch(state, data.epoch(state.epoch, step0, steps), step0, callbacks, previous_end)
         if progress is not None:
             progress.close(state)

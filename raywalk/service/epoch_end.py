@@ -144,6 +144,19 @@ class Progress:
         self.bar.close()
 
 
+def step_callbacks(stop_poll: Any, watch: "NoticeWatch", start: int, bar: Any = None) -> tuple[list, Progress | None]:
+    """An epoch's step callbacks, in order: the stop poll (None on ranks that wait for rank 0's), the notice
+    watch (its cadence from step `start`), the bar (a tqdm, or None); and the bar's Progress to close."""
+    callbacks = [stop_poll] if stop_poll is not None else []
+    if watch.active:
+        watch.start_epoch(start)
+        callbacks.append(watch)
+    progress = Progress(bar, start) if bar is not None else None
+    if progress is not None:
+        callbacks.append(progress)
+    return callbacks, progress
+
+
 Saved = list[tuple[ResultWriter | None, str, str]]
 """A just-in-time save: per experiment, (its writer, the checkpoint's name, its URI)."""
 

@@ -59,6 +59,8 @@ _NOISE = re.compile("|".join((
     r"^A worker died or was killed while executing a task by an unexpected system error",
     # the GCS's error log: it cannot release the lost node's placement-group bundles
     r"gcs_placement_group_scheduler\.cc:\d+: Failed to remove \d+ bundle\(s\) for placement group",
+    # the GCS's error log: it cannot kill an actor whose node is already gone (seen now and then, by timing)
+    r"gcs_actor_scheduler\.cc:\d+: Failed to kill actor \w+, return status: Invalid: KillActor RPC failed",
 )))
 
 

@@ -29,7 +29,8 @@ from raywalk.records.storage import Store
 from raywalk.science.batches import ResidentWindows
 from raywalk.service.dataset import DataPlan, epoch_stream, load_resident, plan_data, window_dataset
 from raywalk.science.loop import TrainingState, check_precision, compiled, epoch_end, run_epoch, set_determinism
-from raywalk.service.epoch_end import Console, Experiment, NoticeWatch, Progress, Saved, finish_epoch
+from raywalk.service.epoch_end import (Console, Experiment, NoticeWatch, Progress, Saved, finish_epoch,
+                                       step_callbacks)
 from raywalk.service.trackers import open_trackers
 
 
@@ -203,22 +204,13 @@ def _start(spec: WorkerSpec) -> _Worker:
 
 
 def _callbacks(w: _Worker) -> tuple[list, Progress | None]:
-    """This epoch's step callbacks, in order: rank 0's stop poll, the notice watch, its bar."""
+    """This epoch's step callbacks: rank 0 polls for stops (the others wait for it in the step's collectives)
+    and draws the bar."""
     from ray.experimental.tqdm_ray import tqdm
 
-    callbacks = []
-    if w.rank == 0:   # the others wait for it in the step's collectives
-        callbacks.append(w.stop_poll)
-    if w.watch.active:
-        w.watch.start_epoch(w.state.step)
-        callbacks.append(w.watch)
-    progress = None
-    if w.rank == 0 and w.spec.progress:
-        bar = tqdm(total=w.spec.steps_per_epoch, desc=f"epoch {w.state.epoch + 1}/{w.spec.config.train.max_epochs}",
-                   unit="step")
-        progress = Progress(bar, w.state.step)
-        callbacks.append(progress)
-    return callbacks, progress
+    bar = tqdm(total=w.spec.steps_per_epoch, desc=f"epoch {w.state.epoch + 1}/{w.spec.config.train.max_epochs}",
+               unit="step") if w.rank == 0 and w.spec.progress else None
+    return step_callbacks(w.stop_poll if w.rank == 0 else None, w.watch, w.state.step, bar)
 
 
 def _epoch(w: _Worker) -> None:
